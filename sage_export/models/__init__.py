@@ -1,0 +1,15 @@
+from .architectures import ARCHITECTURES, Architecture, UnsupportedArchitecture, architecture_for
+from .loading import LoadedModel, ModelLoadError, ModelSource, load_model, quantizable_linears, resolve_source
+
+__all__ = [
+    "ARCHITECTURES",
+    "Architecture",
+    "LoadedModel",
+    "ModelLoadError",
+    "ModelSource",
+    "UnsupportedArchitecture",
+    "architecture_for",
+    "load_model",
+    "quantizable_linears",
+    "resolve_source",
+]
