@@ -1,0 +1,217 @@
+"""The packed SAGE weight: the seven tensors of the SageBinaryGemm op (contract v1, docs/sage_binary_gemm.md).
+
+`pack_sage` turns a quantizer's decisions (sign, group, salient set, salient integers, scales) into the packed
+tensors; `dequantize` is the one decoder every other implementation (ONNX function, CUDA kernel, TensorRT plugin)
+must agree with bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .bits import n_bytes, n_planes, pack_bits, pack_planes, unpack_bits, unpack_planes
+
+# Contract input order (inputs 1..7 of the op; X is 0 and bias 8).
+TENSOR_NAMES = ("sign_bits", "group_codes", "group_scales", "salient_rowptr", "salient_cols", "salient_q",
+                "salient_scale")
+ATTR_NAMES = ("in_features", "out_features", "n_groups", "salient_bits")
+MIN_SALIENT_BITS, MAX_SALIENT_BITS = 2, 8
+
+
+def salient_q_limit(salient_bits: int) -> int:
+    """Largest |q| of a symmetric signed b-bit integer: 2**(b-1) - 1 (so -2**(b-1) is never used)."""
+    return (1 << (salient_bits - 1)) - 1
+
+
+@dataclass(frozen=True, eq=False)
+class PackedLinear:
+    """One packed weight matrix W [N = out_features, K = in_features]. Construction validates everything the
+    op's semantics depend on, so a PackedLinear that exists is one every runtime can decode."""
+
+    in_features: int
+    out_features: int
+    n_groups: int
+    salient_bits: int
+    sign_bits: np.ndarray  # int8 [N, ceil(K/8)]
+    group_codes: np.ndarray  # int8 [P, N, ceil(K/8)]
+    group_scales: np.ndarray  # float16 [G]
+    salient_rowptr: np.ndarray  # int32 [N+1]
+    salient_cols: np.ndarray  # int32 [nnz]
+    salient_q: np.ndarray  # int8 [nnz]
+    salient_scale: np.ndarray  # float16 [N]
+
+    def __post_init__(self) -> None:
+        _check_attrs(self.in_features, self.out_features, self.n_groups, self.salient_bits)
+        expected = _expected_specs(self.in_features, self.out_features, self.n_groups, self._declared_nnz())
+        for name in TENSOR_NAMES:
+            _check_tensor(name, getattr(self, name), *expected[name])
+        _check_csr(self.salient_rowptr, self.salient_cols, self.in_features)
+        _check_values(self)
+
+    def _declared_nnz(self) -> int:
+        rowptr = np.asarray(self.salient_rowptr)
+        if rowptr.ndim != 1 or rowptr.shape[0] != self.out_features + 1:
+            raise ValueError(f"salient_rowptr: expected shape ({self.out_features + 1},), got {rowptr.shape}")
+        return int(rowptr[-1])
+
+    @property
+    def nnz(self) -> int:
+        return int(self.salient_cols.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        """The seven packed op inputs, by name, in contract order."""
+        return {name: getattr(self, name) for name in TENSOR_NAMES}
+
+    def attrs(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in ATTR_NAMES}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, np.ndarray], *, in_features: int, out_features: int, n_groups: int,
+                     salient_bits: int) -> PackedLinear:
+        """Rebuild from stored tensors (e.g. a checkpoint); a missing, misshapen or mistyped tensor -> ValueError."""
+        missing = [name for name in TENSOR_NAMES if name not in tensors]
+        if missing:
+            raise ValueError(f"packed tensors missing: {', '.join(missing)}")
+        extra = sorted(set(tensors) - set(TENSOR_NAMES))
+        if extra:
+            raise ValueError(f"unexpected packed tensors: {', '.join(extra)}")
+        return cls(int(in_features), int(out_features), int(n_groups), int(salient_bits),
+                   **{name: np.asarray(tensors[name]) for name in TENSOR_NAMES})
+
+
+def _check_attrs(k: int, n: int, g: int, b: int) -> None:
+    if k < 1 or n < 1:
+        raise ValueError(f"in_features and out_features must be >= 1, got K={k}, N={n}")
+    if g < 1:
+        raise ValueError(f"n_groups must be >= 1, got {g}")
+    if not MIN_SALIENT_BITS <= b <= MAX_SALIENT_BITS:
+        raise ValueError(f"salient_bits must be in {MIN_SALIENT_BITS}..{MAX_SALIENT_BITS}, got {b}")
+
+
+def _expected_specs(k: int, n: int, g: int, nnz: int) -> dict[str, tuple[type, tuple[int, ...]]]:
+    c = n_bytes(k)
+    return {
+        "sign_bits": (np.int8, (n, c)),
+        "group_codes": (np.int8, (n_planes(g), n, c)),
+        "group_scales": (np.float16, (g,)),
+        "salient_rowptr": (np.int32, (n + 1,)),
+        "salient_cols": (np.int32, (nnz,)),
+        "salient_q": (np.int8, (nnz,)),
+        "salient_scale": (np.float16, (n,)),
+    }
+
+
+def _check_tensor(name: str, array: np.ndarray, dtype: type, shape: tuple[int, ...]) -> None:
+    if not isinstance(array, np.ndarray):
+        raise ValueError(f"{name}: expected a numpy array, got {type(array).__name__}")
+    got = (array.dtype, array.shape)
+    if got != (np.dtype(dtype), shape):
+        raise ValueError(f"{name}: expected {np.dtype(dtype)} {shape}, got {array.dtype} {array.shape}")
+
+
+def _check_csr(rowptr: np.ndarray, cols: np.ndarray, k: int) -> None:
+    if rowptr[0] != 0 or np.any(np.diff(rowptr) < 0):
+        raise ValueError("salient_rowptr: must start at 0 and never decrease")
+    if cols.size and (cols.min() < 0 or cols.max() >= k):
+        raise ValueError(f"salient_cols: columns must lie in [0, {k}), got [{cols.min()}, {cols.max()}]")
+    # Within a row columns rise strictly; a row boundary is the only place they may fall or repeat.
+    rising = np.diff(cols.astype(np.int64)) > 0
+    row_starts = rowptr[1:-1]
+    boundary = np.zeros(rising.shape, dtype=bool)
+    inner = row_starts[(row_starts > 0) & (row_starts < cols.size)]
+    boundary[inner - 1] = True
+    if not np.all(rising | boundary):
+        raise ValueError("salient_cols: columns must be strictly ascending within each row (no duplicates)")
+
+
+def _check_values(p: PackedLinear) -> None:
+    limit = salient_q_limit(p.salient_bits)
+    if p.nnz and np.abs(p.salient_q.astype(np.int16)).max() > limit:
+        raise ValueError(f"salient_q: values must lie in [-{limit}, {limit}] for salient_bits={p.salient_bits}")
+    if p.group_codes.shape[0] and unpack_planes(p.group_codes, p.in_features).max() >= p.n_groups:
+        raise ValueError(f"group_codes: a group index is >= n_groups={p.n_groups}")
+    for name in ("group_scales", "salient_scale"):
+        if not np.all(np.isfinite(getattr(p, name))):
+            raise ValueError(f"{name}: scales must be finite float16")
+
+
+def pack_sage(signs: np.ndarray, group_index: np.ndarray, group_scales: np.ndarray, salient_mask: np.ndarray,
+              salient_q: np.ndarray, salient_scale: np.ndarray, salient_bits: int) -> PackedLinear:
+    """Pack one quantized matrix canonically: at salient positions the sign bit and group code are 0 (they are
+    never read), padding bits are 0, salient entries are listed row by row with ascending columns. Scales are
+    rounded to float16 here, so dequantize() of the result is what a runtime computes.
+
+    signs: bool [N, K] (True -> +alpha); group_index: int [N, K] (read only at unsalient positions);
+    group_scales: float [G]; salient_mask: bool [N, K]; salient_q: int [N, K] (read only at salient positions);
+    salient_scale: float [N]."""
+    signs = np.asarray(signs, dtype=bool)
+    if signs.ndim != 2:
+        raise ValueError(f"signs: expected a 2-D [N, K] array, got shape {signs.shape}")
+    n, k = signs.shape
+    salient_mask = _matrix("salient_mask", salient_mask, (n, k)).astype(bool)
+    group_index = _matrix("group_index", group_index, (n, k)).astype(np.int64)
+    salient_q = _matrix("salient_q", salient_q, (n, k)).astype(np.int64)
+    scales16 = _to_float16("group_scales", group_scales, None)
+    row_scales16 = _to_float16("salient_scale", salient_scale, (n,))
+    g = scales16.shape[0]
+    _check_attrs(k, n, g, salient_bits)
+
+    unsalient_groups = group_index[~salient_mask]
+    if unsalient_groups.size and (unsalient_groups.min() < 0 or unsalient_groups.max() >= g):
+        raise ValueError(f"group_index: unsalient entries must lie in [0, {g}), "
+                         f"got [{unsalient_groups.min()}, {unsalient_groups.max()}]")
+    limit = salient_q_limit(salient_bits)
+    q_values = salient_q[salient_mask]  # row-major, i.e. CSR order
+    if q_values.size and np.abs(q_values).max() > limit:
+        raise ValueError(f"salient_q: salient entries must lie in [-{limit}, {limit}] for salient_bits="
+                         f"{salient_bits}, got [{q_values.min()}, {q_values.max()}]")
+
+    rows, cols = np.nonzero(salient_mask)  # row-major order: columns ascend within each row
+    rowptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows, minlength=n), out=rowptr[1:])
+    return PackedLinear(
+        in_features=k, out_features=n, n_groups=g, salient_bits=int(salient_bits),
+        sign_bits=pack_bits(signs & ~salient_mask),
+        group_codes=pack_planes(np.where(salient_mask, 0, group_index), n_planes(g)),
+        group_scales=scales16,
+        salient_rowptr=rowptr.astype(np.int32),
+        salient_cols=cols.astype(np.int32),
+        salient_q=q_values.astype(np.int8),
+        salient_scale=row_scales16,
+    )
+
+
+def _matrix(name: str, array: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    array = np.asarray(array)
+    if array.shape != shape:
+        raise ValueError(f"{name}: expected shape {shape}, got {array.shape}")
+    return array
+
+
+def _to_float16(name: str, values: np.ndarray, shape: tuple[int, ...] | None) -> np.ndarray:
+    values = np.asarray(values)
+    if values.ndim != 1 or (shape is not None and values.shape != shape):
+        raise ValueError(f"{name}: expected shape {shape or '(G,)'}, got {values.shape}")
+    with np.errstate(over="ignore"):  # overflow is reported below, in one clear line
+        rounded = values.astype(np.float16)
+    if not np.all(np.isfinite(rounded)):
+        raise ValueError(f"{name}: values must be finite in float16 (|x| <= 65504)")
+    return rounded
+
+
+def dequantize(p: PackedLinear) -> np.ndarray:
+    """float32 [N, K]: Ŵ exactly as the op defines it. Every product is exact in float32 (a float16 scale times
+    ±1 or an integer of at most 8 bits), so all runtimes can agree bit for bit."""
+    k = p.in_features
+    signs = np.where(unpack_bits(p.sign_bits, k), np.float32(1), np.float32(-1))
+    groups = unpack_planes(p.group_codes, k)
+    w = p.group_scales.astype(np.float32)[groups] * signs
+    rows = np.repeat(np.arange(p.out_features), np.diff(p.salient_rowptr))
+    w[rows, p.salient_cols] = p.salient_scale.astype(np.float32)[rows] * p.salient_q.astype(np.float32)
+    return w
