@@ -1,0 +1,86 @@
+/* Launch API of the SageBinaryGemm CUDA kernels (op contract v1, docs/sage_binary_gemm.md).
+ *
+ * Y[M, N] = X[M, K] · Ŵᵀ (+ bias), Ŵ decoded on the fly from the packed layout; nothing dense is materialised.
+ * Every caller (TensorRT plugin, Python ctypes runtime, benchmarks) goes through sage_gemm_launch, so this plain-C
+ * struct is the single place where the layout's tensors meet the kernels. All pointers are device pointers.
+ */
+#ifndef SAGE_GEMM_API_H
+#define SAGE_GEMM_API_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <cuda_runtime_api.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define SAGE_GEMM_ABI_VERSION 1
+/* Group indices are decoded with a lookup table of 2*SAGE_MAX_GROUPS entries (at most 4 code planes). */
+#define SAGE_MAX_GROUPS 16
+/* SAGE_PATH_AUTO runs the GEMV kernel up to this many activation rows and the tiled kernel above it. */
+#define SAGE_GEMV_MAX_M 16
+
+#if defined(_WIN32)
+#define SAGE_API __declspec(dllexport)
+#else
+#define SAGE_API __attribute__((visibility("default")))
+#endif
+
+typedef enum SageDType { SAGE_DTYPE_FLOAT32 = 0, SAGE_DTYPE_FLOAT16 = 1 } SageDType;
+
+typedef enum SagePath {
+    SAGE_PATH_AUTO = 0,  /* GEMV for M <= SAGE_GEMV_MAX_M, tiled otherwise */
+    SAGE_PATH_GEMV = 1,  /* decode kernel: batches of up to 8 rows per pass, any M */
+    SAGE_PATH_TILED = 2  /* prefill kernel: 64x64 output tiles (WMMA for float16, SIMT for float32) */
+} SagePath;
+
+typedef struct SageGemmArgs {
+    const void* x;                 /* [M, K] in x_dtype, row-major */
+    const int8_t* sign_bits;       /* [N, ceil(K/8)]: bit j of byte c is column 8c+j, 1 -> +1 */
+    const int8_t* group_codes;     /* [P, N, ceil(K/8)] bit planes of the group index; NULL allowed when P == 0 */
+    const uint16_t* group_scales;  /* float16 bits [G] */
+    const int32_t* salient_rowptr; /* [N + 1] CSR row pointers */
+    const int32_t* salient_cols;   /* [nnz] ascending within a row; NULL allowed when nnz == 0 */
+    const int8_t* salient_q;       /* [nnz] signed integers; NULL allowed when nnz == 0 */
+    const uint16_t* salient_scale; /* float16 bits [N] */
+    const void* bias;              /* [N] in bias_dtype (the op contract: X's type), or NULL */
+    void* y;                       /* [M, N] in x_dtype, row-major */
+    int64_t m;                     /* activation rows (product of X's leading dims); 0 is a no-op */
+    int32_t k;                     /* in_features */
+    int32_t n;                     /* out_features */
+    int32_t n_groups;              /* G, 1..SAGE_MAX_GROUPS */
+    int32_t salient_bits;          /* b, 2..8 (checked only: q is already stored as int8) */
+    int32_t x_dtype;               /* SageDType of x and y */
+    int32_t bias_dtype;            /* SageDType of bias (ignored when bias is NULL) */
+    int32_t path;                  /* SagePath */
+    int32_t reserved;              /* must be 0 */
+} SageGemmArgs;
+
+/* Number of group-code planes P = ceil(log2 G) for G >= 1 (0 when G == 1). */
+static inline int32_t sage_gemm_planes(int32_t n_groups) {
+    int32_t planes = 0;
+    while ((1 << planes) < n_groups) ++planes;
+    return planes;
+}
+
+/* Validates the arguments (cudaErrorInvalidValue without touching the device when they are wrong), enqueues the
+ * kernel on `stream` and returns the cudaError_t of the launch as an int. */
+SAGE_API int sage_gemm_launch(const SageGemmArgs* args, cudaStream_t stream);
+
+/* The path SAGE_PATH_AUTO takes for m activation rows. */
+SAGE_API int sage_gemm_auto_path(int64_t m);
+
+/* Text of a code returned by sage_gemm_launch. */
+SAGE_API const char* sage_gemm_error_string(int code);
+
+/* Let callers (ctypes) check that they were built against this struct. */
+SAGE_API int sage_gemm_abi_version(void);
+SAGE_API size_t sage_gemm_args_size(void);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* SAGE_GEMM_API_H */

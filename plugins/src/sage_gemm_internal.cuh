@@ -1,0 +1,92 @@
+// Pieces shared by the GEMV (decode) and tiled (prefill) kernels: the validated problem, dtype conversion, the
+// ±α lookup table and the decoding of one packed weight.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_fp16.h>
+
+#include "sage_gemm_api.h"
+
+namespace sage {
+
+constexpr int kMaxPlanes = 4;                      // ceil(log2(SAGE_MAX_GROUPS))
+constexpr int kLutSize = 2 * SAGE_MAX_GROUPS;      // index = (group << 1) | sign_bit
+static_assert((1 << kMaxPlanes) == SAGE_MAX_GROUPS, "planes and groups disagree");
+
+// What the kernels read: SageGemmArgs after validation, with the derived sizes.
+struct Problem {
+    const void* x;
+    const uint8_t* sign;
+    const uint8_t* codes;
+    const __half* scales;
+    const int32_t* rowptr;
+    const int32_t* cols;
+    const int8_t* q;
+    const __half* salient_scale;
+    const void* bias;
+    void* y;
+    int64_t m;
+    int k;
+    int n;
+    int kb;         // bytes per packed row: ceil(K/8)
+    int groups;
+    int planes;     // ceil(log2(groups))
+    bool bias_half;
+};
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+
+template <typename T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+
+__device__ __forceinline__ float bias_at(const Problem& p, int row) {
+    if (p.bias == nullptr) return 0.0f;
+    return p.bias_half ? __half2float(static_cast<const __half*>(p.bias)[row])
+                       : static_cast<const float*>(p.bias)[row];
+}
+
+// lut[(g << 1) | s] = s ? +α_g : -α_g. Codes >= G violate the contract; they decode to 0 rather than read garbage.
+__device__ __forceinline__ void fill_lut(float* lut, const Problem& p) {
+    for (int i = threadIdx.x; i < kLutSize; i += blockDim.x) {
+        const int g = i >> 1;
+        const float alpha = g < p.groups ? __half2float(p.scales[g]) : 0.0f;
+        lut[i] = (i & 1) ? alpha : -alpha;
+    }
+}
+
+// LUT index of the binary weight at (row, col), read straight from global memory (used for salient entries).
+__device__ __forceinline__ int binary_index(const Problem& p, int row, int col) {
+    const int64_t byte = static_cast<int64_t>(row) * p.kb + (col >> 3);
+    const int bit = col & 7;
+    int idx = (p.sign[byte] >> bit) & 1;
+    const int64_t plane_stride = static_cast<int64_t>(p.n) * p.kb;
+    for (int pl = 0; pl < p.planes; ++pl) idx |= ((p.codes[pl * plane_stride + byte] >> bit) & 1) << (pl + 1);
+    return idx;
+}
+
+// Salient weight minus the binary weight the bits encode there: adding corr·x replaces one by the other, so the
+// kernels stay correct even for a non-canonical packing.
+__device__ __forceinline__ float salient_correction(float salient_scale, int8_t q, float binary_weight) {
+    return salient_scale * static_cast<float>(q) - binary_weight;
+}
+
+#ifdef __CUDACC__
+// Enqueues a kernel on a stream: the `launch` argument of gemv::dispatch and tiled::dispatch on a GPU.
+struct StreamLauncher {
+    cudaStream_t stream;
+
+    template <typename... Params, typename... Args>
+    cudaError_t operator()(void (*kernel)(Params...), dim3 grid, dim3 block, Args... args) const {
+        kernel<<<grid, block, 0, stream>>>(args...);
+        return cudaGetLastError();
+    }
+};
+#endif
+
+template <typename T> cudaError_t launch_gemv(const Problem& p, cudaStream_t stream);
+template <typename T> cudaError_t launch_tiled(const Problem& p, cudaStream_t stream);
+
+}  // namespace sage

@@ -1,0 +1,62 @@
+// The SageBinaryGemm op contract as the TensorRT plugin sees it: attributes, the 8 (+ optional bias) inputs, and
+// the translation of TensorRT tensors into SageGemmArgs. Pure host code, unit-tested without a GPU.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include <NvInferRuntime.h>
+
+#include "sage_gemm_api.h"
+
+namespace sage {
+
+constexpr char const* kPluginName = "SageBinaryGemm";
+constexpr char const* kPluginVersion = "1";
+constexpr char const* kPluginNamespace = "sage";
+
+// Input order of the contract (docs/sage_binary_gemm.md).
+enum Input : int32_t {
+    kX = 0,
+    kSignBits,
+    kGroupCodes,
+    kGroupScales,
+    kSalientRowptr,
+    kSalientCols,
+    kSalientQ,
+    kSalientScale,
+    kBias,
+};
+constexpr int32_t kRequiredInputs = 8;
+constexpr int32_t kMaxInputs = 9;
+
+struct SageGemmAttrs {
+    int32_t in_features = 0;
+    int32_t out_features = 0;
+    int32_t n_groups = 0;
+    int32_t salient_bits = 0;
+};
+
+// Fills `out` from in_features, out_features, n_groups, salient_bits (INT32, or INT64 as ONNX stores integer
+// attributes) and checks plugin_namespace / plugin_version when present. Returns "" or what is wrong.
+std::string parse_attrs(nvinfer1::PluginFieldCollection const* fc, SageGemmAttrs& out);
+
+// Range checks of the attributes against what the kernels support. Returns "" or what is wrong.
+std::string validate_attrs(SageGemmAttrs const& attrs);
+
+// Checks the number of inputs and every known (non -1) dimension against the attributes. Returns "" or the error.
+std::string check_input_dims(nvinfer1::Dims const* dims, int32_t nb_inputs, SageGemmAttrs const& attrs);
+
+// supportsFormatCombination: linear layout; X float/half; INT8 packed tensors; INT32 CSR indices; FP16 scales;
+// bias and output of X's type.
+bool supports_io(int32_t pos, nvinfer1::DynamicPluginTensorDesc const* in_out, int32_t nb_inputs,
+                 int32_t nb_outputs);
+
+// Rows of X once its leading dimensions are flattened.
+int64_t leading_rows(nvinfer1::Dims const& x_dims);
+
+// SageGemmArgs for one enqueue. The bias is used when nb_inputs == kMaxInputs.
+SageGemmArgs launch_args(SageGemmAttrs const& attrs, nvinfer1::PluginTensorDesc const* input_desc,
+                         void const* const* inputs, void* output, int32_t nb_inputs);
+
+}  // namespace sage

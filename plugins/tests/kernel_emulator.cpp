@@ -1,0 +1,125 @@
+// Runs sage_gemm_launch with the kernels executed by the CPU emulator (cuda_emulator.h). tests/test_plugins_build.py
+// uses it to compare every kernel path with the NumPy reference on machines without a GPU.
+//
+// Usage: sage_kernel_emulator PROBLEM.bin OUT.bin
+//   PROBLEM.bin: 10 little-endian int64 [m, k, n, n_groups, salient_bits, x_dtype, bias_dtype (-1: no bias), path,
+//   nnz, misalign], then the contract's arrays as raw bytes in contract order (x, sign_bits, group_codes,
+//   group_scales, salient_rowptr, salient_cols, salient_q, salient_scale, bias when present). misalign = 1 shifts
+//   every array by one byte in memory, which forces the kernels' unaligned load paths.
+//   OUT.bin receives y [m, n] in x's dtype. The exit status is sage_gemm_launch's return code.
+#include "cuda_emulator.h"
+
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <iterator>
+#include <vector>
+
+#include "sage_gemv_kernel.cuh"
+#include "sage_tiled_kernel.cuh"
+
+namespace sage {
+
+template <typename T>
+cudaError_t launch_gemv(const Problem& p, cudaStream_t) {
+    return gemv::dispatch<T>(p, emu::Launcher{});
+}
+
+template <typename T>
+cudaError_t launch_tiled(const Problem& p, cudaStream_t) {
+    return tiled::dispatch<T>(p, emu::Launcher{});
+}
+
+}  // namespace sage
+
+#include "sage_gemm_launch.cu"  // the real argument checks and path choice
+
+namespace {
+
+struct Header {
+    int64_t m, k, n, groups, salient_bits, x_dtype, bias_dtype, path, nnz, misalign;
+};
+
+// Copies of the input arrays; with misalign each starts one byte past a 16-byte boundary.
+class Arena {
+public:
+    explicit Arena(bool misalign) : mShift(misalign ? 1 : 0) {}
+    void* add(const uint8_t* src, size_t bytes) {
+        mBlocks.emplace_back(bytes + 16 + mShift);
+        uint8_t* base = mBlocks.back().data();
+        uint8_t* at = base + (16 - reinterpret_cast<uintptr_t>(base) % 16) % 16 + mShift;
+        if (bytes) std::memcpy(at, src, bytes);
+        return at;
+    }
+
+private:
+    size_t mShift;
+    std::vector<std::vector<uint8_t>> mBlocks;
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    if (argc != 3) {
+        std::fprintf(stderr, "usage: %s PROBLEM.bin OUT.bin\n", argv[0]);
+        return 2;
+    }
+    std::ifstream in(argv[1], std::ios::binary);
+    std::vector<uint8_t> data((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    Header h;
+    if (data.size() < sizeof(h)) return 2;
+    std::memcpy(&h, data.data(), sizeof(h));
+    const size_t x_item = h.x_dtype == SAGE_DTYPE_FLOAT16 ? 2 : 4;
+    const size_t bias_item = h.bias_dtype == SAGE_DTYPE_FLOAT16 ? 2 : 4;
+    const size_t kb = static_cast<size_t>((h.k + 7) / 8);
+    const size_t sizes[] = {static_cast<size_t>(h.m * h.k) * x_item,
+                            static_cast<size_t>(h.n) * kb,
+                            static_cast<size_t>(sage_gemm_planes(static_cast<int32_t>(h.groups)) * h.n) * kb,
+                            static_cast<size_t>(h.groups) * 2,
+                            static_cast<size_t>(h.n + 1) * 4,
+                            static_cast<size_t>(h.nnz) * 4,
+                            static_cast<size_t>(h.nnz),
+                            static_cast<size_t>(h.n) * 2,
+                            h.bias_dtype < 0 ? 0 : static_cast<size_t>(h.n) * bias_item};
+    Arena arena(h.misalign != 0);
+    void* arrays[9];
+    size_t offset = sizeof(h);
+    for (int i = 0; i < 9; ++i) {
+        if (offset + sizes[i] > data.size()) {
+            std::fprintf(stderr, "problem file too short\n");
+            return 2;
+        }
+        arrays[i] = arena.add(data.data() + offset, sizes[i]);
+        offset += sizes[i];
+    }
+    std::vector<uint8_t> y(static_cast<size_t>(h.m * h.n) * x_item);
+
+    SageGemmArgs a;
+    std::memset(&a, 0, sizeof(a));
+    a.x = arrays[0];
+    a.sign_bits = static_cast<const int8_t*>(arrays[1]);
+    a.group_codes = static_cast<const int8_t*>(arrays[2]);
+    a.group_scales = static_cast<const uint16_t*>(arrays[3]);
+    a.salient_rowptr = static_cast<const int32_t*>(arrays[4]);
+    a.salient_cols = static_cast<const int32_t*>(arrays[5]);
+    a.salient_q = static_cast<const int8_t*>(arrays[6]);
+    a.salient_scale = static_cast<const uint16_t*>(arrays[7]);
+    a.bias = h.bias_dtype < 0 ? nullptr : arrays[8];
+    a.y = y.data();
+    a.m = h.m;
+    a.k = static_cast<int32_t>(h.k);
+    a.n = static_cast<int32_t>(h.n);
+    a.n_groups = static_cast<int32_t>(h.groups);
+    a.salient_bits = static_cast<int32_t>(h.salient_bits);
+    a.x_dtype = static_cast<int32_t>(h.x_dtype);
+    a.bias_dtype = h.bias_dtype < 0 ? SAGE_DTYPE_FLOAT32 : static_cast<int32_t>(h.bias_dtype);
+    a.path = static_cast<int32_t>(h.path);
+
+    const int status = sage_gemm_launch(&a, nullptr);
+    if (status != 0) {
+        std::fprintf(stderr, "sage_gemm_launch: %s\n", sage_gemm_error_string(status));
+        return status;
+    }
+    std::ofstream(argv[2], std::ios::binary).write(reinterpret_cast<const char*>(y.data()), y.size());
+    return 0;
+}

@@ -1,0 +1,419 @@
+// Host-side test of libsage_trt_plugin.so and of the argument checks of libsage_kernels.so. Loads both with
+// dlopen the way TensorRT does and never calls a CUDA function that needs a device.
+//
+// Usage: sage_plugin_host_test [path/to/libsage_trt_plugin.so [path/to/libsage_kernels.so]]
+#include <dlfcn.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <deque>
+#include <string>
+#include <vector>
+
+#include <NvInferRuntime.h>
+
+#include "sage_gemm_api.h"
+
+namespace {
+
+using namespace nvinfer1;
+
+int gFailures = 0;
+int gChecks = 0;
+
+#define CHECK(cond)                                                              \
+    do {                                                                         \
+        ++gChecks;                                                               \
+        if (!(cond)) {                                                           \
+            ++gFailures;                                                         \
+            std::fprintf(stderr, "FAILED %s:%d: %s\n", __FILE__, __LINE__, #cond); \
+        }                                                                        \
+    } while (0)
+
+// Stand-ins for TensorRT's expression objects: IDimensionExpr/IExprBuilder forward to an implementation pointer
+// (apiv::V*), which a test can provide.
+class DimValue final : public apiv::VDimensionExpr {
+public:
+    explicit DimValue(int64_t value) : mValue(value) {}
+    bool isConstant() const override { return mValue >= 0; }
+    int64_t getConstantValue() const override { return mValue >= 0 ? mValue : INT64_MIN; }
+    bool isSizeTensor() const override { return false; }
+
+private:
+    int64_t mValue;  // < 0: a runtime dimension
+};
+
+class FakeDim final : public IDimensionExpr {
+public:
+    explicit FakeDim(int64_t value) : mValue(value) { mImpl = &mValue; }
+
+private:
+    DimValue mValue;
+};
+
+class BuilderImpl final : public apiv::VExprBuilder {
+public:
+    IDimensionExpr const* constant(int64_t value) override { return &mDims.emplace_back(value); }
+    IDimensionExpr const* operation(DimensionOperation, IDimensionExpr const&, IDimensionExpr const&) override {
+        return nullptr;
+    }
+    IDimensionExpr const* declareSizeTensor(int32_t, IDimensionExpr const&, IDimensionExpr const&) override {
+        return nullptr;
+    }
+
+private:
+    std::deque<FakeDim> mDims;
+};
+
+class FakeBuilder final : public IExprBuilder {
+public:
+    FakeBuilder() { mImpl = &mBuilder; }
+
+private:
+    BuilderImpl mBuilder;
+};
+
+constexpr int32_t kK = 20;  // ceil(20/8) = 3 bytes per packed row
+constexpr int32_t kN = 6;
+constexpr int32_t kG = 3;   // 2 code planes
+constexpr int32_t kB = 4;
+
+struct Fields {
+    std::vector<int32_t> values;
+    std::vector<PluginField> fields;
+    PluginFieldCollection fc{};
+
+    void add(char const* name, int32_t value) {
+        values.reserve(16);  // pointers into `values` must stay valid
+        values.push_back(value);
+        fields.emplace_back(name, &values.back(), PluginFieldType::kINT32, 1);
+    }
+    PluginFieldCollection const* collection() {
+        fc.nbFields = static_cast<int32_t>(fields.size());
+        fc.fields = fields.data();
+        return &fc;
+    }
+};
+
+Fields valid_fields(int32_t groups = kG) {
+    Fields f;
+    f.add("in_features", kK);
+    f.add("out_features", kN);
+    f.add("n_groups", groups);
+    f.add("salient_bits", kB);
+    return f;
+}
+
+Dims dims_of(std::initializer_list<int64_t> values) {
+    Dims d{};
+    d.nbDims = static_cast<int32_t>(values.size());
+    int32_t i = 0;
+    for (int64_t v : values) d.d[i++] = v;
+    return d;
+}
+
+// X [2, 5, K] float16 and the packed tensors for (K, N, G) = (20, 6, 3) with nnz = 4, optional bias.
+std::vector<DynamicPluginTensorDesc> io_descs(bool bias, DataType x_type = DataType::kHALF) {
+    std::vector<std::pair<Dims, DataType>> spec = {
+        {dims_of({2, 5, kK}), x_type},         {dims_of({kN, 3}), DataType::kINT8},
+        {dims_of({2, kN, 3}), DataType::kINT8}, {dims_of({kG}), DataType::kHALF},
+        {dims_of({kN + 1}), DataType::kINT32}, {dims_of({4}), DataType::kINT32},
+        {dims_of({4}), DataType::kINT8},       {dims_of({kN}), DataType::kHALF}};
+    if (bias) spec.push_back({dims_of({kN}), x_type});  // the contract: bias has X's type
+    spec.push_back({dims_of({2, 5, kN}), x_type});  // output
+    std::vector<DynamicPluginTensorDesc> descs(spec.size());
+    for (size_t i = 0; i < spec.size(); ++i) {
+        descs[i].desc.dims = spec[i].first;
+        descs[i].desc.type = spec[i].second;
+        descs[i].desc.format = TensorFormat::kLINEAR;
+        descs[i].desc.scale = -1.0f;
+        descs[i].min = descs[i].max = descs[i].opt = spec[i].first;
+    }
+    return descs;
+}
+
+bool all_supported(IPluginV3OneBuild* build, std::vector<DynamicPluginTensorDesc> const& io, int32_t nb_inputs) {
+    for (int32_t pos = 0; pos < static_cast<int32_t>(io.size()); ++pos) {
+        if (!build->supportsFormatCombination(pos, io.data(), nb_inputs, 1)) return false;
+    }
+    return true;
+}
+
+IPluginCreatorV3One* load_creator(void* lib) {
+    using GetCreators = IPluginCreatorInterface* const* (*)(int32_t&);
+    auto get_creators = reinterpret_cast<GetCreators>(dlsym(lib, "getCreators"));
+    CHECK(get_creators != nullptr);
+    CHECK(dlsym(lib, "setLoggerFinder") != nullptr);
+    if (get_creators == nullptr) return nullptr;
+    int32_t count = 0;
+    IPluginCreatorInterface* const* creators = get_creators(count);
+    CHECK(count == 1);
+    if (count != 1) return nullptr;
+    // TensorRT identifies the creator's interface by name before casting; do the same.
+    CHECK(std::strcmp(creators[0]->getInterfaceInfo().kind, "PLUGIN CREATOR_V3ONE") == 0);
+    return static_cast<IPluginCreatorV3One*>(creators[0]);
+}
+
+void test_creator_identity(IPluginCreatorV3One* creator) {
+    CHECK(std::strcmp(creator->getPluginName(), "SageBinaryGemm") == 0);
+    CHECK(std::strcmp(creator->getPluginVersion(), "1") == 0);
+    CHECK(std::strcmp(creator->getPluginNamespace(), "sage") == 0);
+    PluginFieldCollection const* names = creator->getFieldNames();
+    char const* expected[] = {"in_features", "out_features", "n_groups", "salient_bits", "plugin_namespace",
+                              "plugin_version"};
+    CHECK(names != nullptr && names->nbFields == 6);
+    for (int32_t i = 0; names != nullptr && i < names->nbFields && i < 6; ++i) {
+        CHECK(std::strcmp(names->fields[i].name, expected[i]) == 0);
+        CHECK(names->fields[i].type == (i < 4 ? PluginFieldType::kINT32 : PluginFieldType::kCHAR));
+    }
+}
+
+int32_t serialized_value(PluginFieldCollection const* fc, char const* name) {
+    for (int32_t i = 0; i < fc->nbFields; ++i) {
+        if (std::strcmp(fc->fields[i].name, name) == 0 && fc->fields[i].type == PluginFieldType::kINT32) {
+            return *static_cast<int32_t const*>(fc->fields[i].data);
+        }
+    }
+    return -1;
+}
+
+void test_round_trip(IPluginCreatorV3One* creator) {
+    Fields f = valid_fields();
+    IPluginV3* plugin = creator->createPlugin("layer0", f.collection(), TensorRTPhase::kBUILD);
+    CHECK(plugin != nullptr);
+    if (plugin == nullptr) return;
+    auto* core = static_cast<IPluginV3OneCore*>(plugin->getCapabilityInterface(PluginCapabilityType::kCORE));
+    CHECK(std::strcmp(core->getPluginName(), "SageBinaryGemm") == 0);
+    CHECK(std::strcmp(core->getPluginNamespace(), "sage") == 0);
+    CHECK(std::strcmp(core->getPluginVersion(), "1") == 0);
+    CHECK(plugin->getCapabilityInterface(PluginCapabilityType::kBUILD) != nullptr);
+
+    auto* runtime = static_cast<IPluginV3OneRuntime*>(plugin->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
+    PluginFieldCollection const* saved = runtime->getFieldsToSerialize();
+    CHECK(saved != nullptr && saved->nbFields == 4);
+    CHECK(serialized_value(saved, "in_features") == kK);
+    CHECK(serialized_value(saved, "out_features") == kN);
+    CHECK(serialized_value(saved, "n_groups") == kG);
+    CHECK(serialized_value(saved, "salient_bits") == kB);
+
+    IPluginV3* restored = creator->createPlugin("layer0", saved, TensorRTPhase::kRUNTIME);
+    CHECK(restored != nullptr);
+    if (restored != nullptr) {
+        auto* r = static_cast<IPluginV3OneRuntime*>(restored->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
+        PluginFieldCollection const* again = r->getFieldsToSerialize();
+        CHECK(serialized_value(again, "in_features") == kK && serialized_value(again, "n_groups") == kG);
+        delete restored;
+    }
+
+    IPluginV3* copy = runtime->attachToContext(nullptr);
+    CHECK(copy != nullptr && copy != plugin);
+    delete plugin;  // the copy must not depend on the original
+    if (copy != nullptr) {
+        auto* r = static_cast<IPluginV3OneRuntime*>(copy->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
+        CHECK(serialized_value(r->getFieldsToSerialize(), "salient_bits") == kB);
+        delete copy;
+    }
+}
+
+bool creates(IPluginCreatorV3One* creator, Fields& f) {
+    IPluginV3* plugin = creator->createPlugin("bad", f.collection(), TensorRTPhase::kBUILD);
+    delete plugin;
+    return plugin != nullptr;
+}
+
+void test_field_validation(IPluginCreatorV3One* creator) {
+    Fields zero_groups = valid_fields(0);
+    CHECK(!creates(creator, zero_groups));
+    Fields too_many_groups = valid_fields(SAGE_MAX_GROUPS + 1);
+    CHECK(!creates(creator, too_many_groups));
+    Fields max_groups = valid_fields(SAGE_MAX_GROUPS);
+    CHECK(creates(creator, max_groups));
+
+    Fields missing;
+    missing.add("in_features", kK);
+    missing.add("out_features", kN);
+    missing.add("n_groups", kG);
+    CHECK(!creates(creator, missing));
+
+    Fields bad_bits = valid_fields();
+    bad_bits.values[3] = 9;
+    CHECK(!creates(creator, bad_bits));
+    bad_bits.values[3] = 1;  // the contract's salient integers have 2..8 bits
+    CHECK(!creates(creator, bad_bits));
+    Fields bad_k = valid_fields();
+    bad_k.values[0] = 0;
+    CHECK(!creates(creator, bad_k));
+    Fields unknown = valid_fields();
+    unknown.add("group_size", 128);
+    CHECK(!creates(creator, unknown));
+
+    // ONNX integer attributes are 64-bit; the plugin_* strings come along with the node.
+    int64_t const wide[] = {kK, kN, kG, kB};
+    char const* names[] = {"in_features", "out_features", "n_groups", "salient_bits"};
+    std::vector<PluginField> fields;
+    for (int i = 0; i < 4; ++i) fields.emplace_back(names[i], &wide[i], PluginFieldType::kINT64, 1);
+    fields.emplace_back("plugin_namespace", "sage", PluginFieldType::kCHAR, 4);
+    fields.emplace_back("plugin_version", "1", PluginFieldType::kCHAR, 2);  // length counting the NUL
+    PluginFieldCollection fc{static_cast<int32_t>(fields.size()), fields.data()};
+    IPluginV3* plugin = creator->createPlugin("wide", &fc, TensorRTPhase::kBUILD);
+    CHECK(plugin != nullptr);
+    delete plugin;
+    fields.back() = PluginField("plugin_version", "2", PluginFieldType::kCHAR, 1);
+    plugin = creator->createPlugin("v2", &fc, TensorRTPhase::kBUILD);
+    CHECK(plugin == nullptr);
+    delete plugin;
+    CHECK(creator->createPlugin("none", nullptr, TensorRTPhase::kBUILD) == nullptr);
+}
+
+void test_build_interface(IPluginCreatorV3One* creator) {
+    Fields f = valid_fields();
+    IPluginV3* plugin = creator->createPlugin("layer", f.collection(), TensorRTPhase::kBUILD);
+    if (plugin == nullptr) return;
+    auto* build = static_cast<IPluginV3OneBuild*>(plugin->getCapabilityInterface(PluginCapabilityType::kBUILD));
+    CHECK(build->getNbOutputs() == 1);
+
+    DataType in_types[9] = {DataType::kHALF};
+    DataType out_type = DataType::kFLOAT;
+    CHECK(build->getOutputDataTypes(&out_type, 1, in_types, 8) == 0 && out_type == DataType::kHALF);
+
+    FakeBuilder exprs;
+    FakeDim batch(-1), seq(7), k(kK), wrong_k(kK + 1);
+    DimsExprs inputs[8]{};
+    inputs[0].nbDims = 3;
+    inputs[0].d[0] = &batch;
+    inputs[0].d[1] = &seq;
+    inputs[0].d[2] = &k;
+    DimsExprs out{};
+    CHECK(build->getOutputShapes(inputs, 8, nullptr, 0, &out, 1, exprs) == 0);
+    CHECK(out.nbDims == 3 && out.d[0] == &batch && out.d[1] == &seq);
+    CHECK(out.d[2] != nullptr && out.d[2]->isConstant() && out.d[2]->getConstantValue() == kN);
+    inputs[0].d[2] = &wrong_k;
+    CHECK(build->getOutputShapes(inputs, 8, nullptr, 0, &out, 1, exprs) != 0);
+
+    for (bool bias : {false, true}) {
+        int32_t const nb = bias ? 9 : 8;
+        for (DataType x_type : {DataType::kHALF, DataType::kFLOAT}) {
+            std::vector<DynamicPluginTensorDesc> io = io_descs(bias, x_type);
+            CHECK(all_supported(build, io, nb));
+            CHECK(build->configurePlugin(io.data(), nb, io.data() + nb, 1) == 0);
+        }
+        std::vector<DynamicPluginTensorDesc> io = io_descs(bias);
+        io[nb].desc.type = DataType::kFLOAT;  // output must follow X
+        CHECK(!build->supportsFormatCombination(nb, io.data(), nb, 1));
+        io = io_descs(bias);
+        io[1].desc.type = DataType::kUINT8;  // packed tensors are INT8 in the contract
+        CHECK(!build->supportsFormatCombination(1, io.data(), nb, 1));
+        io = io_descs(bias);
+        io[0].desc.format = TensorFormat::kCHW32;
+        CHECK(!build->supportsFormatCombination(0, io.data(), nb, 1));
+        io = io_descs(bias);
+        io[3].desc.type = DataType::kFLOAT;  // group_scales are float16
+        CHECK(!build->supportsFormatCombination(3, io.data(), nb, 1));
+        io = io_descs(bias);
+        io[1].desc.dims = dims_of({kN, 4});  // sign_bits must be [N, ceil(K/8)]
+        CHECK(build->configurePlugin(io.data(), nb, io.data() + nb, 1) != 0);
+        io = io_descs(bias);
+        io[2].desc.dims = dims_of({1, kN, 3});  // G = 3 needs 2 code planes
+        CHECK(build->configurePlugin(io.data(), nb, io.data() + nb, 1) != 0);
+        io = io_descs(bias);
+        io[6].desc.dims = dims_of({5});  // salient_q and salient_cols differ
+        CHECK(build->configurePlugin(io.data(), nb, io.data() + nb, 1) != 0);
+    }
+    std::vector<DynamicPluginTensorDesc> io = io_descs(true, DataType::kHALF);
+    io[8].desc.type = DataType::kFLOAT;  // bias must have X's type
+    CHECK(!build->supportsFormatCombination(8, io.data(), 9, 1));
+    io = io_descs(true);
+    io[8].desc.dims = dims_of({kN + 1});
+    CHECK(build->configurePlugin(io.data(), 9, io.data() + 9, 1) != 0);
+    delete plugin;
+}
+
+void test_enqueue_needs_shapes(IPluginCreatorV3One* creator) {
+    Fields f = valid_fields();
+    IPluginV3* plugin = creator->createPlugin("layer", f.collection(), TensorRTPhase::kRUNTIME);
+    if (plugin == nullptr) return;
+    auto* runtime = static_cast<IPluginV3OneRuntime*>(plugin->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
+    // Without onShapeChange the plugin cannot know whether a bias was given: it must refuse, not guess.
+    CHECK(runtime->enqueue(nullptr, nullptr, nullptr, nullptr, nullptr, nullptr) != 0);
+    std::vector<DynamicPluginTensorDesc> io = io_descs(false);
+    std::vector<PluginTensorDesc> descs;
+    for (auto const& d : io) descs.push_back(d.desc);
+    CHECK(runtime->onShapeChange(descs.data(), 8, descs.data() + 8, 1) == 0);
+    descs[7].dims = dims_of({kN - 1});
+    CHECK(runtime->onShapeChange(descs.data(), 8, descs.data() + 8, 1) != 0);
+    delete plugin;
+}
+
+void test_kernel_launch_checks(void* lib) {
+    auto launch = reinterpret_cast<int (*)(SageGemmArgs const*, cudaStream_t)>(dlsym(lib, "sage_gemm_launch"));
+    auto abi = reinterpret_cast<int (*)()>(dlsym(lib, "sage_gemm_abi_version"));
+    auto args_size = reinterpret_cast<size_t (*)()>(dlsym(lib, "sage_gemm_args_size"));
+    auto auto_path = reinterpret_cast<int (*)(int64_t)>(dlsym(lib, "sage_gemm_auto_path"));
+    CHECK(launch && abi && args_size && auto_path);
+    if (!(launch && abi && args_size && auto_path)) return;
+    CHECK(abi() == SAGE_GEMM_ABI_VERSION);
+    CHECK(args_size() == sizeof(SageGemmArgs));
+    CHECK(auto_path(1) == SAGE_PATH_GEMV && auto_path(SAGE_GEMV_MAX_M) == SAGE_PATH_GEMV);
+    CHECK(auto_path(SAGE_GEMV_MAX_M + 1) == SAGE_PATH_TILED);
+
+    // Dummy non-null pointers: with m = 0 or invalid arguments nothing is dereferenced or launched.
+    static char dummy[64];
+    SageGemmArgs a;
+    std::memset(&a, 0, sizeof(a));
+    a.x = a.y = dummy;
+    a.sign_bits = a.group_codes = a.salient_q = reinterpret_cast<int8_t*>(dummy);
+    a.group_scales = a.salient_scale = reinterpret_cast<uint16_t*>(dummy);
+    a.salient_rowptr = a.salient_cols = reinterpret_cast<int32_t*>(dummy);
+    a.m = 0;
+    a.k = kK;
+    a.n = kN;
+    a.n_groups = kG;
+    a.salient_bits = kB;
+    CHECK(launch(&a, nullptr) == cudaSuccess);  // empty batch: nothing to do
+    CHECK(launch(nullptr, nullptr) == cudaErrorInvalidValue);
+    SageGemmArgs bad = a;
+    bad.n_groups = 0;
+    CHECK(launch(&bad, nullptr) == cudaErrorInvalidValue);
+    bad = a;
+    bad.group_codes = nullptr;  // G = 3 has code planes
+    CHECK(launch(&bad, nullptr) == cudaErrorInvalidValue);
+    bad.n_groups = 1;  // ...G = 1 has none
+    CHECK(launch(&bad, nullptr) == cudaSuccess);
+    bad = a;
+    bad.x_dtype = 7;
+    CHECK(launch(&bad, nullptr) == cudaErrorInvalidValue);
+    bad = a;
+    bad.path = 3;
+    CHECK(launch(&bad, nullptr) == cudaErrorInvalidValue);
+    bad = a;
+    bad.k = 0;
+    CHECK(launch(&bad, nullptr) == cudaErrorInvalidValue);
+}
+
+void* open_or_report(char const* path) {
+    void* lib = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+    if (lib == nullptr) std::fprintf(stderr, "cannot load %s: %s\n", path, dlerror());
+    return lib;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    char const* plugin_path = argc > 1 ? argv[1] : SAGE_PLUGIN_LIB;
+    char const* kernels_path = argc > 2 ? argv[2] : SAGE_KERNELS_LIB;
+    void* plugin_lib = open_or_report(plugin_path);
+    void* kernels_lib = open_or_report(kernels_path);
+    if (plugin_lib == nullptr || kernels_lib == nullptr) return 2;
+
+    if (IPluginCreatorV3One* creator = load_creator(plugin_lib)) {
+        test_creator_identity(creator);
+        test_round_trip(creator);
+        test_field_validation(creator);
+        test_build_interface(creator);
+        test_enqueue_needs_shapes(creator);
+    }
+    test_kernel_launch_checks(kernels_lib);
+    std::printf("%d checks, %d failed\n", gChecks, gFailures);
+    return gFailures == 0 ? 0 : 1;
+}

@@ -1,0 +1,128 @@
+"""ctypes binding of libsage_kernels.so, the CUDA kernels of SageBinaryGemm (plugins/src/sage_gemm_api.h).
+
+The library is looked up in $SAGE_KERNELS_LIB, then in the repository's plugins/build*/ folders (newest first);
+tools/build_plugins.sh builds it. Loading needs no GPU; launching does. This module is framework-free: callers
+(sage_linear.SageLinear, tools/bench_kernels.py) fill a SageGemmArgs with device pointers and a stream handle.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+from pathlib import Path
+
+ENV_VAR = "SAGE_KERNELS_LIB"
+LIBRARY_NAME = "libsage_kernels.so"
+ABI_VERSION = 1  # SAGE_GEMM_ABI_VERSION
+MAX_GROUPS = 16  # SAGE_MAX_GROUPS
+GEMV_MAX_M = 16  # SAGE_GEMV_MAX_M
+
+DTYPE_FLOAT32 = 0
+DTYPE_FLOAT16 = 1
+PATH_AUTO = 0
+PATH_GEMV = 1
+PATH_TILED = 2
+PATH_NAMES = {PATH_AUTO: "auto", PATH_GEMV: "gemv", PATH_TILED: "tiled"}
+
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class SageGemmArgs(ctypes.Structure):
+    """Mirror of the C struct; field order and types must match sage_gemm_api.h (checked at load time)."""
+
+    _fields_ = [
+        ("x", ctypes.c_void_p),
+        ("sign_bits", ctypes.c_void_p),
+        ("group_codes", ctypes.c_void_p),
+        ("group_scales", ctypes.c_void_p),
+        ("salient_rowptr", ctypes.c_void_p),
+        ("salient_cols", ctypes.c_void_p),
+        ("salient_q", ctypes.c_void_p),
+        ("salient_scale", ctypes.c_void_p),
+        ("bias", ctypes.c_void_p),
+        ("y", ctypes.c_void_p),
+        ("m", ctypes.c_int64),
+        ("k", ctypes.c_int32),
+        ("n", ctypes.c_int32),
+        ("n_groups", ctypes.c_int32),
+        ("salient_bits", ctypes.c_int32),
+        ("x_dtype", ctypes.c_int32),
+        ("bias_dtype", ctypes.c_int32),
+        ("path", ctypes.c_int32),
+        ("reserved", ctypes.c_int32),
+    ]
+
+
+class KernelLibraryError(RuntimeError):
+    """The library is missing, does not match this binding, or a launch failed."""
+
+
+def find_library() -> Path | None:
+    """$SAGE_KERNELS_LIB if set (even when it does not exist, so a typo is not silently replaced), else the newest
+    plugins/build*/libsage_kernels.so of this repository, else None."""
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return Path(env)
+    found = [p for p in _REPO_ROOT.glob(f"plugins/build*/{LIBRARY_NAME}") if p.is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+@functools.lru_cache(maxsize=1)
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    path = find_library()
+    if path is None:
+        return None, f"{LIBRARY_NAME} not found (set {ENV_VAR} or run tools/build_plugins.sh)"
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as err:
+        return None, f"cannot load {path}: {err}"
+    lib.sage_gemm_launch.argtypes = [ctypes.POINTER(SageGemmArgs), ctypes.c_void_p]
+    lib.sage_gemm_launch.restype = ctypes.c_int
+    lib.sage_gemm_error_string.argtypes = [ctypes.c_int]
+    lib.sage_gemm_error_string.restype = ctypes.c_char_p
+    lib.sage_gemm_auto_path.argtypes = [ctypes.c_int64]
+    lib.sage_gemm_auto_path.restype = ctypes.c_int
+    lib.sage_gemm_abi_version.restype = ctypes.c_int
+    lib.sage_gemm_args_size.restype = ctypes.c_size_t
+    if lib.sage_gemm_abi_version() != ABI_VERSION or lib.sage_gemm_args_size() != ctypes.sizeof(SageGemmArgs):
+        return None, (f"{path} has launch ABI {lib.sage_gemm_abi_version()} with a {lib.sage_gemm_args_size()}-byte "
+                      f"argument struct; this binding expects ABI {ABI_VERSION}, {ctypes.sizeof(SageGemmArgs)} bytes")
+    return lib, ""
+
+
+def load() -> ctypes.CDLL:
+    """The loaded library; KernelLibraryError says why when it cannot be used."""
+    lib, reason = _load()
+    if lib is None:
+        raise KernelLibraryError(reason)
+    return lib
+
+
+def available() -> bool:
+    """True when the library was found, loads and matches this binding (a GPU is a separate question)."""
+    return _load()[0] is not None
+
+
+def unavailable_reason() -> str:
+    return _load()[1]
+
+
+def reload() -> bool:
+    """Forget the cached lookup (e.g. after setting $SAGE_KERNELS_LIB) and try again."""
+    _load.cache_clear()
+    return available()
+
+
+def auto_path(m: int) -> int:
+    """The path (PATH_GEMV or PATH_TILED) that PATH_AUTO takes for m activation rows."""
+    return int(load().sage_gemm_auto_path(m))
+
+
+def launch(args: SageGemmArgs, stream: int) -> None:
+    """Validate and enqueue one product on the CUDA stream handle `stream` (0: the legacy default stream)."""
+    lib = load()
+    code = lib.sage_gemm_launch(ctypes.byref(args), ctypes.c_void_p(stream))
+    if code != 0:
+        message = lib.sage_gemm_error_string(code).decode(errors="replace")
+        raise KernelLibraryError(f"sage_gemm_launch failed with CUDA error {code}: {message}")

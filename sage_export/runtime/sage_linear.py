@@ -1,0 +1,151 @@
+"""SageLinear: a torch module that computes a packed SAGE layer (docs/sage_binary_gemm.md).
+
+On CUDA tensors it calls the CUDA kernels through ctypes (runtime/kernels.py) on the current stream, reading the
+packed bits directly. Elsewhere, or without the kernel library, it decodes Ŵ with torch ops exactly as
+format.sage_layout.dequantize does and multiplies in float32: the same numbers as the NumPy reference
+(onnx.reference.sage_binary_gemm_packed), only faster.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..format.sage_layout import PackedLinear
+from . import kernels
+
+_INT_BUFFERS = ("sign_bits", "group_codes", "salient_rowptr", "salient_cols", "salient_q")
+_KERNEL_DTYPES = {torch.float16: kernels.DTYPE_FLOAT16, torch.float32: kernels.DTYPE_FLOAT32}
+
+
+class SageLinear(nn.Module):
+    """y = x·Ŵᵀ (+ bias) for a PackedLinear. The packed tensors are buffers (they move with .to(device)).
+
+    The two float16 scale tensors are held as their int16 bit patterns, so that model.half()/.float()/.to(dtype)
+    never re-round them; `packed()` gives them back as float16. The bias follows the module's dtype like an
+    nn.Linear bias, and is added in float32."""
+
+    def __init__(self, packed: PackedLinear, bias: torch.Tensor | np.ndarray | None = None) -> None:
+        super().__init__()
+        self.in_features = packed.in_features
+        self.out_features = packed.out_features
+        self.n_groups = packed.n_groups
+        self.salient_bits = packed.salient_bits
+        if packed.n_groups > kernels.MAX_GROUPS:
+            raise ValueError(f"the CUDA kernels support at most {kernels.MAX_GROUPS} groups, got {packed.n_groups}")
+        for name in _INT_BUFFERS:
+            self.register_buffer(name, torch.from_numpy(np.ascontiguousarray(getattr(packed, name))))
+        for name in ("group_scales", "salient_scale"):
+            bits = np.ascontiguousarray(getattr(packed, name)).view(np.int16)
+            self.register_buffer(name + "_bits", torch.from_numpy(bits))
+        if bias is not None:
+            bias = torch.as_tensor(bias).detach().clone()
+            if bias.shape != (self.out_features,):
+                raise ValueError(f"bias: expected shape ({self.out_features},), got {tuple(bias.shape)}")
+        self.register_buffer("bias", bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, n_groups={self.n_groups}, "
+                f"salient_bits={self.salient_bits}, nnz={self.salient_cols.numel()}, bias={self.bias is not None}")
+
+    def packed(self) -> PackedLinear:
+        """The layer as a PackedLinear again (NumPy copies of the buffers)."""
+        tensors = {name: getattr(self, name).cpu().numpy() for name in _INT_BUFFERS}
+        for name in ("group_scales", "salient_scale"):
+            tensors[name] = getattr(self, name + "_bits").cpu().numpy().view(np.float16)
+        return PackedLinear.from_tensors(tensors, in_features=self.in_features, out_features=self.out_features,
+                                         n_groups=self.n_groups, salient_bits=self.salient_bits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"expected last dimension {self.in_features}, got shape {tuple(x.shape)}")
+        if x.is_cuda and kernels.available():
+            return self.forward_cuda(x)
+        return self.forward_reference(x)
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """Decode Ŵ (float32) and multiply in float32, on x's device; output in x's dtype."""
+        w = self.dense_weight().to(x.device)
+        y = x.reshape(-1, self.in_features).to(torch.float32) @ w.T
+        if self.bias is not None:
+            y = y + self.bias.to(device=x.device, dtype=torch.float32)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def forward_cuda(self, x: torch.Tensor, path: int = kernels.PATH_AUTO) -> torch.Tensor:
+        """The CUDA kernels on torch's current stream. float16/float32 run as they are; other float dtypes
+        (bfloat16) are computed from a float32 copy and cast back. `path` forces a kernel (benchmarks, tests)."""
+        if not x.is_cuda:
+            raise ValueError("forward_cuda needs a CUDA tensor")
+        compute_dtype = x.dtype if x.dtype in _KERNEL_DTYPES else torch.float32
+        x2 = x.reshape(-1, self.in_features).to(compute_dtype).contiguous()
+        y = torch.empty(x2.shape[0], self.out_features, dtype=compute_dtype, device=x.device)
+        bias = None
+        if self.bias is not None:
+            bias = self.bias.to(device=x.device, dtype=compute_dtype).contiguous()
+        args = self.launch_args(x2, y, bias, path)
+        with torch.cuda.device(x.device):
+            kernels.launch(args, torch.cuda.current_stream(x.device).cuda_stream)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def dense_weight(self) -> torch.Tensor:
+        """Ŵ as float32 [N, K], decoded exactly as format.sage_layout.dequantize does."""
+        k = self.in_features
+        signs = _unpack_bits(self.sign_bits, k).to(torch.float32) * 2 - 1
+        groups = torch.zeros_like(signs, dtype=torch.int64)
+        for plane in range(self.group_codes.shape[0]):
+            groups |= _unpack_bits(self.group_codes[plane], k).to(torch.int64) << plane
+        scales = self.group_scales_bits.view(torch.float16).to(torch.float32)
+        w = scales[groups] * signs
+        counts = torch.diff(self.salient_rowptr.to(torch.int64))
+        rows = torch.repeat_interleave(torch.arange(self.out_features, device=w.device), counts)
+        row_scales = self.salient_scale_bits.view(torch.float16).to(torch.float32)
+        w[rows, self.salient_cols.to(torch.int64)] = row_scales[rows] * self.salient_q.to(torch.float32)
+        return w
+
+    def launch_args(self, x2: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None,
+                    path: int = kernels.PATH_AUTO) -> kernels.SageGemmArgs:
+        """Kernel arguments for x2 [M, K] -> y [M, N] (contiguous CUDA tensors of one dtype, float16/float32) on
+        this layer's buffers; benchmarks launch them repeatedly without the per-call allocations of forward."""
+        for name in (*_INT_BUFFERS, "group_scales_bits", "salient_scale_bits"):
+            if getattr(self, name).device != x2.device:
+                raise ValueError(f"SageLinear buffers are on {getattr(self, name).device}, input on {x2.device}")
+        return kernels.SageGemmArgs(
+            x=x2.data_ptr(), sign_bits=self.sign_bits.data_ptr(), group_codes=self.group_codes.data_ptr(),
+            group_scales=self.group_scales_bits.data_ptr(), salient_rowptr=self.salient_rowptr.data_ptr(),
+            salient_cols=self.salient_cols.data_ptr(), salient_q=self.salient_q.data_ptr(),
+            salient_scale=self.salient_scale_bits.data_ptr(), bias=0 if bias is None else bias.data_ptr(),
+            y=y.data_ptr(),
+            m=x2.shape[0], k=self.in_features, n=self.out_features, n_groups=self.n_groups,
+            salient_bits=self.salient_bits, x_dtype=_KERNEL_DTYPES[x2.dtype],
+            bias_dtype=_KERNEL_DTYPES[x2.dtype], path=path, reserved=0)
+
+
+def _unpack_bits(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """int8 [N, ceil(k/8)] -> bool [N, k], bit j (LSB first) of byte c is column 8c+j."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    bits = (packed.view(torch.uint8).unsqueeze(-1) >> shifts) & 1
+    return bits.reshape(packed.shape[0], -1)[:, :k].bool()
+
+
+def replace_linears(model: nn.Module, packed: dict[str, PackedLinear]) -> list[str]:
+    """Swap each named nn.Linear of `model` for a SageLinear of its packed weight (keeping its bias and device).
+    Returns the replaced names; a missing name, a non-Linear module or a shape mismatch raises before any swap."""
+    plan = []
+    for name, layer in packed.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError as err:
+            raise KeyError(f"{name}: no such submodule") from err
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"{name}: expected nn.Linear, got {type(module).__name__}")
+        if (module.out_features, module.in_features) != layer.shape:
+            raise ValueError(f"{name}: Linear is {module.out_features}x{module.in_features}, packed weight is "
+                             f"{layer.out_features}x{layer.in_features}")
+        plan.append((name, module, layer))
+    for name, module, layer in plan:
+        bias = None if module.bias is None else module.bias.detach()
+        replacement = SageLinear(layer, bias).to(module.weight.device)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, replacement)
+    return [name for name, _, _ in plan]

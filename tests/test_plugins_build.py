@@ -1,0 +1,137 @@
+"""Builds plugins/ (all six default GPU architectures) and checks what can be checked without a GPU:
+
+* both libraries exist, the TensorRT plugin exports getCreators/setLoggerFinder and needs no TensorRT library;
+* the plugin's host test (creator, fields, serialization round trip, shapes, formats) passes;
+* the ctypes binding matches the launch API;
+* every kernel path, run by the CPU emulator of plugins/tests/cuda_emulator.h, matches the NumPy reference.
+
+Needs nvcc and cmake (skipped otherwise) and PyPI access for the TensorRT headers (tools/fetch_trt_headers.sh).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sage_export.onnx.reference import sage_binary_gemm_packed
+from sage_export.runtime import kernels
+from sage_export.runtime.synthetic import random_packed_linear, reference_error_ratio, scramble_salient_bits
+
+REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None or shutil.which("cmake") is None,
+                                reason="needs the CUDA compiler (nvcc) and cmake")
+
+
+@pytest.fixture(scope="module")
+def build_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("plugins_build")
+    start = time.perf_counter()
+    result = subprocess.run([str(REPO / "tools" / "build_plugins.sh"), str(out)], capture_output=True, text=True,
+                            env={**os.environ, "JOBS": "2"})
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    print(f"\nplugins/ built for 75;80;86;87;89;90 in {time.perf_counter() - start:.0f} s")
+    return out
+
+
+def _nm(library: Path, flag: str) -> list[str]:
+    if shutil.which("nm") is None:
+        pytest.skip("nm (binutils) not installed")
+    out = subprocess.run(["nm", "-D", flag, str(library)], capture_output=True, text=True, check=True).stdout
+    return [line.split()[-1] for line in out.splitlines() if line.strip()]
+
+
+def test_both_libraries_are_built(build_dir: Path) -> None:
+    assert (build_dir / "libsage_kernels.so").is_file()
+    assert (build_dir / "libsage_trt_plugin.so").is_file(), "TensorRT headers missing? see tools/fetch_trt_headers.sh"
+
+
+def test_plugin_exports_entry_points_and_needs_no_tensorrt(build_dir: Path) -> None:
+    plugin = build_dir / "libsage_trt_plugin.so"
+    defined = set(_nm(plugin, "--defined-only"))
+    assert {"getCreators", "setLoggerFinder"} <= defined
+    undefined = _nm(plugin, "--undefined-only")
+    assert not [s for s in undefined if "nvinfer" in s.lower()], "plugin must not need libnvinfer symbols"
+    needed = subprocess.run(["readelf", "-d", str(plugin)], capture_output=True, text=True).stdout
+    assert "nvinfer" not in needed.lower()
+
+
+def test_plugin_host_test_passes(build_dir: Path) -> None:
+    result = subprocess.run([str(build_dir / "sage_plugin_host_test")], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert " 0 failed" in result.stdout
+
+
+def test_ctypes_binding_matches_the_library(build_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(kernels.ENV_VAR, str(build_dir / "libsage_kernels.so"))
+    try:
+        assert kernels.reload(), kernels.unavailable_reason()
+        assert kernels.auto_path(1) == kernels.PATH_GEMV
+        assert kernels.auto_path(kernels.GEMV_MAX_M + 1) == kernels.PATH_TILED
+        # Invalid arguments are rejected before any CUDA call, so this runs without a GPU.
+        bad = kernels.SageGemmArgs(m=1, k=8, n=4, n_groups=0, salient_bits=4)
+        with pytest.raises(kernels.KernelLibraryError, match="error 1"):
+            kernels.launch(bad, 0)
+        dummy = 16  # any non-null address: with m = 0 nothing is read or launched
+        empty = kernels.SageGemmArgs(x=dummy, sign_bits=dummy, group_scales=dummy, salient_rowptr=dummy,
+                                     salient_scale=dummy, y=dummy, m=0, k=8, n=4, n_groups=1, salient_bits=4)
+        kernels.launch(empty, 0)
+    finally:
+        monkeypatch.undo()
+        kernels.reload()
+
+
+def _write_problem(path: Path, x: np.ndarray, p, bias: np.ndarray | None, kernel_path: int, misalign: bool) -> None:
+    """The emulator's input format (plugins/tests/kernel_emulator.cpp)."""
+    dtype_id = kernels.DTYPE_FLOAT16 if x.dtype == np.float16 else kernels.DTYPE_FLOAT32
+    header = np.array([x.shape[0], p.in_features, p.out_features, p.n_groups, p.salient_bits, dtype_id,
+                       -1 if bias is None else dtype_id, kernel_path, p.nnz, int(misalign)], dtype="<i8")
+    arrays = [x, *p.tensors().values()] + ([] if bias is None else [bias])
+    path.write_bytes(header.tobytes() + b"".join(np.ascontiguousarray(a).tobytes() for a in arrays))
+
+
+AUTO, GEMV, TILED = kernels.PATH_AUTO, kernels.PATH_GEMV, kernels.PATH_TILED
+# (m, k, n, groups, dtype, bias, path, misalign, salient fraction, scrambled salient bits)
+EMULATED_CASES = {
+    "gemv-m1-k20-g3": (1, 20, 6, 3, np.float32, False, AUTO, False, 0.05, False),
+    "gemv-m2-two-tiles-vector-loads": (2, 1152, 40, 4, np.float16, True, AUTO, False, 0.05, False),
+    "gemv-m3-noncanonical": (3, 300, 40, 3, np.float16, True, AUTO, False, 0.05, True),
+    "gemv-m8-g8": (8, 2048, 33, 8, np.float32, False, AUTO, False, 0.03, False),
+    "gemv-m16-two-passes-misaligned-g16": (16, 1152, 40, 16, np.float16, False, AUTO, True, 0.03, False),
+    "gemv-m5-nnz0": (5, 1152, 40, 2, np.float32, True, AUTO, False, 0.0, False),
+    "gemv-m7-g1": (7, 77, 65, 1, np.float32, False, AUTO, False, 0.05, False),
+    "gemv-forced-m20-three-passes": (20, 77, 65, 4, np.float32, True, GEMV, False, 0.05, False),
+    "wmma-m70-k300": (70, 300, 70, 3, np.float16, True, AUTO, False, 0.05, False),
+    "wmma-m33-vector-x-nnz0": (33, 128, 64, 4, np.float16, False, AUTO, False, 0.0, False),
+    "wmma-forced-m20-misaligned-g1": (20, 77, 65, 1, np.float16, False, TILED, True, 0.05, False),
+    "wmma-m17-g8": (17, 1000, 100, 8, np.float16, True, AUTO, False, 0.03, False),
+    "simt-m70-noncanonical": (70, 296, 70, 3, np.float32, True, AUTO, False, 0.05, True),
+    "simt-forced-m3-g5": (3, 1152, 40, 5, np.float32, False, TILED, False, 0.03, False),
+}
+
+
+@pytest.mark.parametrize("case", EMULATED_CASES)
+def test_emulated_kernels_match_reference(build_dir: Path, tmp_path: Path, case: str) -> None:
+    m, k, n, groups, dtype, with_bias, kernel_path, misalign, fraction, scrambled = EMULATED_CASES[case]
+    seed = sum(map(ord, case))
+    p = random_packed_linear(n, k, groups, salient_fraction=fraction, seed=seed)
+    if scrambled:
+        p = scramble_salient_bits(p, seed)
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((m, k)).astype(dtype)
+    bias = rng.standard_normal(n).astype(dtype) if with_bias else None
+    _write_problem(tmp_path / "problem.bin", x, p, bias, kernel_path, misalign)
+
+    result = subprocess.run([str(build_dir / "sage_kernel_emulator"), str(tmp_path / "problem.bin"),
+                             str(tmp_path / "y.bin")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    y = np.fromfile(tmp_path / "y.bin", dtype=dtype).reshape(m, n)
+    assert reference_error_ratio(y, x, p, bias) <= 1.0
+    if dtype == np.float32:  # and close to the reference implementation itself
+        np.testing.assert_allclose(y, sage_binary_gemm_packed(x, p, bias), rtol=1e-4, atol=1e-4)
