@@ -17,6 +17,7 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import shlex
 import sys
 import tempfile
@@ -39,7 +40,7 @@ def parse_variant(text: str) -> Method:
     """'sage', 'sage:fixed_groups=2,salient_bits=3', 'rtn:bits=3,group_size=128', 'fp'."""
     name, _, rest = text.partition(":")
     params = {}
-    for item in filter(None, rest.split(",")):
+    for item in filter(None, re.split(r",(?![^\[]*\])", rest)):  # commas outside [...]
         key, _, value = item.partition("=")
         params[key] = json.loads(value) if value[:1] in "[{" or value.replace(".", "").replace("-", "").isdigit() \
             else value
@@ -80,7 +81,11 @@ def measure(loaded, method: Method, ids, args, calib) -> dict:
     start = time.perf_counter()
     res = perplexity(model, ids, args.ctx, args.windows, text="wikitext2/wiki.test.raw")
     row.update(ppl=res.ppl, n_windows=res.n_windows, eval_time_s=round(time.perf_counter() - start, 1))
-    return row
+    rows = [row]
+    if args.also_prefix and args.also_prefix < res.n_windows:
+        # The prefix is the same windows a --windows N run would score, read off this run's per-window NLLs.
+        rows.append(dict(row, ppl=res.prefix(args.also_prefix).ppl, n_windows=args.also_prefix))
+    return rows
 
 
 def _mean(rows, key):
@@ -121,9 +126,52 @@ def render_md(doc: dict) -> str:
         qt = f"{r['quant_time_s']:.0f} s" if "quant_time_s" in r else "—"
         out.append(f"| {r['variant']} | {r['n_windows']} × {r['ctx']} | {r['ppl']:.2f} | {bits[0]} | {bits[1]} | "
                    f"{bits[2]} | {g} | {rho} | {qt} |")
-    out += ["", "Measured with (each row's command, machine and date in quality.json):", ""]
+    out += ["", "![perplexity against true bits](pareto.png)", "",
+            "Measured with (each row's command, machine and date in quality.json):", ""]
     out += sorted({f"- `{r['command']}` ({r['machine']}, {r['date']})" for r in doc["rows"]})
     return "\n".join(out) + "\n"
+
+
+FAMILY_STYLE = {"sage": ("#c44e52", "o"), "xnor": ("#8172b2", "s"), "billm": ("#937860", "D"),
+                "rtn": ("#4c72b0", "^"), "gptq": ("#55a868", "v")}
+
+
+def render_pareto(doc: dict, path: Path) -> None:
+    """Perplexity (log) against true bits for every row measured on the most common window count; SAGE also at
+    its paper bits (hollow), joined to its true-bits point, so the gap between the accountings is visible."""
+    import collections
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    windows = collections.Counter(r["n_windows"] for r in doc["rows"]).most_common(1)[0][0]
+    rows = [r for r in doc["rows"] if r["n_windows"] == windows]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in rows:
+        family = r["method"]["name"]
+        if family == "fp":
+            ax.axhline(r["ppl"], color="k", lw=1, ls="--", label=f"FP32 ({r['ppl']:.2f})")
+            continue
+        color, marker = FAMILY_STYLE[family]
+        ax.scatter(r["true_bits"], r["ppl"], color=color, marker=marker, zorder=3,
+                   label=family if family not in ax.get_legend_handles_labels()[1] else None)
+        ax.annotate(r["variant"], (r["true_bits"], r["ppl"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        if family == "sage":
+            paper = r["paper_weight_bits"] + r["paper_scale_bits"]
+            ax.scatter(paper, r["ppl"], facecolors="none", edgecolors=color, marker=marker, zorder=3,
+                       label="sage, paper bits" if "sage, paper bits" not in ax.get_legend_handles_labels()[1] else None)
+            ax.plot([paper, r["true_bits"]], [r["ppl"], r["ppl"]], color=color, lw=0.6, alpha=0.6)
+    ax.set_yscale("log")
+    ax.set_xlabel("bits per weight (true storage; hollow = SAGE paper accounting)")
+    ax.set_ylabel("WikiText-2 perplexity (log scale)")
+    ax.set_title(f"SmolLM2-135M, ctx {rows[0]['ctx']}, first {windows} windows of wiki.test.raw")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, metadata={"Software": None})
+    plt.close(fig)
 
 
 def main() -> int:
@@ -132,6 +180,8 @@ def main() -> int:
     p.add_argument("--model", default=None, help="model path (default: embedded SmolLM2-135M GGUF)")
     p.add_argument("--ctx", type=int, default=2048)
     p.add_argument("--windows", type=int, default=None, help="first N windows (default: all)")
+    p.add_argument("--also-prefix", type=int, default=None,
+                   help="also record the perplexity of the first N windows (free: same forward passes)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "quality.json")
@@ -146,16 +196,17 @@ def main() -> int:
     stamp = {"machine": machine_name(),
              "date": dt.date.today().isoformat(),
              "command": "python tools/bench_quality.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
-    rows = []
     for method in methods:
-        row = measure(loaded, method, ids, args, calib)
-        row.update(stamp)
-        rows.append(row)
-        print(f"{row['variant']}: ppl {row['ppl']:.3f} true bits {row.get('true_bits', 32):.3f}", flush=True)
-        doc = {"rows": merge(args.out, [row])}
+        rows = measure(loaded, method, ids, args, calib)
+        for row in rows:
+            row.update(stamp)
+            print(f"{row['variant']} ({row['n_windows']} windows): ppl {row['ppl']:.3f} "
+                  f"true bits {row.get('true_bits', 32):.3f}", flush=True)
+        doc = {"rows": merge(args.out, rows)}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(doc, indent=1, sort_keys=True, default=float) + "\n")
         args.out.with_suffix(".md").write_text(render_md(doc))
+        render_pareto(doc, args.out.parent / "pareto.png")
     return 0
 
 

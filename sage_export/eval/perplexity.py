@@ -4,7 +4,7 @@ of `ctx` tokens, PPL = exp(mean token NLL over all windows)."""
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,9 +19,17 @@ class PerplexityResult:
     n_windows: int
     n_tokens: int  # tokens scored
     text: str  # which text, for reports
+    window_nll: list[float] = field(default_factory=list, repr=False)  # NLL sum of each window, in order
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "window_nll"}
+
+    def prefix(self, n_windows: int) -> "PerplexityResult":
+        """The result over the first n windows: the same windows a run with that limit would score."""
+        sums = self.window_nll[:n_windows]
+        n_tok = len(sums) * (self.ctx - 1)
+        nll = sum(sums) / n_tok
+        return PerplexityResult(math.exp(nll), nll, self.ctx, len(sums), n_tok, self.text, sums)
 
 
 def read_eval_text(path: Path) -> str:
@@ -54,10 +62,7 @@ def window_nll_sum(model, window: torch.Tensor) -> float:
 def perplexity(model, ids: torch.Tensor, ctx: int = 2048, n_windows: int | None = None, text: str = "",
                progress: bool = True) -> PerplexityResult:
     chunks = windows(ids, ctx, n_windows)
-    total = 0.0
-    for w in tqdm(chunks, desc=f"perplexity ctx={ctx}", unit="win", disable=not progress, leave=False):
-        total += window_nll_sum(model, w)
+    sums = [window_nll_sum(model, w)
+            for w in tqdm(chunks, desc=f"perplexity ctx={ctx}", unit="win", disable=not progress, leave=False)]
     # Each window scores ctx - 1 tokens, as in the usual HF-style shift; stated in reports via n_tokens.
-    n_tok = chunks.shape[0] * (ctx - 1)
-    nll = total / n_tok
-    return PerplexityResult(math.exp(nll), nll, ctx, chunks.shape[0], n_tok, text)
+    return PerplexityResult(0.0, 0.0, ctx, 0, 0, text, sums).prefix(len(sums))
