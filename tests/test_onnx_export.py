@@ -1,0 +1,215 @@
+"""Export of a tiny random LLaMA with SageBinaryGemm nodes, checked by the ONNX checker and by ONNX Runtime
+against PyTorch running the same decoded weights."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto
+
+from sage_export.format.accounting import summarize
+from sage_export.format.sage_layout import PackedLinear, pack_sage
+from sage_export.materialize import apply_dequantized
+from sage_export.models import load_model, quantizable_linears
+from sage_export.onnx import export as export_module
+from sage_export.onnx.export import export_quantized_onnx
+from sage_export.onnx.function import DOMAIN, OP_TYPE
+from sage_export.onnx.ort_check import (compare_logits, decoder_feeds, greedy_generate_ort, greedy_generate_torch,
+                                        make_session, perplexity_ort, run_checks)
+from sage_export.onnx.rewrite import replace_quantized_matmuls, validate_packed_against_model
+from sage_export.quant.config import SageConfig
+from sage_export.quant.sage import quantize_sage
+
+from conftest import WIKI_TEST
+
+PACKED_DTYPES = {"sign_bits": TensorProto.INT8, "group_codes": TensorProto.INT8, "group_scales": TensorProto.FLOAT16,
+                 "salient_rowptr": TensorProto.INT32, "salient_cols": TensorProto.INT32,
+                 "salient_q": TensorProto.INT8, "salient_scale": TensorProto.FLOAT16}
+
+
+def two_band_packed(weight: np.ndarray, salient_fraction: float = 0.02) -> PackedLinear:
+    """A simple packing independent of the SAGE quantizer: the top |w| fraction is salient (4-bit, per-row
+    least-max scale), the rest is split at the median |w| into two groups whose scale is their mean |w|."""
+    magnitude = np.abs(weight)
+    salient = magnitude > np.quantile(magnitude, 1 - salient_fraction)
+    groups = (magnitude > np.median(magnitude[~salient])).astype(np.int64)
+    scales = [magnitude[~salient & (groups == g)].mean() for g in (0, 1)]
+    row_scale = np.maximum(np.where(salient, magnitude, 0).max(axis=1), 1e-3) / 7
+    q = np.clip(np.round(weight / row_scale[:, None]), -7, 7)
+    return pack_sage(weight >= 0, groups, scales, salient, q, row_scale, salient_bits=4)
+
+
+def pack_model(model, arch, packer=two_band_packed) -> dict[str, PackedLinear]:
+    return {name: packer(layer.weight.detach().numpy()) for name, layer in quantizable_linears(model, arch).items()}
+
+
+def sage_packed(weight: np.ndarray) -> PackedLinear:
+    """The project's SAGE quantizer with the search and the graph step fixed, so it is fast and deterministic."""
+    return quantize_sage(weight, SageConfig(fixed_rho=0.02, fixed_groups=2), seed=0).packed()
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_llama_dir, tmp_path_factory):
+    loaded = load_model(tiny_llama_dir)
+    packed = pack_model(loaded.model, loaded.architecture, sage_packed)
+    apply_dequantized(loaded.model, packed)
+    result = export_quantized_onnx(loaded.model, loaded.architecture, packed, tmp_path_factory.mktemp("onnx"))
+    return loaded, packed, result
+
+
+@pytest.fixture(scope="module")
+def session(exported):
+    return make_session(exported[2].onnx_path, constant_folding=True)
+
+
+def test_files_and_full_checker(exported):
+    _, packed, result = exported
+    assert result.onnx_path.name == "model.onnx" and result.data_path.name == "model.onnx.data"
+    assert result.onnx_path.stat().st_size == result.onnx_bytes
+    assert result.data_path.stat().st_size == result.data_bytes > 0
+    onnx.checker.check_model(str(result.onnx_path), full_check=True)
+    assert result.n_sage_nodes == len(packed) == 14
+    json.dumps(result.to_dict())
+
+
+def test_graph_holds_packed_initializers_not_dense_weights(exported):
+    loaded, packed, result = exported
+    model = onnx.load(str(result.onnx_path), load_external_data=False)
+    initializers = {t.name: t for t in model.graph.initializer}
+    for name, layer in packed.items():
+        assert not any(n.endswith(f"{name}.weight") for n in initializers)
+        for tensor, dtype in PACKED_DTYPES.items():
+            init = initializers[f"{name}.{tensor}"]
+            assert init.data_type == dtype
+            assert tuple(init.dims) == layer.tensors()[tensor].shape
+    floats = [t for n, t in initializers.items() if n.endswith(("embed_tokens.weight", "norm.weight"))]
+    assert len(floats) == 1 + 2 * 2 + 1 and all(t.data_type == TensorProto.FLOAT for t in floats)
+    nodes = [n for n in model.graph.node if n.op_type == OP_TYPE]
+    assert {n.domain for n in nodes} == {DOMAIN}
+    assert {f"{n.name.split('/')[0]}" for n in nodes} == set(packed)
+    assert [f.name for f in model.functions] == [OP_TYPE]
+    assert {o.domain: o.version for o in model.opset_import}[DOMAIN] == 1
+
+
+def test_io_names_and_dynamic_axes(exported):
+    loaded, _, result = exported
+    graph = onnx.load(str(result.onnx_path), load_external_data=False).graph
+    shapes = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in [*graph.input, *graph.output]}
+    assert [i.name for i in graph.input][:3] == ["input_ids", "attention_mask", "position_ids"]
+    assert shapes["past_key_values.1.value"] == ["batch", 2, "past_sequence", 16]
+    assert shapes["logits"] == ["batch", "sequence", loaded.model.config.vocab_size]
+    assert shapes["present.0.key"][:2] == ["batch", 2] and isinstance(shapes["present.0.key"][2], str)
+    assert len(graph.output) == 1 + 2 * 2
+
+
+def test_true_bits_come_from_the_graph_and_match_the_packed_layers(exported):
+    _, packed, result = exported
+    expected = summarize({name: (p.out_features, p.in_features, p.tensors()) for name, p in packed.items()})
+    assert result.sage_bytes == expected["stored_bytes"]
+    assert result.sage_true_bits == pytest.approx(expected["true_bits"], rel=1e-12)
+
+
+@pytest.mark.parametrize("constant_folding", [True, False])
+def test_logits_match_torch(exported, constant_folding):
+    loaded, _, result = exported
+    session = make_session(result.onnx_path, constant_folding)
+    ids = np.random.default_rng(0).integers(0, loaded.model.config.vocab_size, (2, 11))
+    figures = compare_logits(session, loaded.model, ids)
+    assert figures["rel_l2"] < 1e-3
+    assert figures["argmax_agreement"] == 1.0
+
+
+@torch.no_grad()
+def test_cache_steps_match_full_sequence(exported, session):
+    """Prefill 6 tokens, then 3 single-token steps feeding present -> past: logits equal one full pass."""
+    loaded, _, _ = exported
+    ids = np.random.default_rng(1).integers(0, loaded.model.config.vocab_size, (2, 9))
+    full = loaded.model(torch.from_numpy(ids)).logits.numpy()
+    names = [o.name for o in session.get_outputs()]
+    out = dict(zip(names, session.run(names, decoder_feeds(session, ids[:, :6]))))
+    steps = [out["logits"]]
+    for t in range(6, 9):
+        past = {n.replace("present.", "past_key_values."): v for n, v in out.items() if n.startswith("present.")}
+        out = dict(zip(names, session.run(names, decoder_feeds(session, ids[:, t:t + 1], past))))
+        steps.append(out["logits"])
+    assert out["present.1.key"].shape == (2, 2, 9, 16)
+    np.testing.assert_allclose(np.concatenate(steps, axis=1), full, rtol=0, atol=1e-4 * np.abs(full).max())
+
+
+def test_greedy_generation_identical(exported, session):
+    loaded, _, _ = exported
+    prompt = loaded.tokenizer("The quick brown fox", add_special_tokens=False).input_ids
+    ort_tokens = greedy_generate_ort(session, prompt, 8)
+    assert len(ort_tokens) == 8
+    assert ort_tokens == greedy_generate_torch(loaded.model, prompt, 8)
+
+
+def test_perplexity_matches_torch(exported, session):
+    from sage_export.eval.perplexity import perplexity, read_eval_text, tokenize_text
+
+    loaded, _, _ = exported
+    ids = tokenize_text(loaded.tokenizer, read_eval_text(WIKI_TEST)[:20000])
+    ort_ppl = perplexity_ort(session, ids, ctx=64, n_windows=2)
+    torch_ppl = perplexity(loaded.model, ids, ctx=64, n_windows=2, progress=False)
+    assert (ort_ppl.n_windows, ort_ppl.n_tokens) == (2, 126)
+    assert ort_ppl.ppl == pytest.approx(torch_ppl.ppl, rel=1e-4)
+
+
+def test_run_checks_reports_every_figure(exported):
+    loaded, _, result = exported
+    checks = run_checks(result, loaded.model, loaded.tokenizer, eval_text=WIKI_TEST, ctx=32, n_windows=2, n_new=8)
+    assert checks["greedy"]["identical"] and checks["logits"]["rel_l2"] < 1e-3
+    assert checks["perplexity"]["rel_diff"] < 1e-4
+    assert checks["op"]["max_rel_err"]["float32"] < 1e-5
+    for way in ("constant_folding", "no_constant_folding"):
+        assert checks["memory"][way]["session_load_delta_mb"] > 0
+    json.dumps(checks)
+
+
+# ------------------------------------------------------------------------------------------ mismatches
+
+
+@pytest.fixture
+def no_export(monkeypatch):
+    """Fail the test if export work starts: mismatches must be caught before."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("export started before validation")
+    monkeypatch.setattr(export_module, "export_decoder", refuse)
+
+
+def test_missing_layer_is_refused_before_export(exported, tmp_path, no_export):
+    loaded, packed, _ = exported
+    partial = dict(packed)
+    del partial["model.layers.1.mlp.down_proj"]
+    with pytest.raises(ValueError, match=r"'model.layers.1.mlp.down_proj' missing \(1 missing\)"):
+        export_quantized_onnx(loaded.model, loaded.architecture, partial, tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+def test_wrong_shape_is_refused_before_export(exported, tmp_path, no_export):
+    loaded, packed, _ = exported
+    swapped = dict(packed)
+    swapped["model.layers.0.mlp.up_proj"] = packed["model.layers.0.mlp.down_proj"]
+    with pytest.raises(ValueError, match=r"model.layers.0.mlp.up_proj: packed shape \[N=68, K=164\] does not "
+                                         r"match the model's weight \[N=164, K=68\]"):
+        export_quantized_onnx(loaded.model, loaded.architecture, swapped, tmp_path)
+
+
+def test_unknown_layer_is_refused(exported):
+    loaded, packed, _ = exported
+    extra = {**packed, "model.layers.7.self_attn.q_proj": packed["model.layers.0.self_attn.q_proj"]}
+    with pytest.raises(ValueError, match="'model.layers.7.self_attn.q_proj' is not a quantizable layer"):
+        validate_packed_against_model(loaded.model, loaded.architecture, extra)
+
+
+def test_rewrite_reports_a_weight_it_cannot_find():
+    graph = onnx.helper.make_graph([], "empty", [], [])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)])
+    layer = two_band_packed(np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32))
+    with pytest.raises(ValueError, match="no initializer model.fc.weight"):
+        replace_quantized_matmuls(model, {"fc": layer}, weight_prefix="model.")
