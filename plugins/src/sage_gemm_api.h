@@ -45,7 +45,7 @@ typedef struct SageGemmArgs {
     const int32_t* salient_cols;   /* [nnz] ascending within a row; NULL allowed when nnz == 0 */
     const int8_t* salient_q;       /* [nnz] signed integers; NULL allowed when nnz == 0 */
     const uint16_t* salient_scale; /* float16 bits [N] */
-    const void* bias;              /* [N] in bias_dtype (the op contract: X's type), or NULL */
+    const void* bias;              /* [N] in bias_dtype (the op contract: float32; float16 also accepted), or NULL */
     void* y;                       /* [M, N] in x_dtype, row-major */
     int64_t m;                     /* activation rows (product of X's leading dims); 0 is a no-op */
     int32_t k;                     /* in_features */

@@ -140,7 +140,7 @@ bool supports_io(int32_t pos, nvinfer1::DynamicPluginTensorDesc const* in_out, i
     if (pos == nb_inputs) return d.type == in_out[kX].desc.type;
     switch (pos) {
         case kX: return d.type == DataType::kFLOAT || d.type == DataType::kHALF;
-        case kBias: return d.type == in_out[kX].desc.type;
+        case kBias: return d.type == DataType::kFLOAT;  // float32 whatever X's type (contract v1)
         case kSignBits:
         case kGroupCodes:
         case kSalientQ: return d.type == DataType::kINT8;

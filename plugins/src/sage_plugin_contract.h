@@ -48,7 +48,7 @@ std::string validate_attrs(SageGemmAttrs const& attrs);
 std::string check_input_dims(nvinfer1::Dims const* dims, int32_t nb_inputs, SageGemmAttrs const& attrs);
 
 // supportsFormatCombination: linear layout; X float/half; INT8 packed tensors; INT32 CSR indices; FP16 scales;
-// bias and output of X's type.
+// bias float32; output of X's type.
 bool supports_io(int32_t pos, nvinfer1::DynamicPluginTensorDesc const* in_out, int32_t nb_inputs,
                  int32_t nb_outputs);
 

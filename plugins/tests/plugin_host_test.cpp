@@ -120,7 +120,7 @@ std::vector<DynamicPluginTensorDesc> io_descs(bool bias, DataType x_type = DataT
         {dims_of({2, kN, 3}), DataType::kINT8}, {dims_of({kG}), DataType::kHALF},
         {dims_of({kN + 1}), DataType::kINT32}, {dims_of({4}), DataType::kINT32},
         {dims_of({4}), DataType::kINT8},       {dims_of({kN}), DataType::kHALF}};
-    if (bias) spec.push_back({dims_of({kN}), x_type});  // the contract: bias has X's type
+    if (bias) spec.push_back({dims_of({kN}), DataType::kFLOAT});  // the contract: bias is float32
     spec.push_back({dims_of({2, 5, kN}), x_type});  // output
     std::vector<DynamicPluginTensorDesc> descs(spec.size());
     for (size_t i = 0; i < spec.size(); ++i) {
@@ -321,7 +321,7 @@ void test_build_interface(IPluginCreatorV3One* creator) {
         CHECK(build->configurePlugin(io.data(), nb, io.data() + nb, 1) != 0);
     }
     std::vector<DynamicPluginTensorDesc> io = io_descs(true, DataType::kHALF);
-    io[8].desc.type = DataType::kFLOAT;  // bias must have X's type
+    io[8].desc.type = DataType::kHALF;  // bias is float32 even for float16 X
     CHECK(!build->supportsFormatCombination(8, io.data(), 9, 1));
     io = io_descs(true);
     io[8].desc.dims = dims_of({kN + 1});
