@@ -19,9 +19,11 @@ def layer_rows(layers: dict[str, object]) -> list[dict]:
     for name, result in layers.items():
         n, k = result.shape
         paper = result.paper_bits()
+        stored = result.stored_tensors()
         row = {"name": name, "out_features": n, "in_features": k, "method": result.method,
-               "true_bits": true_bits(result.stored_tensors(), n, k),
-               "stored_bytes": sum(int(a.nbytes) for a in result.stored_tensors().values()),
+               "true_bits": true_bits(stored, n, k),
+               "stored_bytes": sum(int(a.nbytes) for a in stored.values()),
+               "bytes_by_tensor": {t: int(a.nbytes) for t, a in stored.items()},
                "paper_weight_bits": paper["weight_bits"], "paper_scale_bits": paper["scale_bits"]}
         row.update({k: v for k, v in result.stats.items() if k not in row})
         rows.append(row)
@@ -31,7 +33,12 @@ def layer_rows(layers: dict[str, object]) -> list[dict]:
 def bits_summary(rows: list[dict]) -> dict:
     numel = sum(r["out_features"] * r["in_features"] for r in rows)
     stored = sum(r["stored_bytes"] for r in rows)
+    by_tensor = defaultdict(int)
+    for r in rows:
+        for t, nbytes in r["bytes_by_tensor"].items():
+            by_tensor[t] += nbytes
     return {
+        "true_bits_by_tensor": {t: 8 * nbytes / numel for t, nbytes in sorted(by_tensor.items())},
         "n_layers": len(rows),
         "n_weights": numel,
         "true_bits": 8 * stored / numel,
@@ -66,6 +73,8 @@ def render_markdown(rep: dict, plots: list[str]) -> str:
            f"| true storage (every stored byte) | **{b['true_bits']:.3f}** |",
            f"| paper: weight bits | {b['paper_weight_bits']:.3f} |",
            f"| paper: scale bits | {b['paper_scale_bits']:.3f} |", "",
+           "Where the true bits go (all quantized layers): "
+           + ", ".join(f"`{t}` {v:.3f}" for t, v in b["true_bits_by_tensor"].items()) + ".", "",
            f"Quantized layers: {b['n_layers']} matrices, {b['n_weights']:,} weights: "
            f"{_mb(b['packed_bytes'])} packed vs {_mb(b['fp16_bytes'])} in float16 "
            f"({b['fp16_bytes'] / b['packed_bytes']:.1f}× smaller).", ""]
