@@ -37,8 +37,6 @@ def method_from_args(args):
         params = {
             "salient_bits": args.salient_bits,
             "rho_bounds": tuple(args.rho_bounds) if args.rho_bounds else None,
-            # The graph step runs at rho_init, which must lie inside the bounds: take their midpoint.
-            "rho_init": sum(args.rho_bounds) / 2 if args.rho_bounds else None,
             "fixed_rho": args.fixed_rho,
             "fixed_groups": args.fixed_groups,
             "group_candidates": tuple(range(args.group_candidates[0], args.group_candidates[1] + 1))

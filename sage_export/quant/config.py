@@ -1,0 +1,157 @@
+"""Every knob of SAGE-PTQ (SPEC §2), so each component can be varied or switched off in an ablation.
+
+The defaults are the product's configuration. `validate()` is cheap and is called before any long work, so a bad
+value fails in one line instead of after minutes of quantization.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+THRESHOLDS = ("quantile", "gaussian")
+SCALE_MODES = ("groups", "per_row")
+MAX_GROUPS = 256  # group indices are stored as uint8 and in at most 8 bit-planes
+MIN_SALIENT_BITS, MAX_SALIENT_BITS = 2, 8  # the op's salient_q is int8
+
+
+@dataclass(frozen=True)
+class SageConfig:
+    # 1. Saliency filter: "quantile" takes exactly the ρ fraction with the largest |W − μ|; "gaussian" takes
+    #    |W − μ| > Φ⁻¹(1 − ρ/2)·σ, whose realised fraction follows the data's tails.
+    threshold: str = "quantile"
+
+    # 2. Graph-guided group count.
+    graph_samples: int = 5000  # unsalient values subsampled for the kNN graph ...
+    graph_min_fraction: float = 0.0003  # ... but at least this fraction of the matrix (the paper's 0.03 %)
+    knn_k: int = 10
+    group_candidates: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
+    kmeans_n_init: int = 10  # k-means restarts per candidate K, as scikit-learn's SpectralClustering does
+    lloyd_steps: int = 5  # 1-D Lloyd refinements of the band centres over the whole unsalient set
+
+    # 3. Dual-mode quantizer.
+    salient_bits: int = 4
+    scale_fit_iters: int = 5  # alternating (q, s) steps of the per-row salient scale fit
+
+    # 4. Adaptive saliency threshold (bounded Brent on ρ).
+    rho_bounds: tuple[float, float] = (0.001, 0.10)
+    brent_xatol: float = 2e-4
+    brent_maxiter: int = 50
+    # The graph step runs once, before ρ* is known; None means the middle of rho_bounds (0.0505 by default). That
+    # gives it an unsalient set like the one at any ρ the search can pick: removing 0.1 % or 10 % of the extremes
+    # barely moves the bulk of |w| whose band structure the graph measures. It also follows --rho-bounds.
+    rho_init: float | None = None
+    regraph_in_search: bool = False  # re-run the graph step at every ρ the search evaluates (slow)
+
+    # Ablation switches.
+    fixed_rho: float | None = None  # use this ρ and skip the Brent search
+    fixed_groups: int | None = None  # use this G and skip the graph step (centres start at quantile bins)
+    # "per_row": one float16 scale per output row for the unsalient weights instead of G matrix-wide group
+    # scales. NOT exportable: the SageBinaryGemm op only has matrix-wide group scales.
+    scale_mode: str = "groups"
+
+    def __post_init__(self) -> None:
+        # JSON manifests and argparse hand over lists; keep the dataclass hashable and comparable.
+        for name in ("group_candidates", "rho_bounds"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+
+    @property
+    def graph_rho(self) -> float:
+        """The ρ whose unsalient set the graph step sees (fixed_rho, when set, is the only ρ there is)."""
+        if self.fixed_rho is not None:
+            return float(self.fixed_rho)
+        return float(self.rho_init) if self.rho_init is not None else sum(self.rho_bounds) / 2
+
+    @property
+    def exportable(self) -> bool:
+        return self.scale_mode == "groups"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SageConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown SAGE config keys: {', '.join(unknown)}")
+        return cls(**data)
+
+    def validate(self) -> None:
+        """Raise ValueError with one clear line for the first bad value."""
+        for check in _CHECKS:
+            message = check(self)
+            if message:
+                raise ValueError(f"SAGE config: {message}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_choices(c: SageConfig) -> str | None:
+    if c.threshold not in THRESHOLDS:
+        return f"threshold must be one of {', '.join(THRESHOLDS)}, got {c.threshold!r}"
+    if c.scale_mode not in SCALE_MODES:
+        return f"scale_mode must be one of {', '.join(SCALE_MODES)}, got {c.scale_mode!r}"
+    if not isinstance(c.regraph_in_search, bool):
+        return f"regraph_in_search must be true or false, got {c.regraph_in_search!r}"
+    return None
+
+
+def _check_graph(c: SageConfig) -> str | None:
+    if not _is_int(c.graph_samples) or c.graph_samples < 2:
+        return f"graph_samples must be an integer >= 2, got {c.graph_samples!r}"
+    if not _is_number(c.graph_min_fraction) or not 0 <= c.graph_min_fraction <= 1:
+        return f"graph_min_fraction must be in [0, 1], got {c.graph_min_fraction!r}"
+    if not _is_int(c.knn_k) or c.knn_k < 1:
+        return f"knn_k must be an integer >= 1, got {c.knn_k!r}"
+    cands = c.group_candidates
+    if (not isinstance(cands, tuple) or not cands
+            or not all(_is_int(k) and 2 <= k <= MAX_GROUPS for k in cands)):
+        return f"group_candidates must be a non-empty list of integers in 2..{MAX_GROUPS}, got {cands!r}"
+    if not _is_int(c.kmeans_n_init) or c.kmeans_n_init < 1:
+        return f"kmeans_n_init must be an integer >= 1, got {c.kmeans_n_init!r}"
+    if not _is_int(c.lloyd_steps) or c.lloyd_steps < 0:
+        return f"lloyd_steps must be an integer >= 0, got {c.lloyd_steps!r}"
+    return None
+
+
+def _check_quantizer(c: SageConfig) -> str | None:
+    if not _is_int(c.salient_bits) or not MIN_SALIENT_BITS <= c.salient_bits <= MAX_SALIENT_BITS:
+        return f"salient_bits must be an integer in {MIN_SALIENT_BITS}..{MAX_SALIENT_BITS}, got {c.salient_bits!r}"
+    if not _is_int(c.scale_fit_iters) or c.scale_fit_iters < 0:
+        return f"scale_fit_iters must be an integer >= 0, got {c.scale_fit_iters!r}"
+    return None
+
+
+def _check_search(c: SageConfig) -> str | None:
+    bounds = c.rho_bounds
+    if (not isinstance(bounds, tuple) or len(bounds) != 2 or not all(_is_number(b) for b in bounds)
+            or not 0 < bounds[0] < bounds[1] < 1):
+        return f"rho_bounds must be two numbers with 0 < lo < hi < 1, got {bounds!r}"
+    if not _is_number(c.brent_xatol) or not 0 < c.brent_xatol < bounds[1] - bounds[0]:
+        return f"brent_xatol must be > 0 and smaller than the rho_bounds interval, got {c.brent_xatol!r}"
+    if not _is_int(c.brent_maxiter) or c.brent_maxiter < 1:
+        return f"brent_maxiter must be an integer >= 1, got {c.brent_maxiter!r}"
+    if c.rho_init is not None and (not _is_number(c.rho_init) or not bounds[0] <= c.rho_init <= bounds[1]):
+        return f"rho_init must lie within rho_bounds {bounds}, got {c.rho_init!r}"
+    return None
+
+
+def _check_ablations(c: SageConfig) -> str | None:
+    if c.fixed_rho is not None and (not _is_number(c.fixed_rho) or not 0 <= c.fixed_rho < 1):
+        return f"fixed_rho must be in [0, 1), got {c.fixed_rho!r}"
+    if c.fixed_groups is not None and (not _is_int(c.fixed_groups) or not 1 <= c.fixed_groups <= MAX_GROUPS):
+        return f"fixed_groups must be an integer in 1..{MAX_GROUPS}, got {c.fixed_groups!r}"
+    return None
+
+
+_CHECKS = (_check_choices, _check_graph, _check_quantizer, _check_search, _check_ablations)
