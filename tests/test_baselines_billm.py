@@ -12,7 +12,8 @@ from sage_export.format.bits import unpack_bits
 from sage_export.quant.api import QuantizedWeight
 from sage_export.quant.billm import ALPHA_NAMES, BlockBinarizer, decode_billm, quantize_billm, search_block
 from sage_export.quant.gptq import gptq_compensate
-from sage_export.quant.xnor import hessian_error, quantize_xnor
+from sage_export.quant.common import hessian_error
+from sage_export.quant.xnor import quantize_xnor
 
 OUTLIER_COLS = [3, 40, 77, 101]
 

@@ -11,7 +11,7 @@ from sage_export.format.accounting import stored_bytes, true_bits
 from sage_export.quant.api import QuantizedWeight
 from sage_export.quant.gptq import gptq_compensate, inverse_hessian_cholesky
 from sage_export.quant.rtn import GroupwiseGrid, decode_uniform, quantize_gptq, quantize_rtn
-from sage_export.quant.xnor import hessian_error
+from sage_export.quant.common import hessian_error
 
 
 def correlated_hessian(k: int, seed: int, samples: int = 400) -> np.ndarray:

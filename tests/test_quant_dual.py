@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from sage_export.quant.dual import (binary_error, fit_salient, group_scales, q_limit, quantize_to_scale,
-                                    to_float16)
+from sage_export.quant.common import to_float16
+from sage_export.quant.dual import binary_error, fit_salient, group_scales, q_limit, quantize_to_scale
 from sage_export.quant.groups import MagnitudeTable
 
 

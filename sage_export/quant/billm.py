@@ -33,7 +33,8 @@ import numpy as np
 
 from ..format.bits import pack_bits, unpack_bits
 from .gptq import ColumnQuantizer, gptq_compensate
-from .xnor import check_hessian, check_weight, error_stats, hessian_error, signs_from_bits, to_fp16
+from .common import check_hessian, check_weight, error_stats, hessian_error, to_float16
+from .xnor import signs_from_bits
 
 SALIENT_METRICS = ("hessian", "magnitude")
 # Upper end of the salient-column count search per block (the authors' released setting).
@@ -125,16 +126,16 @@ def plan_block(block_w: np.ndarray, hinv_diag: np.ndarray, metric: str) -> Block
     salient[order[:c]] = True
 
     a_sal, a_rest = a[:, salient], a[:, ~salient]
-    alpha1 = to_fp16(a_sal.mean(axis=1))
-    alpha2 = to_fp16(np.abs(a_sal - alpha1.astype(np.float64)[:, None]).mean(axis=1))
+    alpha1 = to_float16(a_sal.mean(axis=1))
+    alpha2 = to_float16(np.abs(a_sal - alpha1.astype(np.float64)[:, None]).mean(axis=1))
     concentrated = _band_means(a_rest, a_rest <= p)
     sparse = _band_means(a_rest, a_rest > p)
     # A band empty in a row borrows the other band's scale, so that a weight compensation later moves across p
     # still decodes to a sensible magnitude instead of 0 (both empty: no non-salient columns, any value works).
     concentrated, sparse = (np.where(np.isnan(concentrated), sparse, concentrated),
                             np.where(np.isnan(sparse), concentrated, sparse))
-    alphas = dict(zip(ALPHA_NAMES, (alpha1, alpha2, to_fp16(np.nan_to_num(concentrated)),
-                                    to_fp16(np.nan_to_num(sparse)))))
+    alphas = dict(zip(ALPHA_NAMES, (alpha1, alpha2, to_float16(np.nan_to_num(concentrated)),
+                                    to_float16(np.nan_to_num(sparse)))))
     return BlockPlan(salient, p, alphas)
 
 

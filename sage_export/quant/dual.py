@@ -13,16 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .common import to_float16
+
 from .groups import BandSums
-
-
-def to_float16(values: np.ndarray) -> np.ndarray:
-    """Round to float16 (the stored scale dtype); a scale outside float16's range is an error, not an inf."""
-    with np.errstate(over="ignore"):
-        rounded = np.asarray(values).astype(np.float16)
-    if not np.all(np.isfinite(rounded)):
-        raise ValueError("a scale does not fit in float16 (|scale| > 65504)")
-    return rounded
 
 
 def group_scales(mags: np.ndarray, band_index: np.ndarray, n_groups: int) -> np.ndarray:

@@ -23,7 +23,7 @@ import numpy as np
 
 from ..format.bits import pack_uint, unpack_uint
 from .gptq import ColumnQuantizer, gptq_compensate
-from .xnor import FP16_SMALLEST, check_hessian, check_weight, error_stats, hessian_error, to_fp16
+from .common import FP16_SMALLEST, check_hessian, check_weight, error_stats, hessian_error, to_float16
 
 SUPPORTED_BITS = (2, 3, 4)
 
@@ -39,7 +39,7 @@ def group_grid(w_group: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
     hi = np.maximum(w_group.max(axis=1), 0.0)
     flat = (lo == 0) & (hi == 0)  # an all-zero row: any grid works, pick one with a usable scale
     lo, hi = np.where(flat, -1.0, lo), np.where(flat, 1.0, hi)
-    scale = to_fp16(np.maximum((hi - lo) / maxq, FP16_SMALLEST))
+    scale = to_float16(np.maximum((hi - lo) / maxq, FP16_SMALLEST))
     zero = np.clip(np.round(-lo / scale.astype(np.float64)), 0, maxq).astype(np.int64)
     return scale, zero
 

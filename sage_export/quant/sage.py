@@ -17,7 +17,8 @@ import numpy as np
 from ..format.accounting import sage_paper_bits
 from ..format.sage_layout import PackedLinear, dequantize as dequantize_packed, pack_sage
 from .config import SageConfig
-from .dual import SalientFit, binary_error, fit_salient, to_float16
+from .common import check_weight, to_float16
+from .dual import SalientFit, binary_error, fit_salient
 from .groups import (BandSums, GroupChoice, MagnitudeTable, assign_bands, band_edges, choose_group_count,
                      graph_sample_size, quantile_centres, refine_centres)
 from .saliency import SaliencyOrder, realised_fraction
@@ -185,7 +186,7 @@ def quantize_sage(w: np.ndarray, cfg: SageConfig, seed: int = 0) -> SageResult:
     """Quantize W [N out, K in]. Same W, cfg and seed -> identical arrays. NaN/Inf in W -> ValueError."""
     start = time.perf_counter()
     cfg.validate()
-    matrix = _Matrix(_checked_matrix(w), cfg, seed)
+    matrix = _Matrix(check_weight(w), cfg, seed)
     regraph = cfg.scale_mode == "groups" and cfg.regraph_in_search
     shared_start = None
     if cfg.scale_mode == "groups" and not regraph:
@@ -207,18 +208,6 @@ def quantize_sage(w: np.ndarray, cfg: SageConfig, seed: int = 0) -> SageResult:
     result.stats = _stats(result, plan, search, matrix, cfg)
     result.stats["time_s"] = time.perf_counter() - start
     return result
-
-
-def _checked_matrix(w: np.ndarray) -> np.ndarray:
-    w = np.asarray(w)
-    if w.ndim != 2 or w.size == 0:
-        raise ValueError(f"W must be a non-empty 2-D [N, K] matrix, got shape {w.shape}")
-    if not np.issubdtype(w.dtype, np.floating) and not np.issubdtype(w.dtype, np.integer):
-        raise ValueError(f"W must be numeric, got dtype {w.dtype}")
-    w = w.astype(np.float64)
-    if not np.all(np.isfinite(w)):
-        raise ValueError("W contains NaN or Inf")
-    return w
 
 
 def _stats(result: SageResult, plan: _Plan, search: SearchResult, matrix: _Matrix, cfg: SageConfig) -> dict:
