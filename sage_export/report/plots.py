@@ -42,9 +42,12 @@ def plot_groups_rho(layers: list[dict], path: Path) -> None:
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 4.8), sharex=True)
     top.step(x, [l.get("n_groups", 0) for l in layers], where="mid", color="#55a868")
     top.set_ylabel("groups G")
+    # Fixed axes from 0: a flat line at G = 2 or ρ = 0.0999 must look flat, not like noise around an offset.
+    top.set_ylim(0, max(8, max(l.get("n_groups", 0) for l in layers)) + 0.5)
     top.set_title("Unsalient group count and chosen saliency ratio, per layer")
     bottom.plot(x, [l.get("realised_rho", 0.0) for l in layers], ".-", ms=3, color="#c44e52")
     bottom.set_ylabel("salient fraction ρ")
+    bottom.set_ylim(0, 1.15 * max(max(l.get("realised_rho", 0.0) for l in layers), 1e-3))
     bottom.set_xlabel("quantized layer (block order)")
     _save(fig, path)
 
