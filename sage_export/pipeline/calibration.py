@@ -60,11 +60,18 @@ def _run_block(block, inputs: list[torch.Tensor], kwargs: dict) -> list[torch.Te
 
 
 def _hessian_hooks(block, names: tuple[str, ...], store: dict[str, torch.Tensor], counts: dict[str, int]):
+    # Linears fed by the same tensor (q/k/v, gate/up) share one XᵀX per sample; holding the tensor in `last`
+    # keeps its identity valid. The product is float32, as in the GPTQ reference (in float64 it was most of the
+    # calibration time on CPU); the sum over samples is float64.
+    last = {"x": None, "xtx": None, "rows": 0}
+
     def make(name):
         def hook(_module, args, _out):
-            x = args[0].reshape(-1, args[0].shape[-1]).double()
-            store[name] = store.get(name, 0) + 2.0 * x.T @ x
-            counts[name] = counts.get(name, 0) + x.shape[0]
+            if last["x"] is not args[0]:
+                x = args[0].reshape(-1, args[0].shape[-1]).float()
+                last.update(x=args[0], xtx=(2.0 * x.T @ x).double(), rows=x.shape[0])
+            store[name] = store.get(name, 0) + last["xtx"]
+            counts[name] = counts.get(name, 0) + last["rows"]
 
         return hook
 
