@@ -138,3 +138,23 @@ def test_interrupt_midway_leaves_nothing(tiny_llama_dir, tmp_path, monkeypatch, 
 def test_inspect_reads_a_run(tiny_run, capsys):
     assert main(["inspect", str(tiny_run)]) == 0
     assert "true storage" in capsys.readouterr().out
+
+
+def _checkpoint_with_config(tiny_run, tmp_path, **changes):
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_run / "checkpoint", ckpt)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg.update(changes)
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    return ckpt
+
+
+@pytest.mark.parametrize("changes", [{"num_hidden_layers": 3}, {"intermediate_size": 200}],
+                         ids=["missing-block", "wrong-shape"])
+def test_export_of_checkpoint_not_matching_its_config(tiny_run, tmp_path, changes):
+    ckpt = _checkpoint_with_config(tiny_run, tmp_path, **changes)
+    proc = run_cli("export", ckpt, "--out", tmp_path / "onnx")
+    assert_one_line_error(proc, "does not match its config.json")
+    assert leftovers(tmp_path) == ["ckpt"]

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..format.checkpoint import Checkpoint, LayerRecord, load_checkpoint, save_checkpoint
+from ..format.checkpoint import Checkpoint, CheckpointError, LayerRecord, load_checkpoint, save_checkpoint
 from ..materialize import apply_dequantized
 from .quantize import QuantizedModel
 
@@ -76,24 +76,36 @@ def load_quantized(ckpt_dir: Path, dtype: torch.dtype = torch.float32):
     # Built normally (not on the meta device) so that non-persistent buffers such as rotary frequencies exist.
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     state = {k: torch.from_numpy(v).to(dtype) for k, v in ckpt.float_tensors.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatch: torch lists every tensor; the first line names the model
+        raise CheckpointError(f"checkpoint {ckpt_dir} does not match its config.json: "
+                              f"{_first_mismatch(str(exc))}") from None
     quantized_keys = {f"{n}.weight" for n in ckpt.layers}
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
     left = set(missing) - quantized_keys - tied
     if left or unexpected:
-        raise ValueError(f"checkpoint {ckpt_dir} does not match its config: missing {sorted(left)[:3]}, "
-                         f"unexpected {sorted(unexpected)[:3]}")
+        raise CheckpointError(f"checkpoint {ckpt_dir} does not match its config.json: missing {sorted(left)[:3]}, "
+                              f"unexpected {sorted(unexpected)[:3]}")
     model.tie_weights()
     model.eval()
-    _apply_records(model, ckpt)
+    _apply_records(model, ckpt, ckpt_dir)
     tokenizer = AutoTokenizer.from_pretrained(ckpt_dir)
     return model, tokenizer, ckpt
 
 
-def _apply_records(model, ckpt: Checkpoint) -> None:
+def _apply_records(model, ckpt: Checkpoint, ckpt_dir: Path) -> None:
     packed = ckpt.packed_linears()
     others = {n for n in ckpt.layers if n not in packed}
     if others:
-        raise ValueError(f"checkpoint holds non-SAGE layers ({ckpt.layers[next(iter(others))].method}); "
-                         "only SAGE checkpoints can be materialised")
-    apply_dequantized(model, packed)
+        raise CheckpointError(f"checkpoint holds non-SAGE layers ({ckpt.layers[next(iter(others))].method}); "
+                              "only SAGE checkpoints can be exported or evaluated")
+    try:
+        apply_dequantized(model, packed)
+    except ValueError as exc:  # a packed layer whose shape is not the Linear's
+        raise CheckpointError(f"checkpoint {ckpt_dir} does not match its config.json: {exc}") from None
+
+
+def _first_mismatch(message: str) -> str:
+    lines = [l.strip() for l in message.splitlines() if "size mismatch" in l]
+    return lines[0] if lines else message.strip().splitlines()[0]
