@@ -137,41 +137,53 @@ FAMILY_STYLE = {"sage": ("#c44e52", "o"), "xnor": ("#8172b2", "s"), "billm": ("#
 
 
 def render_pareto(doc: dict, path: Path) -> None:
-    """Perplexity (log) against true bits for every row measured on the most common window count; SAGE also at
-    its paper bits (hollow), joined to its true-bits point, so the gap between the accountings is visible."""
-    import collections
-
+    """Perplexity (log) against true bits, one panel per window count (all windows: the rows the README quotes;
+    a prefix: the sweep); SAGE also at its paper bits (hollow), joined to its true-bits point, so the gap between
+    the two accountings is visible."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    windows = collections.Counter(r["n_windows"] for r in doc["rows"]).most_common(1)[0][0]
-    rows = [r for r in doc["rows"] if r["n_windows"] == windows]
-    fig, ax = plt.subplots(figsize=(8, 5))
+    counts = sorted({r["n_windows"] for r in doc["rows"]}, reverse=True)
+    fig, axes = plt.subplots(1, len(counts), figsize=(7.5 * len(counts), 5.5), squeeze=False,
+                             sharey=True)
+    for ax, windows in zip(axes[0], counts):
+        _pareto_panel(ax, [r for r in doc["rows"] if r["n_windows"] == windows])
+        ax.set_title(f"SmolLM2-135M, ctx {doc['rows'][0]['ctx']}, "
+                     + ("all" if windows == counts[0] else "first") + f" {windows} windows of wiki.test.raw")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, metadata={"Software": None})
+    plt.close(fig)
+
+
+def _pareto_panel(ax, rows: list[dict]) -> None:
+    seen = set()
+
+    def once(label):
+        if label in seen:
+            return None
+        seen.add(label)
+        return label
+
     for r in rows:
         family = r["method"]["name"]
         if family == "fp":
             ax.axhline(r["ppl"], color="k", lw=1, ls="--", label=f"FP32 ({r['ppl']:.2f})")
             continue
         color, marker = FAMILY_STYLE[family]
-        ax.scatter(r["true_bits"], r["ppl"], color=color, marker=marker, zorder=3,
-                   label=family if family not in ax.get_legend_handles_labels()[1] else None)
+        ax.scatter(r["true_bits"], r["ppl"], color=color, marker=marker, zorder=3, label=once(family))
         ax.annotate(r["variant"], (r["true_bits"], r["ppl"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
         if family == "sage":
             paper = r["paper_weight_bits"] + r["paper_scale_bits"]
             ax.scatter(paper, r["ppl"], facecolors="none", edgecolors=color, marker=marker, zorder=3,
-                       label="sage, paper bits" if "sage, paper bits" not in ax.get_legend_handles_labels()[1] else None)
+                       label=once("sage, paper bits"))
             ax.plot([paper, r["true_bits"]], [r["ppl"], r["ppl"]], color=color, lw=0.6, alpha=0.6)
     ax.set_yscale("log")
     ax.set_xlabel("bits per weight (true storage; hollow = SAGE paper accounting)")
     ax.set_ylabel("WikiText-2 perplexity (log scale)")
-    ax.set_title(f"SmolLM2-135M, ctx {rows[0]['ctx']}, first {windows} windows of wiki.test.raw")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="upper right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120, metadata={"Software": None})
-    plt.close(fig)
+    ax.legend(fontsize=7, loc="best")
 
 
 def main() -> int:
