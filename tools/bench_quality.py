@@ -157,6 +157,20 @@ def render_pareto(doc: dict, path: Path) -> None:
     plt.close(fig)
 
 
+PLOT_CEILING = 1e4  # PPL above this is off scale: drawn on the top edge with its value in the label
+
+
+def short_label(row: dict) -> str:
+    """'G4 ρ≤0.01' for sage(fixed_groups=4,rho_bounds=(0.001, 0.01)): the plot's labels must not overlap."""
+    method = row["method"]
+    if method["name"] != "sage":
+        return row["variant"]
+    names = {"fixed_groups": lambda v: f"G{v}", "salient_bits": lambda v: f"b={v}", "scale_mode": str,
+             "group_candidates": lambda v: f"G∈{v[0]}..{v[-1]}", "rho_bounds": lambda v: f"ρ≤{v[1]}"}
+    parts = [names.get(k, lambda v, k=k: f"{k}={v}")(v) for k, v in sorted(method.get("params", {}).items())]
+    return "sage " + (" ".join(parts) if parts else "default")
+
+
 def _pareto_panel(ax, rows: list[dict]) -> None:
     seen = set()
 
@@ -172,18 +186,41 @@ def _pareto_panel(ax, rows: list[dict]) -> None:
             ax.axhline(r["ppl"], color="k", lw=1, ls="--", label=f"FP32 ({r['ppl']:.2f})")
             continue
         color, marker = FAMILY_STYLE[family]
-        ax.scatter(r["true_bits"], r["ppl"], color=color, marker=marker, zorder=3, label=once(family))
-        ax.annotate(r["variant"], (r["true_bits"], r["ppl"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        y = min(r["ppl"], PLOT_CEILING)
+        ax.scatter(r["true_bits"], y, color=color, marker=marker, zorder=3, label=once(family), clip_on=False)
+        if r["ppl"] <= PLOT_CEILING:  # off-scale labels would pile up on the top edge
+            ax.annotate(short_label(r), (r["true_bits"], y), fontsize=6, xytext=(3, 3), textcoords="offset points")
         if family == "sage":
             paper = r["paper_weight_bits"] + r["paper_scale_bits"]
-            ax.scatter(paper, r["ppl"], facecolors="none", edgecolors=color, marker=marker, zorder=3,
+            ax.scatter(paper, y, facecolors="none", edgecolors=color, marker=marker, zorder=3, clip_on=False,
                        label=once("sage, paper bits"))
-            ax.plot([paper, r["true_bits"]], [r["ppl"], r["ppl"]], color=color, lw=0.6, alpha=0.6)
+            ax.plot([paper, r["true_bits"]], [y, y], color=color, lw=0.4, alpha=0.4)
+    for name, families, color in (("best uniform (RTN/GPTQ)", {"rtn", "gptq"}, "#4c72b0"),
+                                  ("best SAGE (true bits)", {"sage"}, "#c44e52")):
+        front = frontier([r for r in rows if r["method"]["name"] in families])
+        if front:
+            ax.plot([r["true_bits"] for r in front], [min(r["ppl"], PLOT_CEILING) for r in front], color=color,
+                    lw=1.2, alpha=0.8, drawstyle="steps-post", label=name)
+    off = [r["ppl"] for r in rows if r["ppl"] > PLOT_CEILING]
+    if off:
+        ax.text(0.01, 0.97, f"{len(off)} points off scale (PPL {min(off):.1e} to {max(off):.1e}), drawn on the top "
+                "edge; values in quality.md", transform=ax.transAxes, fontsize=7, va="top")
     ax.set_yscale("log")
+    ax.set_ylim(top=PLOT_CEILING)
     ax.set_xlabel("bits per weight (true storage; hollow = SAGE paper accounting)")
     ax.set_ylabel("WikiText-2 perplexity (log scale)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="lower left")
+
+
+def frontier(rows: list[dict]) -> list[dict]:
+    """The rows no other row beats on both true bits and perplexity, by increasing bits."""
+    best, out = float("inf"), []
+    for r in sorted(rows, key=lambda r: (r["true_bits"], r["ppl"])):
+        if r["ppl"] < best:
+            best = r["ppl"]
+            out.append(r)
+    return out
 
 
 def main() -> int:
