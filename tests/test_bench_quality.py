@@ -58,3 +58,13 @@ def test_table_and_plot_come_from_the_json(bench_doc):
         assert f"| {r['variant']} | {r['n_windows']} × 64 | {r['ppl']:.2f} |" in md
     png = (bench_doc.parent / "pareto.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_render_only_regenerates_table_and_plot(bench_doc, tmp_path):
+    out = tmp_path / "quality.json"
+    out.write_bytes(bench_doc.read_bytes())
+    proc = subprocess.run([sys.executable, str(BENCH), "--render-only", "--out", str(out)], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert out.with_suffix(".md").read_text() == bench_doc.with_suffix(".md").read_text()
+    assert (tmp_path / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

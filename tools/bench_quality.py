@@ -7,6 +7,7 @@ regenerates benchmarks/quality.md from the whole JSON, so headline rows (all win
 
     python tools/bench_quality.py --variants fp sage xnor billm            # all 147 windows, ctx 2048
     python tools/bench_quality.py --variants "sage:fixed_groups=1" --windows 40
+    python tools/bench_quality.py --render-only                           # table and plot from the JSON
 """
 
 from __future__ import annotations
@@ -152,7 +153,12 @@ def render_pareto(doc: dict, path: Path) -> None:
         _pareto_panel(ax, [r for r in doc["rows"] if r["n_windows"] == windows])
         ax.set_title(f"SmolLM2-135M, ctx {doc['rows'][0]['ctx']}, "
                      + ("all" if windows == counts[0] else "first") + f" {windows} windows of wiki.test.raw")
-    fig.tight_layout()
+    # One legend under the panels: inside, it hid the low-bit markers.
+    handles = {}
+    for ax in axes[0]:
+        handles.update(zip(*reversed(ax.get_legend_handles_labels())))
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(len(handles), 6), fontsize=8)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=110, metadata={"Software": None})
     plt.close(fig)
 
@@ -210,7 +216,6 @@ def _pareto_panel(ax, rows: list[dict]) -> None:
     ax.set_xlabel("bits per weight (true storage; hollow = SAGE paper accounting)")
     ax.set_ylabel("WikiText-2 perplexity (log scale)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="lower left")
 
 
 def frontier(rows: list[dict]) -> list[dict]:
@@ -225,7 +230,9 @@ def frontier(rows: list[dict]) -> list[dict]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--variants", nargs="+", required=True)
+    p.add_argument("--variants", nargs="+")
+    p.add_argument("--render-only", action="store_true",
+                   help="measure nothing: regenerate the .md table and pareto.png from the JSON")
     p.add_argument("--model", default=None, help="model path (default: embedded SmolLM2-135M GGUF)")
     p.add_argument("--ctx", type=int, default=2048)
     p.add_argument("--windows", type=int, default=None, help="first N windows (default: all)")
@@ -235,6 +242,11 @@ def main() -> int:
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "quality.json")
     args = p.parse_args()
+    if args.render_only:
+        write_outputs(args.out, json.loads(args.out.read_text()))
+        return 0
+    if not args.variants:
+        p.error("--variants is required (or --render-only)")
     methods = [parse_variant(v) for v in args.variants]
     loaded = load_model(args.model)
     ids = tokenize_text(loaded.tokenizer, read_eval_text(WIKI / "wiki.test.raw"))
@@ -254,9 +266,13 @@ def main() -> int:
         doc = {"rows": merge(args.out, rows)}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(doc, indent=1, sort_keys=True, default=float) + "\n")
-        args.out.with_suffix(".md").write_text(render_md(doc))
-        render_pareto(doc, args.out.parent / "pareto.png")
+        write_outputs(args.out, doc)
     return 0
+
+
+def write_outputs(json_path: Path, doc: dict) -> None:
+    json_path.with_suffix(".md").write_text(render_md(doc))
+    render_pareto(doc, json_path.parent / "pareto.png")
 
 
 if __name__ == "__main__":
