@@ -138,9 +138,9 @@ FAMILY_STYLE = {"sage": ("#c44e52", "o"), "xnor": ("#8172b2", "s"), "billm": ("#
 
 
 def render_pareto(doc: dict, path: Path) -> None:
-    """Perplexity (log) against true bits, one panel per window count (all windows: the rows the README quotes;
-    a prefix: the sweep); SAGE also at its paper bits (hollow), joined to its true-bits point, so the gap between
-    the two accountings is visible."""
+    """Perplexity (log) against true bits, one panel per window count (here all 147 windows: the rows the
+    README quotes; the first 16: the sweep). SAGE is also drawn at its paper bits (hollow), joined to its true-bits
+    point, so the gap between the two accountings is visible."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -151,8 +151,7 @@ def render_pareto(doc: dict, path: Path) -> None:
                              sharey=True)
     for ax, windows in zip(axes[0], counts):
         _pareto_panel(ax, [r for r in doc["rows"] if r["n_windows"] == windows])
-        ax.set_title(f"SmolLM2-135M, ctx {doc['rows'][0]['ctx']}, "
-                     + ("all" if windows == counts[0] else "first") + f" {windows} windows of wiki.test.raw")
+        ax.set_title(f"SmolLM2-135M, ctx {doc['rows'][0]['ctx']}, first {windows} windows of wiki.test.raw")
     # One legend under the panels: inside, it hid the low-bit markers.
     handles = {}
     for ax in axes[0]:
@@ -163,7 +162,7 @@ def render_pareto(doc: dict, path: Path) -> None:
     plt.close(fig)
 
 
-PLOT_CEILING = 1e4  # PPL above this is off scale: drawn on the top edge with its value in the label
+PLOT_CEILING = 1e4  # PPL above this is off scale: drawn on the top edge, unlabelled, counted in a note
 
 
 def short_label(row: dict) -> str:
