@@ -15,18 +15,19 @@ REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "tools" / "bench_quality.py"
 
 
-def run_bench(model: Path, out: Path, *args: str) -> None:
-    cmd = [sys.executable, str(BENCH), "--model", str(model), "--ctx", "64", "--out", str(out), *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+def run_bench(out: Path, *args: str) -> None:
+    proc = subprocess.run([sys.executable, str(BENCH), "--out", str(out), *args], capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 @pytest.fixture(scope="module")
 def bench_doc(tiny_llama_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "quality.json"
-    run_bench(tiny_llama_dir, out, "--windows", "2", "--variants", "fp", "rtn:bits=4,group_size=64",
+    tiny = ("--model", str(tiny_llama_dir), "--ctx", "64")
+    run_bench(out, *tiny, "--windows", "2", "--variants", "fp", "rtn:bits=4,group_size=64",
               "sage:fixed_groups=2,graph_samples=500")
-    run_bench(tiny_llama_dir, out, "--windows", "1", "--variants", "rtn:bits=4,group_size=64")
+    run_bench(out, *tiny, "--windows", "1", "--variants", "rtn:bits=4,group_size=64")
     return out
 
 
@@ -63,8 +64,6 @@ def test_table_and_plot_come_from_the_json(bench_doc):
 def test_render_only_regenerates_table_and_plot(bench_doc, tmp_path):
     out = tmp_path / "quality.json"
     out.write_bytes(bench_doc.read_bytes())
-    proc = subprocess.run([sys.executable, str(BENCH), "--render-only", "--out", str(out)], capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    run_bench(out, "--render-only")
     assert out.with_suffix(".md").read_text() == bench_doc.with_suffix(".md").read_text()
     assert (tmp_path / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
