@@ -107,6 +107,13 @@ def _expected_specs(k: int, n: int, g: int, nnz: int) -> dict[str, tuple[type, t
     }
 
 
+def stored_bytes(out_features: int, in_features: int, n_groups: int, nnz: int) -> int:
+    """Bytes of the seven packed tensors of a layer, from its shape, G and salient count alone: what
+    sum(nbytes) of pack_sage's output will be. The bit budget prices options with it before packing any."""
+    specs = _expected_specs(in_features, out_features, n_groups, nnz)
+    return int(sum(np.dtype(dtype).itemsize * int(np.prod(shape)) for dtype, shape in specs.values()))
+
+
 def _check_tensor(name: str, array: np.ndarray, dtype: type, shape: tuple[int, ...]) -> None:
     if not isinstance(array, np.ndarray):
         raise ValueError(f"{name}: expected a numpy array, got {type(array).__name__}")

@@ -31,6 +31,27 @@ def check_hessian(h: np.ndarray, k: int) -> np.ndarray:
     return h.astype(np.float64)
 
 
+# Added to every column weight, relative to their mean: an input channel that never fired during calibration
+# still has a (tiny) say, so its weights land on their nearest band instead of anywhere, and no band of real
+# weights can end up weightless.
+COL_WEIGHT_FLOOR = 1e-6
+
+
+def check_col_weight(c: np.ndarray | None, k: int) -> np.ndarray | None:
+    """Per-input-channel error weights as float64 [K] with the floor added; None stays None (data-free).
+    ValueError for a wrong shape, a non-finite or negative entry, or all zeros."""
+    if c is None:
+        return None
+    c = np.asarray(c, dtype=np.float64)
+    if c.shape != (k,):
+        raise ValueError(f"column weights must be [{k}] for a weight with K={k}, got shape {c.shape}")
+    if not np.all(np.isfinite(c)) or np.any(c < 0):
+        raise ValueError("column weights must be finite and >= 0")
+    if not c.sum() > 0:
+        raise ValueError("column weights are all zero")
+    return c + COL_WEIGHT_FLOOR * c.mean()
+
+
 def to_float16(scales: np.ndarray) -> np.ndarray:
     """Scales rounded to their stored float16; ValueError when one overflows float16 (|s| > 65504)."""
     with np.errstate(over="ignore"):

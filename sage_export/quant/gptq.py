@@ -47,20 +47,42 @@ def dead_columns(h: np.ndarray) -> np.ndarray:
     return np.diag(h) == 0
 
 
-def inverse_hessian_cholesky(h: np.ndarray, percdamp: float) -> np.ndarray:
-    """Upper Cholesky factor U of (H + λI)⁻¹, λ = percdamp · mean(diag H), with dead columns given H_jj = 1.
+def _damped(h: np.ndarray, percdamp: float) -> np.ndarray:
+    """H + λI, λ = percdamp · mean(diag H), with dead columns given H_jj = 1 first.
 
     Damping keeps H invertible when calibration data do not span every direction (and is GPTQ's regulariser)."""
     h = h.copy()
     dead = dead_columns(h)
     h[dead, dead] = 1.0
     h[np.diag_indices_from(h)] += percdamp * np.mean(np.diag(h))
+    return h
+
+
+def inverse_hessian_cholesky(h: np.ndarray, percdamp: float) -> np.ndarray:
+    """Upper Cholesky factor U of (H + λI)⁻¹ (see _damped): invert, then factor, as GPTQ's reference does."""
+    h = _damped(h, percdamp)
     try:
         h_inv = scipy.linalg.cho_solve(scipy.linalg.cho_factor(h, lower=False), np.eye(h.shape[0]))
         h_inv = (h_inv + h_inv.T) / 2  # the solve leaves rounding-level asymmetry; Cholesky wants exact symmetry
         return scipy.linalg.cholesky(h_inv, lower=False)
     except np.linalg.LinAlgError as exc:
         raise ValueError("Hessian is not positive definite even after damping; raise percdamp") from exc
+
+
+def inverse_hessian_cholesky_direct(h: np.ndarray, percdamp: float) -> np.ndarray:
+    """The same U without forming (H + λI)⁻¹: with J the order-reversing permutation and L the lower Cholesky
+    factor of J·H·J, U = J·L⁻¹·J (since H⁻¹ = (J L⁻¹ J)ᵀ (J L⁻¹ J)). One factorisation and one triangular
+    inverse instead of a factorisation, a full solve and a second factorisation: about 2.5× fewer flops, equal
+    up to rounding. The GPTQ/BiLLM baselines keep the reference route so their recorded numbers reproduce."""
+    h = _damped(h, percdamp)[::-1, ::-1]
+    try:
+        lower = scipy.linalg.cholesky(h, lower=True)
+    except np.linalg.LinAlgError as exc:
+        raise ValueError("Hessian is not positive definite even after damping; raise percdamp") from exc
+    inverse, info = scipy.linalg.lapack.dtrtri(lower, lower=1)
+    if info != 0:
+        raise ValueError("Hessian is singular even after damping; raise percdamp")
+    return np.ascontiguousarray(inverse[::-1, ::-1])
 
 
 def _check_inputs(w: np.ndarray, h: np.ndarray, blocksize: int, percdamp: float) -> None:

@@ -171,33 +171,54 @@ def cluster_means(values: np.ndarray, labels: np.ndarray, weights: np.ndarray) -
 
 @dataclass(frozen=True)
 class BandSums:
-    """Per band: how many values, Σ|w| and Σ|w|²."""
+    """Per band: how many values, their total weight c, Σc|w| and Σc|w|². Unweighted, c = 1 and weight = count.
+
+    The weights are how much each value's error counts (the input channel's activation energy h_k in the
+    activation-aware quantizer); the least-squares scale of a band is then Σc|w| / Σc, and its error
+    Σc(|w| − α)² = S2 − 2αS1 + α²·weight."""
 
     count: np.ndarray
+    weight: np.ndarray
     sum1: np.ndarray
     sum2: np.ndarray
 
     def __sub__(self, other: BandSums) -> BandSums:
-        return BandSums(self.count - other.count, self.sum1 - other.sum1, self.sum2 - other.sum2)
+        return BandSums(self.count - other.count, self.weight - other.weight, self.sum1 - other.sum1,
+                        self.sum2 - other.sum2)
 
     def means(self) -> np.ndarray:
-        """Mean |w| of each band; 0 for an empty band (its scale is stored but never read)."""
-        return np.where(self.count > 0, self.sum1 / np.maximum(self.count, 1), 0.0)
+        """Weighted mean |w| of each band; 0 for an empty band (its scale is stored but never read)."""
+        # A band whose values all weigh (almost) nothing has no least-squares scale; its plain centre is as good.
+        filled = (self.count > 0) & (self.weight > 0)
+        return np.where(filled, self.sum1 / np.where(filled, self.weight, 1), 0.0)
 
 
 class MagnitudeTable:
-    """Sorted magnitudes with prefix sums: the count, Σ|w| and Σ|w|² of every band cost a binary search per
-    band edge, whatever the number of values."""
+    """Sorted magnitudes with (weighted) prefix sums: the count, weight, Σc|w| and Σc|w|² of every band cost a
+    binary search per band edge, whatever the number of values."""
 
-    def __init__(self, mags: np.ndarray):
-        self.sorted = np.sort(np.asarray(mags, dtype=np.float64).ravel())
-        self._sum1 = np.concatenate([[0.0], np.cumsum(self.sorted)])
-        self._sum2 = np.concatenate([[0.0], np.cumsum(self.sorted * self.sorted)])
+    def __init__(self, mags: np.ndarray, weights: np.ndarray | None = None):
+        mags = np.asarray(mags).ravel()  # float32 sorts faster; the sums below are float64 either way
+        if weights is None:
+            self.sorted = np.sort(mags).astype(np.float64)
+            c = np.ones_like(self.sorted)
+        else:
+            order = np.argsort(mags, kind="stable")
+            self.sorted = mags[order].astype(np.float64)
+            c = np.asarray(weights, dtype=np.float64).ravel()[order]
+        # One [3, n+1] table of prefix sums (weight, Σc|w|, Σc|w|²): a band query is then one gather and one diff.
+        self._prefix = np.zeros((3, self.sorted.size + 1))
+        np.cumsum(c, out=self._prefix[0, 1:])
+        np.cumsum(c * self.sorted, out=self._prefix[1, 1:])
+        np.cumsum(c * self.sorted * self.sorted, out=self._prefix[2, 1:])
 
     def band_sums(self, edges: np.ndarray) -> BandSums:
         """Band j holds edges[j-1] <= |w| < edges[j] (the same rule as assign_bands)."""
-        pos = np.concatenate([[0], np.searchsorted(self.sorted, edges, side="left"), [self.sorted.size]])
-        return BandSums(np.diff(pos), np.diff(self._sum1[pos]), np.diff(self._sum2[pos]))
+        pos = np.empty(len(edges) + 2, dtype=np.int64)
+        pos[0], pos[-1] = 0, self.sorted.size
+        pos[1:-1] = np.searchsorted(self.sorted, edges, side="left")
+        sums = np.diff(self._prefix[:, pos], axis=1)
+        return BandSums(np.diff(pos), sums[0], sums[1], sums[2])
 
 
 def band_edges(centres: np.ndarray) -> np.ndarray:
@@ -210,22 +231,38 @@ def assign_bands(mags: np.ndarray, centres: np.ndarray) -> np.ndarray:
     return np.searchsorted(band_edges(np.asarray(centres, dtype=np.float64)), mags, side="right")
 
 
-def refine_centres(band_sums: Callable[[np.ndarray], BandSums], centres: np.ndarray, steps: int) -> np.ndarray:
-    """1-D Lloyd: assign every value to its nearest centre, move each centre to its band's mean; an empty band
-    keeps its centre. `band_sums(edges)` supplies the per-band sums, so the values need not be materialised."""
+def refine_centres(band_sums: Callable[[np.ndarray], BandSums], centres: np.ndarray, steps: int,
+                   tol: float = 0.0) -> np.ndarray:
+    """1-D Lloyd: assign every value to its nearest centre, move each centre to its band's (weighted) mean; an
+    empty or weightless band keeps its centre. `band_sums(edges)` supplies the per-band sums, so the values need
+    not be materialised. Stops early once a step moves no centre by more than tol × the largest centre (with
+    tol = 0: once a step changes nothing, since every later step would repeat it)."""
     centres = np.sort(np.asarray(centres, dtype=np.float64))
     for _ in range(steps):
         sums = band_sums(band_edges(centres))
-        centres = np.sort(np.where(sums.count > 0, sums.means(), centres))
+        moved = np.sort(np.where((sums.count > 0) & (sums.weight > 0), sums.means(), centres))
+        settled = np.max(np.abs(moved - centres), initial=0.0) <= tol * np.max(np.abs(moved), initial=0.0)
+        centres = moved
+        if settled:
+            break
     return centres
 
 
-def quantile_centres(mags: np.ndarray, n_groups: int) -> np.ndarray:
-    """Starting centres without a graph: the medians of G equal-count slices of the values."""
+def quantile_centres(mags: np.ndarray, n_groups: int, weights: np.ndarray | None = None) -> np.ndarray:
+    """Starting centres without a graph: the medians of G equal-count slices of the values (equal-weight slices
+    when weights are given)."""
     mags = np.asarray(mags, dtype=np.float64).ravel()
     if mags.size == 0:
         return np.zeros(n_groups)
-    return np.quantile(mags, (np.arange(n_groups) + 0.5) / n_groups)
+    targets = (np.arange(n_groups) + 0.5) / n_groups
+    if weights is None:
+        return np.quantile(mags, targets)
+    order = np.argsort(mags, kind="stable")
+    cdf = np.cumsum(np.asarray(weights, dtype=np.float64).ravel()[order])
+    if cdf[-1] <= 0:
+        return np.quantile(mags, targets)
+    picks = np.minimum(np.searchsorted(cdf, targets * cdf[-1], side="left"), mags.size - 1)
+    return mags[order][picks]
 
 
 def band_centres(mags: np.ndarray, n_groups: int, lloyd_steps: int, init: np.ndarray | None = None) -> np.ndarray:

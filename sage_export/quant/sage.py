@@ -1,9 +1,15 @@
 """SAGE-PTQ for one weight matrix (SPEC §2): saliency split, graph-guided group count, dual-mode quantizer,
-Brent search of the saliency ratio ρ. Data-free and weight-only.
+Brent search of the saliency ratio ρ. Weight-only; data-free unless column weights are given.
 
-Speed comes from doing once what does not depend on ρ: the matrix is sorted by |W − μ| once (a salient set is
-then a prefix), and all |w| are sorted once with prefix sums, so the unsalient bands' sums at any ρ are "all
-entries minus the salient prefix". One evaluation of the search costs O(ρ·N·K), not a pass over the matrix.
+Column weights c_k (the activation energy h_k = E[x_k²] of input channel k, possibly times the layer's
+sensitivity) make every error the model-facing one, Σ c_k (w − ŵ)²: the saliency score, the band fit, α_g, the
+salient row scales and the ρ search all use it (SPEC §2.1). Without them every c_k is 1: the paper's reading.
+A price per stored byte (`rho_price`) makes the ρ search minimise error + price·bytes instead of error alone.
+
+Speed comes from doing once what does not depend on ρ: the matrix is sorted by its saliency score once (a salient
+set is then a prefix), and all |w| are sorted once with (weighted) prefix sums, so the unsalient bands' sums at
+any ρ are "all entries minus the salient prefix". One evaluation of the search costs O(ρ·N·K), not a pass over
+the matrix. `sage_options` measures many (G, ρ) options of one matrix on the same precomputation.
 """
 
 from __future__ import annotations
@@ -15,9 +21,10 @@ from typing import Any
 import numpy as np
 
 from ..format.accounting import sage_paper_bits
-from ..format.sage_layout import PackedLinear, dequantize as dequantize_packed, pack_sage
+from ..format.sage_layout import PackedLinear, dequantize as dequantize_packed, pack_sage, stored_bytes
+from .budget import Option
 from .config import SageConfig
-from .common import check_weight, to_float16
+from .common import check_col_weight, check_weight, to_float16
 from .dual import SalientFit, binary_error, fit_salient
 from .groups import (BandSums, GroupChoice, MagnitudeTable, assign_bands, band_edges, choose_group_count,
                      graph_sample_size, quantile_centres, refine_centres)
@@ -96,71 +103,117 @@ class _Plan:
     centres: np.ndarray | None  # band centres (groups mode)
     scales16: np.ndarray  # α_g (groups mode) or per-row unsalient scales (per_row mode)
     choice: GroupChoice | None
-    error: float
+    error: float  # weighted by the column weights when there are any
+    nbytes: int  # stored bytes of the packed layer (groups mode; per_row counts its own tensors)
+    objective: float  # error + rho_price · nbytes: what the ρ search minimises
 
 
 class _Matrix:
     """One matrix with everything that does not depend on ρ precomputed."""
 
-    def __init__(self, w: np.ndarray, cfg: SageConfig, seed: int):
+    def __init__(self, w: np.ndarray, cfg: SageConfig, seed: int, col_weight: np.ndarray | None = None,
+                 max_rho: float = 1.0):
         self.w, self.cfg, self.seed = w, cfg, seed
         self.n, self.k = w.shape
-        self.saliency = SaliencyOrder.from_matrix(w)
+        self.col_weight = col_weight
+        # Activation-aware, only the entries any ρ up to max_rho can make salient are sorted (the paper's data-free
+        # path keeps its full sort, so its results stay what they were).
+        top = None if col_weight is None or cfg.threshold != "quantile" else int(np.ceil(max_rho * w.size)) + 1
+        self.saliency = SaliencyOrder.from_matrix(w, col_weight, top)
         order = self.saliency.order
         flat = w.ravel()
         # The matrix in saliency order: a salient set is a prefix of these arrays.
         self.rows_by_rank = order // self.k
         self.w_by_rank = flat[order]
         self.mags_by_rank = np.abs(self.w_by_rank)
+        self.c_by_rank = None if col_weight is None else col_weight[order % self.k]
+        c_flat = None if col_weight is None else np.broadcast_to(col_weight, w.shape).ravel()
         if cfg.scale_mode == "groups":
-            self.all_mags = MagnitudeTable(np.abs(flat))
+            self.all_mags = MagnitudeTable(_exact_float32(np.abs(flat)), c_flat)
         else:
             mags = np.abs(w)
-            self.row_sums = BandSums(np.full(self.n, self.k), mags.sum(axis=1), (mags * mags).sum(axis=1))
+            c = np.ones_like(mags) if col_weight is None else np.broadcast_to(col_weight, w.shape)
+            self.row_sums = BandSums(np.full(self.n, self.k), c.sum(axis=1), (c * mags).sum(axis=1),
+                                     (c * mags * mags).sum(axis=1))
         self.graph_time_s = 0.0
+        self._salient: dict[int, tuple[SalientFit, np.ndarray | None]] = {}
+        self._salient_tables: dict[int, MagnitudeTable] = {}
 
     def count(self, rho: float) -> int:
         return self.saliency.count(rho, self.cfg.threshold)
 
-    def group_start(self, rho: float) -> tuple[GroupChoice | None, np.ndarray]:
-        """Graph step on a seeded sample of the unsalient |w| at ρ: (choice, starting band centres). With
-        fixed_groups the graph is skipped and the centres start at quantiles of the same sample."""
-        start = time.perf_counter()
+    def _sample(self, rho: float) -> tuple[np.ndarray, np.ndarray | None]:
+        """A seeded sample of the unsalient |w| at ρ, with their column weights (None when data-free)."""
         pool = self.saliency.order[self.count(rho):]
         size = graph_sample_size(self.saliency.numel, pool.size, self.cfg.graph_samples,
                                  self.cfg.graph_min_fraction)
         rng = np.random.default_rng(self.seed)
         picks = pool if size >= pool.size else pool[rng.choice(pool.size, size, replace=False)]
-        mags = np.abs(self.w.ravel()[picks])
-        if self.cfg.fixed_groups is not None:
-            choice, centres = None, quantile_centres(mags, self.cfg.fixed_groups)
-        else:
-            choice = choose_group_count(mags, self.cfg.group_candidates, self.cfg.knn_k, self.cfg.kmeans_n_init,
-                                        self.seed)
-            centres = choice.centres
+        weights = None if self.col_weight is None else self.col_weight[picks % self.k]
+        return np.abs(self.w.ravel()[picks]), weights
+
+    def propose_groups(self, rho: float) -> GroupChoice:
+        """The graph step (kNN graph, spectral clustering, silhouette) on the unsalient sample at ρ."""
+        start = time.perf_counter()
+        mags, _ = self._sample(rho)
+        choice = choose_group_count(mags, self.cfg.group_candidates, self.cfg.knn_k, self.cfg.kmeans_n_init,
+                                    self.seed)
         self.graph_time_s += time.perf_counter() - start
-        return choice, centres
+        return choice
+
+    def group_start(self, rho: float, n_groups: int | None = None) -> tuple[GroupChoice | None, np.ndarray]:
+        """(graph choice, starting band centres) at ρ. With a fixed G (n_groups, else cfg.fixed_groups) the graph
+        is skipped and the centres start at (weighted) quantiles of the same sample."""
+        n_groups = self.cfg.fixed_groups if n_groups is None else n_groups
+        if n_groups is None:
+            choice = self.propose_groups(rho)
+            return choice, choice.centres
+        mags, weights = self._sample(rho)
+        return None, quantile_centres(mags, n_groups, weights)
+
+    def nbytes(self, count: int, n_groups: int) -> int:
+        return stored_bytes(self.n, self.k, n_groups, count)
+
+    def salient_part(self, count: int) -> tuple[SalientFit, np.ndarray | None]:
+        """The salient fit of the `count` most salient entries and their weights; cached, since it does not
+        depend on G and the budget measures every G at the same ρ grid."""
+        if count not in self._salient:
+            c_salient = None if self.c_by_rank is None else self.c_by_rank[:count]
+            fit = fit_salient(self.w_by_rank[:count], self.rows_by_rank[:count], self.n, self.cfg.salient_bits,
+                              self.cfg.scale_fit_iters, c_salient)
+            self._salient[count] = (fit, c_salient)
+        return self._salient[count]
+
+    def salient_table(self, count: int) -> MagnitudeTable:
+        if count not in self._salient_tables:
+            self._salient_tables[count] = MagnitudeTable(self.mags_by_rank[:count], self.salient_part(count)[1])
+        return self._salient_tables[count]
 
     def plan(self, rho: float, start: tuple[GroupChoice | None, np.ndarray] | None) -> _Plan:
         count = self.count(rho)
-        fit = fit_salient(self.w_by_rank[:count], self.rows_by_rank[:count], self.n, self.cfg.salient_bits,
-                          self.cfg.scale_fit_iters)
+        fit, c_salient = self.salient_part(count)
         if self.cfg.scale_mode == "per_row":
-            removed = _row_sums(self.rows_by_rank[:count], self.mags_by_rank[:count], self.n)
+            removed = _row_sums(self.rows_by_rank[:count], self.mags_by_rank[:count], c_salient, self.n)
             sums = self.row_sums - removed
             scales16 = to_float16(sums.means())
-            return _Plan(rho, count, fit, None, scales16, None, binary_error(sums, scales16) + fit.error)
+            error = binary_error(sums, scales16) + fit.error
+            # Signs, N row scales and the salient list: the layout of stored_tensors() in this mode.
+            nbytes = self.nbytes(count, 1) - 2 + 2 * self.n
+            return _Plan(rho, count, fit, None, scales16, None, error, nbytes,
+                         error + self.cfg.rho_price * nbytes)
 
         choice, init = start
-        salient_mags = MagnitudeTable(self.mags_by_rank[:count])
+        salient_mags = self.salient_table(count)
 
         def unsalient_sums(edges: np.ndarray) -> BandSums:
             return self.all_mags.band_sums(edges) - salient_mags.band_sums(edges)
 
-        centres = refine_centres(unsalient_sums, init, self.cfg.lloyd_steps)
+        centres = refine_centres(unsalient_sums, init, self.cfg.lloyd_steps, self.cfg.lloyd_tol)
         sums = unsalient_sums(band_edges(centres))
-        alpha16 = to_float16(sums.means())  # α_g = mean |w| of the band, exactly what the bands hold
-        return _Plan(rho, count, fit, centres, alpha16, choice, binary_error(sums, alpha16) + fit.error)
+        alpha16 = to_float16(sums.means())  # α_g = (weighted) mean |w| of the band, exactly what the bands hold
+        error = binary_error(sums, alpha16) + fit.error
+        nbytes = self.nbytes(count, centres.size)
+        return _Plan(rho, count, fit, centres, alpha16, choice, error, nbytes, error + self.cfg.rho_price * nbytes)
 
     def build(self, plan: _Plan) -> SageResult:
         mask = self.saliency.mask(plan.count)
@@ -177,16 +230,38 @@ class _Matrix:
         return SageResult(group_index=group_index, group_scales=plan.scales16, **common)
 
 
-def _row_sums(rows: np.ndarray, mags: np.ndarray, n: int) -> BandSums:
-    return BandSums(np.bincount(rows, minlength=n), np.bincount(rows, weights=mags, minlength=n),
-                    np.bincount(rows, weights=mags * mags, minlength=n))
+def _exact_float32(values: np.ndarray) -> np.ndarray:
+    """The values as float32 when that loses nothing (weights loaded as float32/16 always are): sorting them is
+    then faster and gives the same order."""
+    single = values.astype(np.float32)
+    return single if np.array_equal(single, values) else values
 
 
-def quantize_sage(w: np.ndarray, cfg: SageConfig, seed: int = 0) -> SageResult:
-    """Quantize W [N out, K in]. Same W, cfg and seed -> identical arrays. NaN/Inf in W -> ValueError."""
+def _max_rho(cfg: SageConfig, *more: float) -> float:
+    """The largest ρ a quantization with cfg (and the given extra points) can evaluate."""
+    points = [cfg.rho_bounds[1], cfg.graph_rho, *more]
+    if cfg.fixed_rho is not None:
+        points.append(cfg.fixed_rho)
+    return max(points)
+
+
+def _row_sums(rows: np.ndarray, mags: np.ndarray, weights: np.ndarray | None, n: int) -> BandSums:
+    c = np.ones_like(mags) if weights is None else weights
+    return BandSums(np.bincount(rows, minlength=n), np.bincount(rows, weights=c, minlength=n),
+                    np.bincount(rows, weights=c * mags, minlength=n), np.bincount(rows, weights=c * mags * mags,
+                                                                                 minlength=n))
+
+
+def quantize_sage(w: np.ndarray, cfg: SageConfig, seed: int = 0, col_weight: np.ndarray | None = None,
+                  proposal: GroupChoice | None = None) -> SageResult:
+    """Quantize W [N out, K in], with optional per-input-channel error weights col_weight [K] (activation-aware;
+    None: data-free). Same W, cfg, seed and weights -> identical arrays. NaN/Inf in W -> ValueError.
+
+    `proposal` is the graph step's answer when the caller already has it (it is only reported when G is fixed)."""
     start = time.perf_counter()
     cfg.validate()
-    matrix = _Matrix(check_weight(w), cfg, seed)
+    w = check_weight(w)
+    matrix = _Matrix(w, cfg, seed, check_col_weight(col_weight, w.shape[1]), _max_rho(cfg))
     regraph = cfg.scale_mode == "groups" and cfg.regraph_in_search
     shared_start = None
     if cfg.scale_mode == "groups" and not regraph:
@@ -200,23 +275,68 @@ def quantize_sage(w: np.ndarray, cfg: SageConfig, seed: int = 0) -> SageResult:
 
     if cfg.fixed_rho is not None:
         rho = float(cfg.fixed_rho)
-        search = SearchResult(rho, plan_at(rho).error, [(rho, plan_at(rho).error)], None)
+        search = SearchResult(rho, plan_at(rho).objective, [(rho, plan_at(rho).objective)], None)
     else:
-        search = brent_search(lambda r: plan_at(r).error, cfg.rho_bounds, cfg.brent_xatol, cfg.brent_maxiter)
+        also = () if cfg.rho_init is None else (float(cfg.rho_init),)
+        search = brent_search(lambda r: plan_at(r).objective, cfg.rho_bounds, cfg.brent_xatol, cfg.brent_maxiter,
+                              also=also)
     plan = plans[search.x]
     result = matrix.build(plan)
-    result.stats = _stats(result, plan, search, matrix, cfg)
+    result.stats = _stats(result, plan, search, matrix, cfg, proposal)
     result.stats["time_s"] = time.perf_counter() - start
     return result
 
 
-def _stats(result: SageResult, plan: _Plan, search: SearchResult, matrix: _Matrix, cfg: SageConfig) -> dict:
+def sage_options(w: np.ndarray, cfg: SageConfig, groups: tuple[int, ...], rhos: tuple[float, ...], seed: int = 0,
+                 col_weight: np.ndarray | None = None, propose: bool = False, rows: int | None = None
+                 ) -> tuple[list[Option], GroupChoice | None]:
+    """Measure every (G, ρ) of the grid on one precomputation of W: weighted error and exact stored bytes of each
+    (what a bit budget chooses from). For each G the band centres start at (weighted) quantiles at the lowest ρ
+    and each next ρ starts from the previous ρ's centres. With propose=True the graph step (SPEC §2.2) also runs
+    on the same precomputation and its GroupChoice is returned; else None.
+
+    rows: measure on this many rows drawn at random (seeded), the errors scaled by N / rows. A budget only has to
+    rank options, and the error of a matrix is a sum over its rows, so a quarter of them estimate it well at a
+    quarter of the cost; the bytes are always the exact bytes of the whole matrix."""
+    cfg.validate()
+    if cfg.scale_mode != "groups":
+        raise ValueError("options are measured for the exportable groups mode only")
+    w = check_weight(w)
+    n, k = w.shape
+    col_weight = check_col_weight(col_weight, k)
+    measured = w
+    if rows is not None and rows < n:
+        picks = np.sort(np.random.default_rng([seed, rows]).choice(n, rows, replace=False))
+        measured = w[picks]
+    scale = n / measured.shape[0]
+    matrix = _Matrix(measured, cfg, seed, col_weight, _max_rho(cfg, *rhos))
+    options = []
+    for g in groups:
+        start = matrix.group_start(cfg.graph_rho, n_groups=g)
+        for rho in sorted(rhos):
+            plan = matrix.plan(rho, start)
+            nnz = int(round(rho * w.size)) if scale != 1 else plan.count
+            options.append(Option(g, float(rho), nnz, plan.error * scale, stored_bytes(n, k, g, nnz)))
+            start = (None, plan.centres)
+    return options, (matrix.propose_groups(cfg.graph_rho) if propose else None)
+
+
+def _stats(result: SageResult, plan: _Plan, search: SearchResult, matrix: _Matrix, cfg: SageConfig,
+           proposal: GroupChoice | None) -> dict:
     residual = matrix.w - result.dequantize()
     recon = float(np.sum(residual * residual))
     norm = float(np.sum(matrix.w * matrix.w))
-    silhouette = plan.choice.silhouette if plan.choice is not None else {}
+    choice = plan.choice or proposal
+    silhouette = choice.silhouette if choice is not None else {}
+    weighted = matrix.col_weight is not None
+    extra = {}
+    if weighted:
+        norm_c = float(np.sum(matrix.col_weight[None, :] * matrix.w * matrix.w))
+        extra = {"weighted_error": plan.error, "weighted_rel_error": plan.error / norm_c if norm_c > 0 else 0.0}
+    if choice is not None:
+        extra["graph_groups"] = int(choice.n_groups)  # what the graph proposes, next to n_groups (what was used)
     return {
-        "variant": "data-free",
+        "variant": "activation-aware" if weighted else "data-free",
         "scale_mode": cfg.scale_mode,
         "exportable": cfg.exportable,
         "threshold": cfg.threshold,
@@ -225,11 +345,14 @@ def _stats(result: SageResult, plan: _Plan, search: SearchResult, matrix: _Matri
         "nnz": plan.count,
         "n_groups": 0 if result.per_row else int(result.group_scales.shape[0]),  # 0: per-row scales, no groups
         "silhouette": {str(k): float(v) for k, v in sorted(silhouette.items())},
-        "brent_evals": [[r, e] for r, e in search.evals],
+        "brent_evals": [[r, e] for r, e in search.evals],  # (ρ, error + rho_price·bytes) per evaluation
         "n_evals": search.n_evals,
         "hit_bound": search.hit_bound,
         "recon_error": recon,
         "rel_error": recon / norm if norm > 0 else 0.0,
         "salient_bits": cfg.salient_bits,
+        "rho_price": cfg.rho_price,
+        "stored_bytes": plan.nbytes,
         "graph_time_s": matrix.graph_time_s,
+        **extra,
     }

@@ -25,8 +25,9 @@ class SearchResult:
 
 
 def brent_search(f: Callable[[float], float], bounds: tuple[float, float], xatol: float,
-                 maxiter: int) -> SearchResult:
-    """Minimise f over [lo, hi] with scipy's bounded Brent method; the result is the best point evaluated."""
+                 maxiter: int, also: tuple[float, ...] = ()) -> SearchResult:
+    """Minimise f over [lo, hi] with scipy's bounded Brent method; the result is the best point evaluated.
+    Points in `also` are evaluated first and compete too (a known good point the search must not lose)."""
     lo, hi = bounds
     evals: list[tuple[float, float]] = []
 
@@ -35,6 +36,8 @@ def brent_search(f: Callable[[float], float], bounds: tuple[float, float], xatol
         evals.append((float(x), value))
         return value
 
+    for x in also:
+        recorded(x)
     minimize_scalar(recorded, bounds=(lo, hi), method="bounded", options={"xatol": xatol, "maxiter": maxiter})
     x, value = min(evals, key=lambda e: e[1])
     return SearchResult(x, value, evals, bound_hit(x, bounds, xatol))

@@ -1,0 +1,115 @@
+"""The v2 preset's per-matrix pieces: activation-weighted errors, measured options, the priced ρ search and
+GPTQ-style compensation with the SAGE codebook. Matrices are small Gaussians whose input channels differ in
+energy by orders of magnitude and are correlated, as real activations are."""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from sage_export.format.sage_layout import dequantize, pack_sage, stored_bytes
+from sage_export.quant.common import hessian_error
+from sage_export.quant.compensate import compensate_sage
+from sage_export.quant.config import V2_MATRIX
+from sage_export.quant.sage import quantize_sage, sage_options
+from sage_export.quant.saliency import SaliencyOrder
+
+N, K = 64, 96
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((N, K)) * 0.02).astype(np.float32)
+    # Correlated channels (a few shared directions plus noise), scaled over e^±3, as real activations are.
+    x = rng.standard_normal((4 * K, 8)) @ rng.standard_normal((8, K)) + 0.3 * rng.standard_normal((4 * K, K))
+    x *= np.exp(rng.uniform(-3, 3, K))
+    h = x.T @ x / x.shape[0]
+    return w, np.diag(h).copy(), h
+
+
+def weighted_error(w, w_hat, h_diag):
+    return float(np.sum(h_diag[None, :] * (w.astype(np.float64) - w_hat) ** 2))
+
+
+def test_saliency_follows_the_column_weights(data):
+    w, h_diag, _ = data
+    top = 200
+    order = SaliencyOrder.from_matrix(w, h_diag, top=top)
+    cols = order.order[:top] % K
+    # The picked entries sit mostly in the energetic columns: their mean h is far above the matrix's.
+    assert h_diag[cols].mean() > 5 * h_diag.mean()
+    full = SaliencyOrder.from_matrix(w, h_diag)
+    np.testing.assert_array_equal(np.sort(order.order[:top]), np.sort(full.order[:top]))
+
+
+@pytest.mark.parametrize("groups", [2, 4])
+def test_weighting_lowers_the_weighted_error(data, groups):
+    w, h_diag, _ = data
+    cfg = replace(V2_MATRIX, fixed_groups=groups, fixed_rho=0.02)
+    aware = quantize_sage(w, cfg, seed=1, col_weight=h_diag)
+    blind = quantize_sage(w, cfg, seed=1)
+    assert aware.stats["nnz"] == blind.stats["nnz"] and aware.stats["stored_bytes"] == blind.stats["stored_bytes"]
+    assert weighted_error(w, aware.dequantize(), h_diag) < 0.8 * weighted_error(w, blind.dequantize(), h_diag)
+    assert aware.stats["variant"] == "activation-aware" and blind.stats["variant"] == "data-free"
+    assert aware.stats["weighted_error"] == pytest.approx(weighted_error(w, aware.dequantize(), h_diag), rel=1e-3)
+
+
+def test_options_report_exact_bytes_and_the_errors_quantize_gets(data):
+    w, h_diag, _ = data
+    rhos = (0.0, 0.01, 0.04)
+    options, proposal = sage_options(w, V2_MATRIX, (1, 4), rhos, seed=2, col_weight=h_diag, propose=True)
+    assert [(o.n_groups, o.rho) for o in options] == [(g, r) for g in (1, 4) for r in rhos]
+    assert proposal is not None and proposal.n_groups >= 1
+    for o in options:
+        q = quantize_sage(w, replace(V2_MATRIX, fixed_groups=o.n_groups, fixed_rho=o.rho), seed=2, col_weight=h_diag)
+        assert o.nbytes == stored_bytes(N, K, o.n_groups, o.nnz) == sum(a.nbytes for a in q.stored_tensors().values())
+        assert o.nnz == q.stats["nnz"]
+        if o.rho == rhos[0]:  # same start as a fixed-ρ quantization; later ρ start from the previous centres
+            assert o.error == pytest.approx(q.stats["weighted_error"], rel=1e-9)
+    for g in (1, 4):
+        errors = [o.error for o in options if o.n_groups == g]
+        assert errors[-1] < errors[0]  # salient entries remove error
+    assert min(o.error for o in options if o.n_groups == 4) < min(o.error for o in options if o.n_groups == 1)
+
+
+def test_options_on_a_row_sample_estimate_the_whole(data):
+    w, h_diag, _ = data
+    full, _ = sage_options(w, V2_MATRIX, (2,), (0.01,), seed=2, col_weight=h_diag)
+    half, _ = sage_options(w, V2_MATRIX, (2,), (0.01,), seed=2, col_weight=h_diag, rows=N // 2)
+    assert half[0].nbytes == full[0].nbytes  # bytes are always the whole matrix's
+    assert half[0].error == pytest.approx(full[0].error, rel=0.3)
+
+
+def test_bit_price_buys_fewer_salient_entries(data):
+    w, h_diag, _ = data
+    free = quantize_sage(w, replace(V2_MATRIX, fixed_groups=4), seed=0, col_weight=h_diag)
+    unit = free.stats["weighted_error"] / free.stats["stored_bytes"]
+    priced = quantize_sage(w, replace(V2_MATRIX, fixed_groups=4, rho_price=50 * unit), seed=0, col_weight=h_diag)
+    assert priced.stats["nnz"] < free.stats["nnz"]
+    assert priced.stats["stored_bytes"] < free.stats["stored_bytes"]
+
+
+def test_compensation_lowers_output_error_and_keeps_every_size(data):
+    w, h_diag, h = data
+    base = quantize_sage(w, replace(V2_MATRIX, fixed_groups=4, fixed_rho=0.02), seed=0, col_weight=h_diag)
+    for act_order in (True, False):
+        comp = compensate_sage(w, h, base, act_order=act_order)
+        assert comp.stats["hessian_error"] < 0.9 * hessian_error(w, base.dequantize(), h)
+        np.testing.assert_array_equal(comp.salient_mask, base.salient_mask)
+        np.testing.assert_array_equal(comp.group_scales, base.group_scales)
+        np.testing.assert_array_equal(comp.salient_scale, base.salient_scale)
+        assert {k: v.shape for k, v in comp.stored_tensors().items()} == \
+               {k: v.shape for k, v in base.stored_tensors().items()}
+        packed = pack_sage(comp.signs, comp.group_index, comp.group_scales, comp.salient_mask, comp.salient_q,
+                           comp.salient_scale, comp.salient_bits)
+        np.testing.assert_array_equal(dequantize(packed), comp.dequantize())
+
+
+def test_compensation_zeroes_dead_columns(data):
+    w, h_diag, h = data
+    h = h.copy()
+    h[:, 5] = h[5, :] = 0.0
+    base = quantize_sage(w, replace(V2_MATRIX, fixed_groups=2, fixed_rho=0.0), seed=0, col_weight=h_diag)
+    comp = compensate_sage(w, h, base)
+    assert comp.stats["compensated"] and np.isfinite(comp.dequantize()).all()
