@@ -15,6 +15,8 @@ class Architecture:
     model_types: tuple[str, ...]  # config.model_type values (HF) / general.architecture (GGUF)
     blocks: str  # attribute path of the ModuleList of decoder blocks
     linears: tuple[str, ...]  # Linear layers inside one block, in execution order
+    final_norm: str = "model.norm"  # applied to the last block's output ...
+    lm_head: str = "lm_head"  # ... before this projection to the vocabulary
 
 
 _LLAMA_LINEARS = (

@@ -23,6 +23,14 @@ def deterministic_stats(stats: dict) -> dict:
     return {k: v for k, v in stats.items() if not k.endswith("time_s")}
 
 
+def deterministic_info(info: dict | None) -> dict | None:
+    """A calibration or budget description without wall-clock timings (for the manifest)."""
+    if info is None:
+        return None
+    return {k: deterministic_info(v) if isinstance(v, dict) else v for k, v in info.items()
+            if not k.endswith("time_s") and k != "timings"}
+
+
 def layer_record(result) -> LayerRecord:
     if result.method == "sage" and hasattr(result, "packed") and result.stats.get("exportable", True):
         packed = result.packed()

@@ -1,10 +1,13 @@
-"""Calibration for data-aware methods (GPTQ, BiLLM): per-layer Hessians H = 2·X·Xᵀ/n collected block by block,
-each block seeing the outputs of the already-quantized blocks before it (the usual sequential GPTQ driver)."""
+"""Calibration for data-aware methods: where the calibration tokens come from (a text file, or text the model
+samples itself), and the sequential driver that collects per-layer Hessians H = 2·X·Xᵀ/n block by block, each
+block seeing the outputs of the already-quantized blocks before it (the usual sequential GPTQ driver)."""
 
 from __future__ import annotations
 
+import inspect
+import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -23,38 +26,93 @@ def calibration_ids(tokenizer, path: Path, n_samples: int, seqlen: int, seed: in
     return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
 
 
+def _cache_keyword(model) -> str:
+    # transformers 5 renamed the decoder's cache argument; 4.x only knows the old name.
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+@torch.no_grad()
+def sample_ids(model, tokenizer, n_samples: int, seqlen: int, seed: int, progress: bool = True,
+               temperature: float = 1.0) -> torch.Tensor:
+    """[n_samples, seqlen] token ids the model writes itself: each row starts with the BOS token and continues by
+    plain ancestral sampling (temperature 1, no top-k/top-p) with a seeded generator, all rows in one batch with
+    the KV cache. Sampling from the model's own distribution makes the squared gradients of its loss an estimate
+    of its true Fisher information, and needs no text at all. Same seed, same model, same machine -> same ids."""
+    start_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if start_id is None:
+        raise ValueError("the tokenizer has neither a BOS nor an EOS token to start sampling from")
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.full((n_samples, 1), int(start_id), dtype=torch.long)
+    rows, cache_kw, cache = [ids], _cache_keyword(model), None
+    for _ in tqdm(range(seqlen - 1), desc="calibration: sampling text", unit="tok", disable=not progress,
+                  leave=False):
+        out = model(ids, use_cache=True, **({cache_kw: cache} if cache is not None else {}))
+        cache = getattr(out, cache_kw)
+        probs = torch.softmax(out.logits[:, -1].double() / temperature, dim=-1)
+        ids = torch.multinomial(probs, 1, generator=gen)
+        rows.append(ids)
+    return torch.cat(rows, dim=1)
+
+
+def calibration_tokens(loaded, text: Path | None, n_samples: int, seqlen: int, seed: int,
+                       progress: bool = True, temperature: float = 1.0) -> tuple[torch.Tensor, dict]:
+    """Calibration ids and a description for reports: windows of a text file, or (text=None) sampled by the
+    model itself."""
+    start = time.perf_counter()
+    if text is not None:
+        ids = calibration_ids(loaded.tokenizer, text, n_samples, seqlen, seed)
+        info = {"source": "text", "text": str(text)}
+    else:
+        ids = sample_ids(loaded.model, loaded.tokenizer, n_samples, seqlen, seed, progress, temperature)
+        info = {"source": "self-generated", "sampling": f"ancestral, temperature {temperature:g}, from BOS"}
+    info.update(samples=n_samples, seqlen=seqlen, tokens=int(ids.numel()), seed=seed,
+                time_s=round(time.perf_counter() - start, 1))
+    return ids, info
+
+
 class _StopForward(Exception):
     pass
 
 
+# Calibration rows go through the model in batches of about this many tokens: one call on a [rows, T] batch is far
+# faster than rows calls on CPU, and 2048 keeps GPTQ's 2048-token windows one per call as they always were.
+BATCH_TOKENS = 2048
+
+
+def _batches(calib: torch.Tensor, batch_tokens: int = BATCH_TOKENS) -> list[torch.Tensor]:
+    rows = max(1, batch_tokens // calib.shape[1])
+    return [calib[i : i + rows] for i in range(0, calib.shape[0], rows)]
+
+
 @torch.no_grad()
-def _block0_inputs(model, blocks, calib: torch.Tensor) -> tuple[list[torch.Tensor], dict]:
-    """Hidden states entering block 0 for every sample, and the keyword arguments blocks are called with."""
+def _block0_inputs(model, blocks, calib: torch.Tensor) -> tuple[list[torch.Tensor], list[dict]]:
+    """Hidden states entering block 0 for every batch of calibration rows, and the keyword arguments the blocks
+    are called with for that batch (masks and rotary tables can depend on the batch)."""
     captured: list[torch.Tensor] = []
-    kwargs_seen: dict = {}
+    kwargs_seen: list[dict] = []
 
     def grab(_module, args, kwargs):
         captured.append(args[0] if args else kwargs["hidden_states"])
-        kwargs_seen.update({k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values")})
+        seen = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "cache")}
+        kwargs_seen.append(dict(seen, use_cache=False))
         raise _StopForward
 
     handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
     try:
-        for row in calib:
+        for batch in _batches(calib):
             try:
-                model(row.unsqueeze(0), use_cache=False)
+                model(batch, use_cache=False)
             except _StopForward:
                 pass
     finally:
         handle.remove()
-    kwargs_seen["use_cache"] = False
     return captured, kwargs_seen
 
 
-def _run_block(block, inputs: list[torch.Tensor], kwargs: dict) -> list[torch.Tensor]:
+def _run_block(block, inputs: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
     outs = []
-    for x in inputs:
-        y = block(x, **kwargs)
+    for x, kw in zip(inputs, kwargs):
+        y = block(x, **kw)
         outs.append(y[0] if isinstance(y, tuple) else y)
     return outs
 
@@ -80,11 +138,12 @@ def _hessian_hooks(block, names: tuple[str, ...], store: dict[str, torch.Tensor]
 
 @torch.no_grad()
 def quantize_sequential(model, arch: Architecture, calib: torch.Tensor,
-                        quantize_layer: Callable[[str, np.ndarray, np.ndarray], object],
+                        quantize_block: Callable[[list[tuple[str, np.ndarray, np.ndarray]]], Iterable[object]],
                         apply_layer: Callable[[torch.nn.Module, object], None], progress: bool = True) -> dict:
-    """Walk the blocks in order: collect each Linear's Hessian on the current inputs, quantize it with
-    quantize_layer(qualified_name, W, H), write the result back with apply_layer, then propagate the inputs
-    through the quantized block. Returns {qualified name: quantizer result}."""
+    """Walk the blocks in order: collect each Linear's Hessian on the current inputs, quantize the block's
+    Linears with quantize_block([(qualified_name, W, H), ...]) (results in the same order; it may run them in
+    parallel), write each result back with apply_layer, then propagate the inputs through the quantized block.
+    Returns {qualified name: quantizer result}."""
     blocks = model.get_submodule(arch.blocks)
     inputs, kwargs = _block0_inputs(model, blocks, calib)
     results = {}
@@ -97,12 +156,12 @@ def quantize_sequential(model, arch: Architecture, calib: torch.Tensor,
         finally:
             for h in handles:
                 h.remove()
-        for name in arch.linears:
-            qname = f"{arch.blocks}.{i}.{name}"
-            linear = block.get_submodule(name)
-            h = (hessians[name] / counts[name]).numpy()
-            results[qname] = quantize_layer(qname, linear.weight.detach().float().numpy(), h)
-            apply_layer(linear, results[qname])
+        items = [(f"{arch.blocks}.{i}.{name}", block.get_submodule(name).weight.detach().float().numpy(),
+                  (hessians[name] / counts[name]).numpy()) for name in arch.linears]
+        del hessians
+        for (qname, _, _), name, result in zip(items, arch.linears, quantize_block(items)):
+            results[qname] = result
+            apply_layer(block.get_submodule(name), result)
             bar.set_postfix_str(qname, refresh=False)
             bar.update()
         inputs = _run_block(block, inputs, kwargs)

@@ -13,6 +13,7 @@ from ..materialize import apply_dequantized, dense_weight
 from ..models import LoadedModel, quantizable_linears
 from .calibration import quantize_sequential
 from .methods import Method, quantize_weight
+from .workers import MatrixPool
 
 
 @dataclass
@@ -21,7 +22,8 @@ class QuantizedModel:
     layers: dict[str, object]  # qualified Linear name -> QuantizedWeight, in block/execution order
     seed: int
     time_s: float
-    calibration: dict | None = None  # what calibrated it (text, samples, seqlen), None for data-free methods
+    calibration: dict | None = None  # what calibrated it (source, samples, seqlen), None for data-free methods
+    budget: dict | None = None  # the v2 preset's budget summary (target, price, achieved bits, timings)
 
 
 def layer_seed(seed: int, index: int) -> int:
@@ -36,14 +38,22 @@ def _postfix(result) -> str:
     return f"rel_err={s.get('rel_error', float('nan')):.3f}"
 
 
-def _quantize_data_free(loaded: LoadedModel, method: Method, seed: int, progress: bool) -> dict:
+def _quantize_item(item: tuple) -> object:
+    """Worker: (method, W, H or None, seed) -> quantizer result."""
+    method, w, hessian, seed = item
+    return quantize_weight(method, w, hessian, seed)
+
+
+def _quantize_data_free(loaded: LoadedModel, method: Method, seed: int, pool: MatrixPool, progress: bool) -> dict:
     linears = quantizable_linears(loaded.model, loaded.architecture)
+    items = ((method, linear.weight.detach().float().numpy(), None, layer_seed(seed, i))
+             for i, linear in enumerate(linears.values()))
     results = {}
-    bar = tqdm(linears.items(), desc=f"quantize ({method.label})", unit="layer", disable=not progress)
-    for i, (name, linear) in enumerate(bar):
-        w = linear.weight.detach().float().numpy()
-        results[name] = quantize_weight(method, w, None, layer_seed(seed, i))
-        bar.set_postfix_str(_postfix(results[name]), refresh=False)
+    bar = tqdm(zip(linears, pool.map(_quantize_item, items)), total=len(linears),
+               desc=f"quantize ({method.label})", unit="layer", disable=not progress)
+    for name, result in bar:
+        results[name] = result
+        bar.set_postfix_str(_postfix(result), refresh=False)
     apply_dequantized(loaded.model, results)
     return results
 
@@ -54,20 +64,28 @@ def _apply_one(linear: torch.nn.Linear, result) -> None:
 
 
 def quantize_model(loaded: LoadedModel, method: Method, seed: int = 0, calib: torch.Tensor | None = None,
-                   calib_info: dict | None = None, progress: bool = True) -> QuantizedModel:
-    """Quantize in place: afterwards loaded.model carries the decoded quantized weights."""
+                   calib_info: dict | None = None, progress: bool = True, jobs: int | None = None) -> QuantizedModel:
+    """Quantize in place: afterwards loaded.model carries the decoded quantized weights. `jobs` worker processes
+    share the per-matrix work (default: every core); results do not depend on it."""
     start = time.perf_counter()
-    if method.needs_calibration:
-        if calib is None:
-            raise ValueError(f"method {method.label} needs calibration text")
-        names = list(quantizable_linears(loaded.model, loaded.architecture))
-        index = {n: i for i, n in enumerate(names)}
-        results = quantize_sequential(
-            loaded.model, loaded.architecture, calib,
-            lambda name, w, h: quantize_weight(method, w, h, layer_seed(seed, index[name])),
-            _apply_one, progress,
-        )
-    else:
-        results = _quantize_data_free(loaded, method, seed, progress)
+    if method.needs_calibration and calib is None:
+        raise ValueError(f"method {method.label} needs calibration tokens")
+    names = list(quantizable_linears(loaded.model, loaded.architecture))
+    seeds = {n: layer_seed(seed, i) for i, n in enumerate(names)}
+    budget = None
+    with MatrixPool(jobs) as pool:
+        if method.preset == "v2":
+            from .sage_v2 import quantize_v2
+
+            results, budget = quantize_v2(loaded, method.sage_recipe(), method.sage_config(), seeds, calib, pool,
+                                          progress)
+        elif method.needs_calibration:
+            def quantize_block(items):
+                return pool.map(_quantize_item, [(method, w, h, seeds[name]) for name, w, h in items])
+
+            results = quantize_sequential(loaded.model, loaded.architecture, calib, quantize_block, _apply_one,
+                                          progress)
+        else:
+            results = _quantize_data_free(loaded, method, seed, pool, progress)
     return QuantizedModel(method, results, seed, time.perf_counter() - start,
-                          calib_info if method.needs_calibration else None)
+                          calib_info if method.needs_calibration else None, budget)

@@ -1,0 +1,202 @@
+"""SAGE-PTQ v2 over a whole model (SPEC §2.1): the default preset.
+
+1. Calibration statistics from the unquantized model (layer_stats.py): each Linear's input energy h and its
+   loss sensitivity s, so that errors are weighted the way the model feels them.
+2. Options: every matrix is measured at each G of the recipe and each ρ of its grid (weighted error, exact
+   stored bytes); the kNN graph's proposed G is recorded next to them.
+3. Budget: one price per stored byte is found at which the matrices' cheapest options (error + price·bytes)
+   meet the target true bits (quant/budget.py).
+4. Per matrix, the Brent search refines ρ between the chosen grid point's neighbours, minimising
+   error + price·bytes: the same price, so the model stays on budget.
+5. Compensation (optional): block by block, GPTQ re-chooses each stored value of that codebook under the layer's
+   XᵀX, from the unquantized model's inputs kept by step 1. Stored sizes do not change.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..materialize import apply_dequantized
+from ..models import LoadedModel, quantizable_linears
+from ..format.sage_layout import stored_bytes
+from ..quant.budget import Allocation, BudgetError, Option, allocate, neighbours
+from ..quant.compensate import compensate_sage
+from ..quant.config import SageConfig, SageRecipe
+from ..quant.sage import quantize_sage, sage_options
+from .layer_stats import LayerStats, block_hessians, collect_layer_stats
+from .workers import MatrixPool
+
+
+@dataclass
+class BudgetPlan:
+    """What the budget decided, before any matrix is finally quantized."""
+
+    allocation: Allocation
+    names: list[str]
+    weights: dict[str, np.ndarray | None]  # column weights per matrix (None: data-free)
+    seeds: dict[str, int]
+    graph_groups: dict[str, object]  # GroupChoice per matrix
+
+    def option(self, name: str) -> Option:
+        return self.allocation.choices[self.names.index(name)]
+
+
+def check_budget(loaded: LoadedModel, recipe: SageRecipe) -> None:
+    """BudgetError, before any long work, when the budget is below the fewest bytes any choice can store (the
+    smallest G and no salient entries in every matrix: one sign bit, group codes, row pointers and scales)."""
+    linears = quantizable_linears(loaded.model, loaded.architecture)
+    g = min(recipe.group_options)
+    floor = sum(stored_bytes(*linear.weight.shape, g, 0) for linear in linears.values())
+    n_weights = sum(linear.weight.numel() for linear in linears.values())
+    if recipe.bits < 8 * floor / n_weights:
+        raise BudgetError(f"a budget of {recipe.bits:g} bits per weight is below the smallest this model's layers "
+                          f"can be stored in ({8 * floor / n_weights:.3f} true bits with G={g} and no salient "
+                          "weights)")
+
+
+def _weight(linear) -> np.ndarray:
+    return linear.weight.detach().float().numpy()
+
+
+def _measure(item: tuple) -> tuple[list[Option], object]:
+    """Worker: one matrix's options and the graph's proposed G, both on the recipe's share of its rows."""
+    w, cfg, recipe, seed, col_weight = item
+    rows = min(w.shape[0], max(recipe.option_min_rows, int(np.ceil(recipe.option_rows * w.shape[0]))))
+    cfg = replace(cfg, lloyd_tol=max(cfg.lloyd_tol, recipe.option_lloyd_tol))
+    if recipe.group_choice == "graph":
+        _, proposal = sage_options(w, cfg, (), (), seed, col_weight, propose=True, rows=rows)
+        options, _ = sage_options(w, cfg, (proposal.n_groups,), recipe.rho_grid, seed, col_weight, rows=rows)
+        return options, proposal
+    return sage_options(w, cfg, recipe.group_options, recipe.rho_grid, seed, col_weight, propose=True, rows=rows)
+
+
+@dataclass
+class Measurements:
+    """Steps 1 and 2: everything the budget is solved from. It does not depend on the budget itself, so one
+    measurement can be finished at several budgets (tools/bench_quality.py does, on copies of the model)."""
+
+    stats: LayerStats | None
+    names: list[str]
+    tables: list[list[Option]]  # per matrix, in the order of names
+    weights: dict[str, np.ndarray | None]  # column weights per matrix (None: data-free)
+    graph_groups: dict[str, object]  # GroupChoice per matrix
+    n_weights: int
+    timings: dict
+
+
+def measure_v2(loaded: LoadedModel, recipe: SageRecipe, cfg: SageConfig, seeds: dict[str, int],
+               calib: torch.Tensor | None, pool: MatrixPool, progress: bool = True) -> Measurements:
+    """Steps 1 and 2 on the unquantized model: calibration statistics, then every matrix's options."""
+    start = time.perf_counter()
+    stats = None
+    if recipe.needs_calibration:
+        stats = collect_layer_stats(loaded.model, loaded.architecture, calib, recipe.layer_sensitivity,
+                                    keep_inputs=recipe.compensate, progress=progress)
+        if not (recipe.activation_weighting or recipe.layer_sensitivity):
+            stats.input_energy, stats.sensitivity = {}, None  # compensation only: no weighting anywhere else
+    timings = {"statistics_s": round(time.perf_counter() - start, 1)}
+
+    start = time.perf_counter()
+    linears = quantizable_linears(loaded.model, loaded.architecture)
+    weighted = stats is not None and (recipe.activation_weighting or recipe.layer_sensitivity)
+    weights = {name: stats.column_weights(name, recipe.activation_weighting, recipe.layer_sensitivity)
+               if weighted else None for name in linears}
+    items = ((_weight(linear), cfg, recipe, seeds[name], weights[name]) for name, linear in linears.items())
+    measured = list(tqdm(pool.map(_measure, items), total=len(linears), desc="quantize: measuring options",
+                         unit="layer", disable=not progress))
+    timings["options_s"] = round(time.perf_counter() - start, 1)
+    return Measurements(stats, list(linears), [options for options, _ in measured], weights,
+                        {name: proposal for name, (_, proposal) in zip(linears, measured)},
+                        sum(linear.weight.numel() for linear in linears.values()), timings)
+
+
+def plan_budget(measurements: Measurements, seeds: dict, bits: float) -> BudgetPlan:
+    """Step 3: one option per matrix under the bit budget."""
+    allocation = allocate(measurements.tables, measurements.n_weights, bits)
+    return BudgetPlan(allocation, measurements.names, measurements.weights, seeds, measurements.graph_groups)
+
+
+def search_config(cfg: SageConfig, recipe: SageRecipe, option: Option, price: float) -> SageConfig:
+    """Step 4's configuration for one matrix: G as chosen; ρ searched between the grid neighbours of the chosen
+    ρ at the budget's price (or, without a price, over the whole ρ interval on error alone, as the paper does)."""
+    if not recipe.price_rho:
+        return replace(cfg, fixed_groups=option.n_groups, rho_price=0.0)
+    lo, hi = neighbours(recipe.rho_grid, option.rho)
+    if lo == hi:
+        return replace(cfg, fixed_groups=option.n_groups, fixed_rho=option.rho)
+    return replace(cfg, fixed_groups=option.n_groups, rho_bounds=(lo, hi), rho_init=option.rho, rho_price=price,
+                   brent_xatol=(hi - lo) / 32)
+
+
+def _finish(item: tuple):
+    """Worker: step 4 (and 5 when a Hessian is given) for one matrix."""
+    w, cfg, seed, col_weight, proposal, option, price, hessian, act_order = item
+    result = quantize_sage(w, cfg, seed, col_weight, proposal=proposal)
+    result.stats.update(budget_groups=option.n_groups, budget_rho=option.rho, budget_price=price)
+    if hessian is not None:
+        result = compensate_sage(w, hessian, result, act_order=act_order)
+    return result
+
+
+def _finish_item(plan: BudgetPlan, recipe: SageRecipe, cfg: SageConfig, name: str, w: np.ndarray,
+                 hessian: np.ndarray | None) -> tuple:
+    option, price = plan.option(name), plan.allocation.price
+    return (w, search_config(cfg, recipe, option, price), plan.seeds[name], plan.weights[name],
+            plan.graph_groups[name], option, price, hessian, recipe.act_order)
+
+
+def quantize_v2(loaded: LoadedModel, recipe: SageRecipe, cfg: SageConfig, seeds: dict[str, int],
+                calib: torch.Tensor | None, pool: MatrixPool, progress: bool = True) -> tuple[dict, dict]:
+    """Quantize every declared Linear in place under the recipe's budget. Returns ({name: SageResult}, summary
+    for reports: budget, price, planned and achieved bits, timings)."""
+    measurements = measure_v2(loaded, recipe, cfg, seeds, calib, pool, progress)
+    return finish_v2(loaded, recipe, cfg, seeds, measurements, pool, progress)
+
+
+def finish_v2(loaded: LoadedModel, recipe: SageRecipe, cfg: SageConfig, seeds: dict[str, int],
+              measurements: Measurements, pool: MatrixPool, progress: bool = True,
+              keep_measurements: bool = False) -> tuple[dict, dict]:
+    """Steps 3 to 5 at recipe.bits, in place on loaded.model (which must still be the unquantized model the
+    measurements were taken on)."""
+    timings = dict(measurements.timings)
+    start = time.perf_counter()
+    plan = plan_budget(measurements, seeds, recipe.bits)
+    stats = measurements.stats
+    linears = quantizable_linears(loaded.model, loaded.architecture)
+
+    def items():
+        # Block by block, so that at most one block's Hessians exist at a time.
+        for i in range(len(loaded.model.get_submodule(loaded.architecture.blocks))):
+            hessians = block_hessians(loaded.model, loaded.architecture, stats, i) if recipe.compensate else {}
+            for name in linears:
+                if name.startswith(f"{loaded.architecture.blocks}.{i}."):
+                    yield _finish_item(plan, recipe, cfg, name, _weight(linears[name]), hessians.get(name))
+
+    desc = "quantize: ρ search + compensation" if recipe.compensate else "quantize: ρ search"
+    results = dict(zip(linears, tqdm(pool.map(_finish, items()), total=len(linears), desc=desc, unit="layer",
+                                     disable=not progress)))
+    apply_dequantized(loaded.model, results)
+    if stats is not None and not keep_measurements:
+        stats.block_inputs = None  # free the kept activations
+    timings["quantize_s"] = round(time.perf_counter() - start, 1)
+
+    for name, result in results.items():
+        if stats is not None and stats.sensitivity is not None:
+            result.stats["sensitivity"] = stats.sensitivity[name]
+    n_bytes = sum(int(r.stats["stored_bytes"]) for r in results.values())
+    summary = {
+        "preset": "v2",
+        "budget_bits": recipe.bits,
+        "planned_bits": plan.allocation.true_bits,
+        "true_bits": 8 * n_bytes / plan.allocation.n_weights,
+        "price": plan.allocation.price,
+        "recipe": recipe.to_dict(),
+        "statistics_tokens": None if stats is None else stats.tokens,
+        "timings": timings,
+    }
+    return results, summary
