@@ -10,6 +10,7 @@ from sage_export.eval.perplexity import perplexity, read_eval_text, tokenize_tex
 from sage_export.format.accounting import summarize
 from sage_export.materialize import apply_dequantized
 from sage_export.models import load_model
+from sage_export.pipeline.artifact import round_float_params
 from sage_export.onnx.export import export_quantized_onnx
 from sage_export.onnx.ort_check import (compare_logits, greedy_generate_ort, greedy_generate_torch, make_session,
                                         perplexity_ort)
@@ -29,6 +30,7 @@ def smollm2_export(smollm2_dir, tmp_path_factory):
     # would make the greedy comparison trivial; this packing still generates varied text.
     packed = pack_model(loaded.model, loaded.architecture)
     apply_dequantized(loaded.model, packed)
+    round_float_params(loaded.model, list(packed), "float16")  # what the export stores, so both run the same
     result = export_quantized_onnx(loaded.model, loaded.architecture, packed, tmp_path_factory.mktemp("smollm2"))
     session = make_session(result.onnx_path, constant_folding=True)
     return loaded, packed, result, session
@@ -40,8 +42,9 @@ def test_export_holds_packed_layers(smollm2_export):
     expected = summarize({name: (p.out_features, p.in_features, p.tensors()) for name, p in packed.items()})
     assert result.sage_bytes == expected["stored_bytes"]
     assert result.sage_true_bits == pytest.approx(expected["true_bits"], rel=1e-12)
-    # float32 embeddings (49152 x 576) plus the packed layers; the 106 M quantized weights are not stored densely
-    embeddings = 49152 * 576 * 4
+    # float16 embeddings (49152 x 576, tied with lm_head) plus norms and the packed layers; the 106 M quantized
+    # weights are not stored densely
+    embeddings = 49152 * 576 * 2
     assert embeddings + result.sage_bytes < result.data_bytes < embeddings + result.sage_bytes + 1_000_000
 
 

@@ -1,105 +1,60 @@
-"""Export a LLaMA-family decoder with KV cache to ONNX, then run every quantized Linear as SageBinaryGemm.
+"""Export a quantized LLaMA-family decoder with KV cache to ONNX, every quantized Linear a SageBinaryGemm node.
 
-Exporter: `torch.onnx.export(dynamo=True, optimize=False)`. The dynamo exporter traces symbolically, so the
-batch / sequence / past lengths stay dynamic without baking in the Python branches taken for the sample input
-(the TorchScript exporter is deprecated in torch 2.9+), and it names initializers after the parameters, which is
-how rewrite.py finds each layer. `optimize=False` because the onnxscript optimizer folds Transpose(W) into new,
-anonymous initializers, which would lose those names; ONNX Runtime optimizes the graph itself at load time.
+The graph is written node by node (decoder.py), not traced: no dense float32 model of the network is ever built,
+and each packed layer or float tensor goes to the external data file as soon as it is written. Embeddings,
+lm_head and norms are stored in float16 by default (float32 on request) and cast to float32 where used.
 
 Inputs and outputs follow Optimum's names: input_ids, attention_mask [batch, past + seq], position_ids,
 past_key_values.{i}.key/.value [batch, kv_heads, past, head_dim] -> logits, present.{i}.key/.value.
-Embeddings, lm_head and norms stay float32.
 """
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
+import numpy as np
 import onnx
-import torch
-from onnx import numpy_helper
+from onnx import helper
 
 from ..format.accounting import summarize
 from ..format.sage_layout import PackedLinear
-from ..models import Architecture
-from .function import MIN_OPSET
-from .rewrite import replace_quantized_matmuls, sage_nodes, validate_packed_against_model
+from ..models import Architecture, quantizable_linears
+from .decoder import DecoderSpec, ExternalData, TensorSource, build_decoder
+from .function import OP_TYPE
 
 ONNX_NAME = "model.onnx"
 DATA_NAME = "model.onnx.data"
-WRAPPED = "model"  # attribute of the wrapper holding the HF model: initializer names start with "model."
 
 
-class KVCacheDecoder(torch.nn.Module):
-    """The HF causal LM with the cache as flat tensors: (ids, mask, positions, k0, v0, k1, v1, ...) ->
-    (logits, present k0, v0, ...). ONNX has no cache object, so one is rebuilt from the tensors each call."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-        self.n_layers = model.config.num_hidden_layers
-
-    def forward(self, input_ids, attention_mask, position_ids, *past):
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=self.model.config)
-        for i in range(self.n_layers):
-            cache.update(past[2 * i], past[2 * i + 1], i)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=True)
-        present = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
-        return (out.logits, *present)
+def validate_packed_against_model(model, arch: Architecture, packed: Mapping[str, PackedLinear]) -> None:
+    """Raise ValueError (one line) unless `packed` holds exactly the model's quantizable layers with their shapes.
+    Cheap: run it before any export work."""
+    linears = quantizable_linears(model, arch)
+    shapes = {name: tuple(layer.weight.shape) for name, layer in linears.items()}
+    validate_packed(shapes, arch, packed)
 
 
-def io_names(n_layers: int) -> tuple[list[str], list[str]]:
-    kv = [(i, t) for i in range(n_layers) for t in ("key", "value")]
-    inputs = ["input_ids", "attention_mask", "position_ids", *(f"past_key_values.{i}.{t}" for i, t in kv)]
-    outputs = ["logits", *(f"present.{i}.{t}" for i, t in kv)]
-    return inputs, outputs
+def validate_packed(shapes: Mapping[str, tuple[int, int]], arch: Architecture,
+                    packed: Mapping[str, PackedLinear]) -> None:
+    """The same check against {layer name: (N, K)} of the model's quantizable layers."""
+    unknown = [name for name in packed if name not in shapes]
+    if unknown:
+        raise ValueError(f"packed layer {unknown[0]!r} is not a quantizable layer of this {arch.name} model "
+                         f"({len(unknown)} such layers)")
+    missing = [name for name in shapes if name not in packed]
+    if missing:
+        raise ValueError(f"packed layers do not cover the model: {missing[0]!r} missing ({len(missing)} missing)")
+    for name, layer in packed.items():
+        expected = shapes[name]
+        if layer.shape != expected:
+            raise ValueError(f"{name}: packed shape [N={layer.shape[0]}, K={layer.shape[1]}] does not match the "
+                             f"model's weight [N={expected[0]}, K={expected[1]}]")
 
 
-def cache_shape(config) -> tuple[int, int]:
-    """(kv_heads, head_dim) of one layer's cache."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return config.num_key_value_heads, head_dim
-
-
-def sample_inputs(config, batch: int = 2, seq: int = 5, past: int = 3) -> tuple[torch.Tensor, ...]:
-    """Tracing inputs. Distinct, non-trivial sizes (no 0 or 1) so that no axis is specialised to a constant."""
-    kv_heads, head_dim = cache_shape(config)
-    ids = torch.randint(0, config.vocab_size, (batch, seq))
-    mask = torch.ones(batch, past + seq, dtype=torch.long)
-    positions = torch.arange(past, past + seq).expand(batch, seq)
-    cache = [torch.zeros(batch, kv_heads, past, head_dim) for _ in range(2 * config.num_hidden_layers)]
-    return (ids, mask, positions, *cache)
-
-
-def _dynamic_shapes(n_layers: int):
-    from torch.export import Dim
-
-    batch, seq, past, total = Dim("batch"), Dim("sequence"), Dim("past_sequence"), Dim("total_sequence")
-    cache = tuple({0: batch, 2: past} for _ in range(2 * n_layers))
-    return ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq}, cache)
-
-
-@torch.no_grad()
-def export_decoder(model: torch.nn.Module, opset: int = MIN_OPSET) -> onnx.ModelProto:
-    """The float decoder with KV cache as an in-memory ModelProto (weights included)."""
-    model.eval()
-    n_layers = model.config.num_hidden_layers
-    inputs, outputs = io_names(n_layers)
-    with warnings.catch_warnings():
-        # Noise from torch itself: one warning per axis name it maps back, and its own use of a deprecated API.
-        warnings.filterwarnings("ignore", message="# The axis name")
-        warnings.filterwarnings("ignore", message=".*LeafSpec", category=FutureWarning)
-        program = torch.onnx.export(
-            KVCacheDecoder(model).eval(), sample_inputs(model.config), dynamo=True, optimize=False,
-            opset_version=opset, input_names=inputs, output_names=outputs, dynamic_shapes=_dynamic_shapes(n_layers),
-            verbose=False)
-    return program.model_proto
+def sage_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    return [n for n in model.graph.node if n.op_type == OP_TYPE]
 
 
 @dataclass(frozen=True)
@@ -113,6 +68,7 @@ class ExportResult:
     sage_bytes: int  # bytes of the SageBinaryGemm initializers (inputs 1-7 of every node)
     sage_true_bits: float  # 8 * sage_bytes / sum(N*K), from the ONNX initializers themselves
     opset: int
+    float_dtype: str = "float16"
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -120,41 +76,53 @@ class ExportResult:
         return d
 
 
+def _tensor_bytes(proto: onnx.TensorProto) -> int:
+    return int(np.prod(proto.dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(proto.data_type).itemsize
+
+
 def sage_storage(model: onnx.ModelProto) -> dict:
-    """True storage (SPEC §4) of the packed initializers of all SageBinaryGemm nodes, read from the graph itself:
-    format.accounting.summarize over {node: (N, K, inputs 1-7)}."""
+    """True storage (SPEC §4) of the packed initializers of all SageBinaryGemm nodes, read from the graph itself
+    (dims and dtypes of the initializers; their data need not be loaded)."""
     initializers = {t.name: t for t in model.graph.initializer}
     layers = {}
     for node in sage_nodes(model):
         attrs = {a.name: a.i for a in node.attribute if a.type == onnx.AttributeProto.INT}
-        tensors = {name: numpy_helper.to_array(initializers[name]) for name in node.input[1:8]}
-        layers[node.name] = (attrs["out_features"], attrs["in_features"], tensors)
+        sizes = {name: np.empty(0, dtype=np.uint8) for name in ()}
+        nbytes = sum(_tensor_bytes(initializers[name]) for name in node.input[1:8])
+        layers[node.name] = (attrs["out_features"], attrs["in_features"],
+                             {"packed": np.empty(nbytes, dtype=np.uint8), **sizes})
     return summarize(layers)
 
 
-def save_with_external_data(model: onnx.ModelProto, out_dir: Path) -> tuple[Path, Path]:
-    """model.onnx (graph) + model.onnx.data (every initializer of 1 KiB or more), then the full checker."""
-    onnx_path, data_path = out_dir / ONNX_NAME, out_dir / DATA_NAME
-    data_path.unlink(missing_ok=True)  # onnx appends external data to an existing file
-    onnx.save_model(model, onnx_path, save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=DATA_NAME, size_threshold=1024)
-    onnx.checker.check_model(str(onnx_path), full_check=True)
-    return onnx_path, data_path
-
-
-def export_quantized_onnx(model: torch.nn.Module, arch: Architecture, packed: Mapping[str, PackedLinear],
-                          out_dir: Path) -> ExportResult:
-    """Export `model` with every layer of `packed` as SageBinaryGemm into out_dir (an existing directory; the
-    caller owns atomicity, e.g. by passing a temporary one). A packed/model mismatch -> ValueError, before any
-    export work."""
-    validate_packed_against_model(model, arch, packed)
+def export_decoder_onnx(config, arch: Architecture, packed: Mapping[str, PackedLinear], tensors: TensorSource,
+                        out_dir: Path, float_dtype: str = "float16",
+                        progress: Callable[[int], None] | None = None) -> ExportResult:
+    """Write model.onnx + model.onnx.data into out_dir (an existing directory; the caller owns atomicity). Memory
+    holds one tensor at a time besides `packed` and whatever `tensors` keeps."""
     out_dir = Path(out_dir)
-    dense = export_decoder(model)
-    rewritten = replace_quantized_matmuls(dense, packed, weight_prefix=f"{WRAPPED}.")
-    del dense
-    storage = sage_storage(rewritten)
-    onnx_path, data_path = save_with_external_data(rewritten, out_dir)
-    opset = next(o.version for o in rewritten.opset_import if o.domain in ("", "ai.onnx"))
-    return ExportResult(onnx_path, data_path, onnx_path.stat().st_size,
-                        data_path.stat().st_size if data_path.exists() else 0, len(rewritten.graph.node),
-                        len(sage_nodes(rewritten)), storage["stored_bytes"], storage["true_bits"], opset)
+    onnx_path, data_path = out_dir / ONNX_NAME, out_dir / DATA_NAME
+    spec = DecoderSpec.from_config(config)
+    data = ExternalData(data_path)
+    try:
+        model = build_decoder(spec, arch, packed, tensors, data, float_dtype, progress)
+    finally:
+        data.close()
+    onnx.save_model(model, onnx_path)
+    onnx.checker.check_model(str(onnx_path), full_check=True)
+    storage = sage_storage(model)
+    return ExportResult(onnx_path, data_path, onnx_path.stat().st_size, data_path.stat().st_size,
+                        len(model.graph.node), len(sage_nodes(model)), storage["stored_bytes"],
+                        storage["true_bits"], model.opset_import[0].version, float_dtype)
+
+
+def export_quantized_onnx(model, arch: Architecture, packed: Mapping[str, PackedLinear], out_dir: Path,
+                          float_dtype: str = "float16") -> ExportResult:
+    """Export a torch model's decoder with every layer of `packed` as SageBinaryGemm (its float parameters come
+    from the model). A packed/model mismatch -> ValueError, before any export work."""
+    validate_packed_against_model(model, arch, packed)
+    state = model.state_dict()
+
+    def tensors(name: str) -> np.ndarray | None:
+        return state[name].detach().float().numpy() if name in state else None
+
+    return export_decoder_onnx(model.config, arch, packed, tensors, out_dir, float_dtype)
