@@ -18,18 +18,31 @@ def _add_quantizer_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("quantizer")
     g.add_argument("--method", default="sage", choices=["sage", "xnor", "rtn", "gptq", "billm"],
                    help="quantization method (default: sage; the others are baselines and cannot be exported to ONNX)")
-    g.add_argument("--salient-bits", type=int, help="bits of salient weights (SAGE, default 4)")
-    g.add_argument("--rho-bounds", type=float, nargs=2, metavar=("LO", "HI"), help="Brent search interval for ρ")
-    g.add_argument("--fixed-rho", type=float, help="ablation: fixed saliency ratio instead of the Brent search")
-    g.add_argument("--fixed-groups", type=int, help="ablation: fixed group count G instead of the kNN graph")
-    g.add_argument("--group-candidates", type=int, nargs=2, metavar=("MIN", "MAX"), help="candidate G range")
+    g.add_argument("--preset", default="v2", choices=["v2", "paper"],
+                   help="SAGE preset: v2 (default: activation-aware, meets --bits) or paper (SPEC §2 read literally, "
+                        "data-free)")
+    g.add_argument("--bits", type=float,
+                   help="SAGE v2: target true bits per weight over all quantized layers, every stored byte counted "
+                        "(default 3.2)")
+    g.add_argument("--salient-bits", type=int, help="bits of salient weights (SAGE; default 8 for v2, 4 for paper)")
+    g.add_argument("--rho-bounds", type=float, nargs=2, metavar=("LO", "HI"), help="paper: Brent search interval for ρ")
+    g.add_argument("--fixed-rho", type=float, help="paper ablation: fixed saliency ratio instead of the Brent search")
+    g.add_argument("--fixed-groups", type=int, help="paper ablation: fixed group count G instead of the kNN graph")
+    g.add_argument("--group-candidates", type=int, nargs=2, metavar=("MIN", "MAX"), help="kNN graph's candidate G")
     g.add_argument("--graph-samples", type=int, help="unsalient values subsampled for the kNN graph")
-    g.add_argument("--bits", type=int, default=4, help="rtn/gptq bits (2, 3, 4)")
-    g.add_argument("--group-size", type=int, default=128, help="rtn/gptq group size (64, 128)")
-    g.add_argument("--calib-text", type=Path, help="calibration text for gptq/billm (default: WikiText-2 valid)")
-    g.add_argument("--calib-samples", type=int, default=32, help="calibration windows (default 32)")
-    g.add_argument("--calib-seqlen", type=int, default=2048, help="calibration window length (default 2048)")
+    g.add_argument("--no-activation-weighting", action="store_true", help="v2 ablation: errors not weighted by h")
+    g.add_argument("--no-sensitivity", action="store_true", help="v2 ablation: layers not weighted by sensitivity")
+    g.add_argument("--graph-groups", action="store_true", help="v2 ablation: G from the kNN graph, not the budget")
+    g.add_argument("--no-rho-price", action="store_true", help="v2 ablation: ρ search on error alone (no bit price)")
+    g.add_argument("--no-compensation", action="store_true", help="v2 ablation: no GPTQ-style compensation")
+    g.add_argument("--code-bits", type=int, default=4, help="rtn/gptq: bits of each code (2, 3, 4)")
+    g.add_argument("--group-size", type=int, default=128, help="rtn/gptq group size (32, 64, 128, 256)")
+    g.add_argument("--calib-text", type=Path,
+                   help="calibration text (default: text the model samples itself, seeded); never the eval text")
+    g.add_argument("--calib-samples", type=int, default=32, help="calibration sequences (default 32)")
+    g.add_argument("--calib-seqlen", type=int, default=128, help="tokens per calibration sequence (default 128)")
     g.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
+    g.add_argument("--jobs", type=int, help="worker processes for the per-matrix work (default: every core)")
 
 
 def _add_eval_options(p: argparse.ArgumentParser) -> None:
@@ -70,6 +83,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="perplexity of a packed checkpoint or a float model")
     ev.add_argument("artifact", nargs="?", help="checkpoint directory, HF directory or .gguf (default: SmolLM2)")
     _add_eval_options(ev)
+
+    gen = sub.add_parser("generate", help="stream a continuation from an exported model through ONNX Runtime")
+    gen.add_argument("artifact", type=Path, help="output directory of `model` or `export`, or a model.onnx")
+    gen.add_argument("--prompt", required=True, help="text to continue")
+    gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    gen.add_argument("--temperature", type=float, default=0.0,
+                     help="0 (default): greedy; above 0: sampled, seeded by --seed")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--tokenizer", type=Path, help="tokenizer directory (default: the checkpoint next to the ONNX)")
+    gen.add_argument("--fold-constants", action="store_true",
+                     help="decode every packed layer once at load: faster tokens, but dense float32 weights in "
+                          "memory (default: each layer decodes when it runs)")
 
     i = sub.add_parser("inspect", help="summarise a packed checkpoint or an output directory")
     i.add_argument("artifact", type=Path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -10,9 +11,6 @@ from pathlib import Path
 
 from .errors import UserError
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
-DEFAULT_CALIB = SHARED_DATA / "wikitext2" / "wiki.valid.tokens"
 
 
 @dataclass
@@ -28,22 +26,50 @@ class Timer:
 
 # ---------------------------------------------------------------- validation (cheap, before any long work)
 
+_V2_SWITCHES = {"no_activation_weighting": ("activation_weighting", False),
+                "no_sensitivity": ("layer_sensitivity", False), "graph_groups": ("group_choice", "graph"),
+                "no_rho_price": ("price_rho", False), "no_compensation": ("compensate", False)}
+_PAPER_ONLY = {"rho_bounds": "--rho-bounds", "fixed_rho": "--fixed-rho", "fixed_groups": "--fixed-groups"}
+
+
+def _sage_params(args) -> dict:
+    params = {"preset": args.preset}
+    v2 = args.preset == "v2"
+    if not v2:
+        given = [flag for flag in ("bits", *_V2_SWITCHES) if getattr(args, flag, None)]
+        if given:
+            raise UserError(f"--{given[0].replace('_', '-')} needs the v2 preset (the paper preset is data-free "
+                            "and has no bit budget)")
+    else:
+        given = [flag for attr, flag in _PAPER_ONLY.items() if getattr(args, attr) is not None]
+        if given:
+            raise UserError(f"{given[0]} is a paper-preset option (v2 chooses G and ρ per matrix under --bits); "
+                            "add --preset paper")
+        if args.bits is not None:
+            params["bits"] = args.bits
+        params.update(dict(field for flag, field in _V2_SWITCHES.items() if getattr(args, flag)))
+    params.update({
+        "salient_bits": args.salient_bits,
+        "rho_bounds": tuple(args.rho_bounds) if args.rho_bounds else None,
+        "fixed_rho": args.fixed_rho,
+        "fixed_groups": args.fixed_groups,
+        "group_candidates": tuple(range(args.group_candidates[0], args.group_candidates[1] + 1))
+        if args.group_candidates else None,
+        "graph_samples": args.graph_samples,
+    })
+    return {k: v for k, v in params.items() if v is not None}
+
+
 def method_from_args(args):
     from .pipeline.methods import Method
 
+    if args.method != "sage" and (args.bits is not None or args.preset != "v2"):
+        flag = "--bits" if args.bits is not None else "--preset"
+        raise UserError(f"{flag} is a SAGE option; rtn/gptq take --code-bits and --group-size")
     if args.method in ("rtn", "gptq"):
-        method = Method(args.method, {"bits": args.bits, "group_size": args.group_size})
+        method = Method(args.method, {"bits": args.code_bits, "group_size": args.group_size})
     elif args.method == "sage":
-        params = {
-            "salient_bits": args.salient_bits,
-            "rho_bounds": tuple(args.rho_bounds) if args.rho_bounds else None,
-            "fixed_rho": args.fixed_rho,
-            "fixed_groups": args.fixed_groups,
-            "group_candidates": tuple(range(args.group_candidates[0], args.group_candidates[1] + 1))
-            if args.group_candidates else None,
-            "graph_samples": args.graph_samples,
-        }
-        method = Method("sage", {k: v for k, v in params.items() if v is not None})
+        method = Method("sage", _sage_params(args))
     else:
         method = Method(args.method)
     try:
@@ -60,16 +86,19 @@ def _existing_file(path: Path | None, what: str) -> Path | None:
 
 
 def check_texts(args, needs_calibration: bool) -> tuple[Path | None, Path | None]:
+    """The evaluation and calibration texts, checked up front. No --calib-text means the model writes its own
+    calibration text (when the method needs one)."""
     eval_text = _existing_file(args.eval_text, "eval text")
     calib = _existing_file(getattr(args, "calib_text", None), "calibration text")
-    if needs_calibration and calib is None:
-        if not DEFAULT_CALIB.is_file():
-            raise UserError("this method needs calibration text: pass --calib-text FILE")
-        calib = DEFAULT_CALIB
     if eval_text and calib and eval_text.resolve() == calib.resolve():
         raise UserError("calibration text must not be the evaluation text")
     if args.ctx < 16:
         raise UserError(f"--ctx must be at least 16, got {args.ctx}")
+    if needs_calibration and (args.calib_samples < 1 or args.calib_seqlen < 2):
+        raise UserError(f"--calib-samples must be >= 1 and --calib-seqlen >= 2, got {args.calib_samples}, "
+                        f"{args.calib_seqlen}")
+    if getattr(args, "jobs", None) is not None and args.jobs < 1:
+        raise UserError(f"--jobs must be at least 1, got {args.jobs}")
     return eval_text, calib
 
 
@@ -95,34 +124,60 @@ def cmd_model(args) -> int:
     with atomic_output_dir(args.out, args.force) as tmp:
         report = run_pipeline(args, source, method, eval_text, calib_text, Path(tmp), do_onnx)
     print_summary(args.out, report)
-    return 0
+    return check_verdict(report.get("onnx", {}).get("checks"), args.out)
+
+
+EXIT_CHECK_FAILED = 1
+
+
+def check_verdict(checks: dict | None, out: Path) -> int:
+    """Exit status after the ONNX Runtime check: the artifacts stay (they are complete, and what a user needs to
+    see why), but a check that missed its thresholds fails the command in one line."""
+    if not checks or not checks["failures"]:
+        return 0
+    print(f"sage-export: error: the ONNX Runtime check failed: {'; '.join(checks['failures'])} "
+          f"(artifacts kept in {out} for inspection)", file=sys.stderr)
+    return EXIT_CHECK_FAILED
 
 
 def run_pipeline(args, source, method, eval_text, calib_text, out: Path, do_onnx: bool) -> dict:
     from .models import load_model
-    from .pipeline.artifact import round_float_params, write_checkpoint
-    from .pipeline.calibration import calibration_ids
+    from .pipeline.artifact import deterministic_info, round_float_params, write_checkpoint
+    from .pipeline.calibration import calibration_tokens
     from .pipeline.quantize import quantize_model
     from .report.build import bits_summary, layer_rows, write_report
 
     timer = Timer({})
     with timer.step("load"):
         loaded = load_model(source)
+    if method.preset == "v2":
+        from .pipeline.sage_v2 import check_budget
+
+        try:
+            check_budget(loaded, method.sage_recipe())
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
     calib, calib_info = None, None
     if method.needs_calibration:
-        calib = calibration_ids(loaded.tokenizer, calib_text, args.calib_samples, args.calib_seqlen, args.seed)
-        calib_info = {"text": str(calib_text), "samples": args.calib_samples, "seqlen": args.calib_seqlen}
+        with timer.step("calibration_text"):
+            calib, calib_info = calibration_tokens(loaded, calib_text, args.calib_samples, args.calib_seqlen,
+                                                   args.seed)
     with timer.step("quantize"):
-        qmodel = quantize_model(loaded, method, args.seed, calib, calib_info)
+        qmodel = quantize_model(loaded, method, args.seed, calib, calib_info, jobs=args.jobs)
     round_float_params(loaded.model, list(qmodel.layers), args.float_dtype)
     meta = {"model": source.description, "model_type": source.model_type, "method": method.to_dict(),
-            "seed": args.seed, "calibration": calib_info, "sage_export_version": _version()}
+            "seed": args.seed, "calibration": deterministic_info(calib_info), "budget": deterministic_info(qmodel.budget),
+            "sage_export_version": _version()}
     with timer.step("write_checkpoint"):
         write_checkpoint(out / "checkpoint", loaded, qmodel, meta, args.float_dtype)
     rep = {"model": {"description": source.description, "model_type": source.model_type, "kind": source.kind},
-           "method": method.to_dict(), "seed": args.seed, "calibration": calib_info,
+           "method": method.to_dict(), "seed": args.seed, "calibration": calib_info, "budget": qmodel.budget,
            "float_dtype": args.float_dtype, "layers": layer_rows(qmodel.layers)}
     rep["bits"] = bits_summary(rep["layers"])
+    with timer.step("samples"):
+        from .eval.samples import greedy_continuations
+
+        rep["samples"] = greedy_continuations(loaded.model, loaded.tokenizer)
     if eval_text:
         with timer.step("perplexity"):
             rep["perplexity"] = evaluate(loaded.model, loaded.tokenizer, eval_text, args.ctx, args.eval_windows)
@@ -203,7 +258,7 @@ def cmd_export(args) -> int:
         (Path(tmp) / "check_report.json").write_text(
             json.dumps({"export": result.to_dict(), "checks": checks}, indent=1, sort_keys=True, default=float))
     print(f"wrote {args.out}")
-    return 0
+    return check_verdict(checks, args.out)
 
 
 def cmd_eval(args) -> int:
@@ -245,7 +300,33 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    from .onnx.generate import find_onnx, find_tokenizer_dir, stream_text, stream_tokens
+
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if not (args.temperature >= 0):
+        raise UserError(f"--temperature must be 0 or more, got {args.temperature}")
+    onnx_path = find_onnx(args.artifact)
+    tok_dir = args.tokenizer or find_tokenizer_dir(args.artifact, onnx_path)
+    from transformers import AutoTokenizer
+
+    from .onnx.ort_check import make_session
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+    prompt = tokenizer(args.prompt, add_special_tokens=False).input_ids
+    if not prompt:
+        raise UserError("--prompt is empty after tokenization")
+    session = make_session(onnx_path, constant_folding=args.fold_constants)
+    print(args.prompt, end="", flush=True)
+    tokens = stream_tokens(session, prompt, args.max_new_tokens, tokenizer.eos_token_id, args.temperature, args.seed)
+    for piece in stream_text(tokenizer, tokens):
+        print(piece, end="", flush=True)
+    print()
+    return 0
+
+
 def run(args) -> int:
     handlers = {"model": cmd_model, "quantize": cmd_model, "export": cmd_export, "eval": cmd_eval,
-                "inspect": cmd_inspect}
+                "inspect": cmd_inspect, "generate": cmd_generate}
     return handlers[args.command](args)

@@ -10,16 +10,21 @@ import pytest
 from sage_export.cli import main
 from sage_export.format.checkpoint import load_checkpoint
 
-FAST = ["--fixed-groups", "2", "--graph-samples", "500"]
+FAST = ["--calib-samples", "8", "--calib-seqlen", "32"]  # the default v2 preset, on less self-sampled text
 
 
 def run_cli(*args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "sage_export.cli", *map(str, args)], capture_output=True, text=True)
 
 
+def message_lines(stderr: str) -> list[str]:
+    """stderr without progress bars (an error found after loading the model follows the loading bar)."""
+    return [l for l in stderr.replace("\r", "\n").splitlines() if l.strip() and "%|" not in l]
+
+
 def assert_one_line_error(proc, pattern: str):
     assert proc.returncode == 2, proc.stderr
-    lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+    lines = message_lines(proc.stderr)
     assert len(lines) == 1 and lines[0].startswith("sage-export: error:"), proc.stderr
     assert pattern in lines[0]
 
@@ -43,7 +48,10 @@ def test_model_command_writes_every_artifact(tiny_run):
     assert len(ckpt.layers) == 14 and all(r.method == "sage" for r in ckpt.layers.values())
     rep = json.loads((tiny_run / "report.json").read_text())
     assert rep["method"]["name"] == "sage" and len(rep["layers"]) == 14
+    assert rep["budget"]["preset"] == "v2" and rep["budget"]["budget_bits"] == 3.2
+    assert rep["calibration"]["source"] == "self-generated" and rep["calibration"]["tokens"] == 8 * 32
     bits = rep["bits"]
+    assert abs(bits["true_bits"] - 3.2) <= 0.05  # 14 small matrices: coarse steps (the ±0.02 test has more text)
     assert bits["true_bits"] == pytest.approx(8 * bits["packed_bytes"] / bits["n_weights"])
     # CSR column indices and group codes are stored but not in the paper count, so true bits are higher.
     assert bits["true_bits"] > bits["paper_weight_bits"] + bits["paper_scale_bits"]
@@ -51,6 +59,9 @@ def test_model_command_writes_every_artifact(tiny_run):
     assert rep["perplexity"]["ppl"] > 1 and rep["perplexity"]["ctx"] == 64
     md = (tiny_run / "report.md").read_text()
     assert "true storage" in md and "![" in md
+    assert "budget 3.20 true bits" in md and "text the model sampled itself" in md
+    assert "Does it still talk?" in md and "*The capital of France is* →" in md
+    assert [s["prompt"] for s in rep["samples"]][0] == "The capital of France is"
     for png in ("bits_per_layer.png", "groups_rho_per_layer.png", "error_per_layer.png"):
         data = (tiny_run / "plots" / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
@@ -70,6 +81,81 @@ def test_same_seed_gives_byte_identical_checkpoint(tiny_llama_dir, tiny_run, tmp
     assert main(["quantize", str(tiny_llama_dir), "--out", str(out), "--seed", "3", *FAST]) == 0
     for name in ("packed.safetensors", "float.safetensors", "manifest.json"):
         assert (out / "checkpoint" / name).read_bytes() == (tiny_run / "checkpoint" / name).read_bytes(), name
+
+
+def test_another_seed_gives_other_bytes(tiny_llama_dir, tiny_run, tmp_path):
+    out = tmp_path / "seed4"
+    assert main(["quantize", str(tiny_llama_dir), "--out", str(out), "--seed", "4", *FAST]) == 0
+    assert (out / "checkpoint" / "packed.safetensors").read_bytes() != \
+        (tiny_run / "checkpoint" / "packed.safetensors").read_bytes()
+
+
+def test_a_wrong_onnx_result_fails_the_command(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    """The exported file is corrupted after export (every sign bit of one layer flipped): ONNX Runtime then
+    computes another function than PyTorch, and the command must say so and exit non-zero."""
+    import onnx
+
+    import sage_export.onnx.export as export
+
+    real = export.export_quantized_onnx
+
+    def corrupted(*args, **kwargs):
+        result = real(*args, **kwargs)
+        proto = onnx.load(str(result.onnx_path), load_external_data=False)
+        tensor = next(t for t in proto.graph.initializer if t.name.endswith("layers.0.mlp.gate_proj.sign_bits"))
+        where = {e.key: e.value for e in tensor.external_data}
+        path = result.onnx_path.parent / where["location"]
+        data = bytearray(path.read_bytes())
+        start, length = int(where["offset"]), int(where["length"])
+        data[start:start + length] = bytes(b ^ 0xFF for b in data[start:start + length])
+        path.write_bytes(bytes(data))
+        return result
+
+    monkeypatch.setattr(export, "export_quantized_onnx", corrupted)
+    code = main(["model", str(tiny_llama_dir), "--out", str(tmp_path / "o"), "--preset", "paper", "--fixed-groups",
+                 "2", "--graph-samples", "500"])
+    err = message_lines(capsys.readouterr().err)
+    assert code == 1 and len(err) == 1 and "ONNX Runtime check failed" in err[0] and "logits" in err[0], err
+    rep = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert rep["onnx"]["checks"]["failures"]
+
+
+def test_ort_check_thresholds_hold_on_the_default_run(tiny_run):
+    checks = json.loads((tiny_run / "report.json").read_text())["onnx"]["checks"]
+    assert checks["failures"] == [] and checks["greedy"]["identical"]
+    assert checks["logits"]["rel_l2"] <= checks["thresholds"]["logits_rel_l2"]
+    assert checks["perplexity"]["rel_diff"] <= checks["thresholds"]["perplexity_rel_diff"]
+    assert checks["session"].endswith("constant folding off")
+
+
+def test_generate_streams_what_the_ort_check_generated(tiny_run, capsys):
+    from transformers import AutoTokenizer
+
+    from sage_export.onnx.generate import stream_tokens
+    from sage_export.onnx.ort_check import greedy_generate_ort, make_session
+
+    session = make_session(tiny_run / "onnx" / "model.onnx", constant_folding=False)
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_run / "checkpoint"))
+    prompt = tokenizer("The capital of France is", add_special_tokens=False).input_ids
+    assert list(stream_tokens(session, prompt, 10)) == greedy_generate_ort(session, prompt, 10)
+    sampled = [list(stream_tokens(session, prompt, 10, temperature=1.0, seed=s)) for s in (1, 1, 2)]
+    assert sampled[0] == sampled[1] != sampled[2]
+
+    assert main(["generate", str(tiny_run), "--prompt", "The capital of France is", "--max-new-tokens", "10"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("The capital of France is") and len(out.strip()) > len("The capital of France is")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--temperature", "-1"], "--temperature"),
+], ids=["no-tokens", "negative-temperature"])
+def test_generate_bad_input(tiny_run, flags, message):
+    assert_one_line_error(run_cli("generate", tiny_run, "--prompt", "x", *flags), message)
+
+
+def test_generate_without_an_export(tmp_path):
+    assert_one_line_error(run_cli("generate", tmp_path, "--prompt", "x"), "no exported model")
 
 
 def test_missing_model(tmp_path):
@@ -102,8 +188,22 @@ def test_unwritable_output_location(tiny_llama_dir, tmp_path):
 
 
 def test_bad_quantizer_option(tiny_llama_dir, tmp_path):
-    proc = run_cli("model", tiny_llama_dir, "--out", tmp_path / "o", "--rho-bounds", "0.5", "0.1")
+    proc = run_cli("model", tiny_llama_dir, "--out", tmp_path / "o", "--preset", "paper", "--rho-bounds", "0.5", "0.1")
     assert_one_line_error(proc, "invalid quantizer options")
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--fixed-groups", "2"], "add --preset paper"),
+    (["--preset", "paper", "--bits", "3"], "needs the v2 preset"),
+    (["--preset", "paper", "--no-compensation"], "needs the v2 preset"),
+    (["--method", "rtn", "--bits", "3"], "--code-bits"),
+    (["--bits", "0"], "invalid quantizer options"),
+    (["--bits", "0.6"], "below the smallest"),
+], ids=["paper-flag-on-v2", "budget-on-paper", "switch-on-paper", "bits-on-rtn", "zero-budget", "budget-too-low"])
+def test_flags_that_do_not_go_together(tiny_llama_dir, tmp_path, flags, message):
+    proc = run_cli("model", tiny_llama_dir, "--out", tmp_path / "o", *flags)
+    assert_one_line_error(proc, message)
     assert leftovers(tmp_path) == []
 
 
@@ -124,13 +224,13 @@ def test_trt_without_tensorrt_fails_before_any_work(tiny_llama_dir, tmp_path):
 
 
 def test_interrupt_midway_leaves_nothing(tiny_llama_dir, tmp_path, monkeypatch, capsys):
-    import sage_export.pipeline.quantize as q
+    import sage_export.pipeline.sage_v2 as v2
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(q, "_quantize_data_free", interrupted)
-    assert main(["model", str(tiny_llama_dir), "--out", str(tmp_path / "o")]) == 130
+    monkeypatch.setattr(v2, "quantize_v2", interrupted)
+    assert main(["model", str(tiny_llama_dir), "--out", str(tmp_path / "o"), *FAST]) == 130
     assert "interrupted" in capsys.readouterr().err
     assert leftovers(tmp_path) == []
 

@@ -1,5 +1,6 @@
-"""Export of a tiny random LLaMA with SageBinaryGemm nodes, checked by the ONNX checker and by ONNX Runtime
-against PyTorch running the same decoded weights."""
+"""Export of tiny random LLaMA, Qwen2 and Mistral decoders with SageBinaryGemm nodes, checked by the ONNX checker
+and by ONNX Runtime against PyTorch running the same decoded weights (float parts rounded to their stored
+float16, as the pipeline does)."""
 
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ from sage_export.models import load_model, quantizable_linears
 from sage_export.onnx import export as export_module
 from sage_export.onnx.export import export_quantized_onnx
 from sage_export.onnx.function import DOMAIN, OP_TYPE
-from sage_export.onnx.ort_check import (compare_logits, decoder_feeds, greedy_generate_ort, greedy_generate_torch,
-                                        make_session, perplexity_ort, run_checks)
-from sage_export.onnx.rewrite import replace_quantized_matmuls, validate_packed_against_model
+from sage_export.onnx.ort_check import (check_failures, compare_logits, decoder_feeds, greedy_generate_ort,
+                                        greedy_generate_torch, make_session, perplexity_ort, run_checks)
+from sage_export.onnx.export import validate_packed_against_model
+from sage_export.pipeline.artifact import round_float_params
 from sage_export.quant.config import SageConfig
 from sage_export.quant.sage import quantize_sage
 
@@ -52,13 +54,19 @@ def sage_packed(weight: np.ndarray) -> PackedLinear:
     return quantize_sage(weight, SageConfig(fixed_rho=0.02, fixed_groups=2), seed=0).packed()
 
 
-@pytest.fixture(scope="module")
-def exported(tiny_llama_dir, tmp_path_factory):
-    loaded = load_model(tiny_llama_dir)
+def export_tiny(model_dir, out_dir, float_dtype="float16"):
+    """Load, pack (SAGE, fast settings), put the decoded weights and float16-rounded float parts into the torch
+    model, export: both sides then compute the same function."""
+    loaded = load_model(model_dir)
     packed = pack_model(loaded.model, loaded.architecture, sage_packed)
     apply_dequantized(loaded.model, packed)
-    result = export_quantized_onnx(loaded.model, loaded.architecture, packed, tmp_path_factory.mktemp("onnx"))
-    return loaded, packed, result
+    round_float_params(loaded.model, list(packed), float_dtype)
+    return loaded, packed, export_quantized_onnx(loaded.model, loaded.architecture, packed, out_dir, float_dtype)
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_llama_dir, tmp_path_factory):
+    return export_tiny(tiny_llama_dir, tmp_path_factory.mktemp("onnx"))
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +94,8 @@ def test_graph_holds_packed_initializers_not_dense_weights(exported):
             init = initializers[f"{name}.{tensor}"]
             assert init.data_type == dtype
             assert tuple(init.dims) == layer.tensors()[tensor].shape
-    floats = [t for n, t in initializers.items() if n.endswith(("embed_tokens.weight", "norm.weight"))]
-    assert len(floats) == 1 + 2 * 2 + 1 and all(t.data_type == TensorProto.FLOAT for t in floats)
+    floats = [t for n, t in initializers.items() if n.endswith(("embed_tokens.weight", "norm.weight", "lm_head.weight"))]
+    assert len(floats) == 1 + 2 * 2 + 1 + 1 and all(t.data_type == TensorProto.FLOAT16 for t in floats)
     nodes = [n for n in model.graph.node if n.op_type == OP_TYPE]
     assert {n.domain for n in nodes} == {DOMAIN}
     assert {f"{n.name.split('/')[0]}" for n in nodes} == set(packed)
@@ -162,13 +170,28 @@ def test_perplexity_matches_torch(exported, session):
 
 def test_run_checks_reports_every_figure(exported):
     loaded, _, result = exported
-    checks = run_checks(result, loaded.model, loaded.tokenizer, eval_text=WIKI_TEST, ctx=32, n_windows=2, n_new=8)
+    checks = run_checks(result, loaded.model, loaded.tokenizer, eval_text=WIKI_TEST, ctx=32, n_windows=2, n_new=8,
+                        memory=True)
+    assert checks["failures"] == []
     assert checks["greedy"]["identical"] and checks["logits"]["rel_l2"] < 1e-3
     assert checks["perplexity"]["rel_diff"] < 1e-4
     assert checks["op"]["max_rel_err"]["float32"] < 1e-5
+    assert checks["session"].endswith("constant folding off")  # bounded memory by default
     for way in ("constant_folding", "no_constant_folding"):
         assert checks["memory"][way]["session_load_delta_mb"] > 0
     json.dumps(checks)
+
+
+def test_check_failures_name_each_missed_threshold():
+    good = {"op": {"max_rel_err": {"float32": 1e-7, "float16": 0.0}},
+            "logits": {"rel_l2": 1e-6, "argmax_agreement": 1.0}, "greedy": {"identical": True, "first_mismatch": None},
+            "perplexity": {"rel_diff": 0.0}}
+    assert check_failures(good) == []
+    bad = {**good, "logits": {"rel_l2": float("nan"), "argmax_agreement": 0.5},
+           "greedy": {"identical": False, "first_mismatch": 3}, "perplexity": {"rel_diff": 0.2},
+           "op": {"max_rel_err": {"float32": 0.1, "float16": 0.0}}}
+    failures = check_failures(bad)
+    assert len(failures) == 5 and "float32" in failures[0] and "greedy tokens differ from token 3" in failures[3]
 
 
 # ------------------------------------------------------------------------------------------ mismatches
@@ -179,7 +202,7 @@ def no_export(monkeypatch):
     """Fail the test if export work starts: mismatches must be caught before."""
     def refuse(*args, **kwargs):
         raise AssertionError("export started before validation")
-    monkeypatch.setattr(export_module, "export_decoder", refuse)
+    monkeypatch.setattr(export_module, "export_decoder_onnx", refuse)
 
 
 def test_missing_layer_is_refused_before_export(exported, tmp_path, no_export):
@@ -207,9 +230,77 @@ def test_unknown_layer_is_refused(exported):
         validate_packed_against_model(loaded.model, loaded.architecture, extra)
 
 
-def test_rewrite_reports_a_weight_it_cannot_find():
-    graph = onnx.helper.make_graph([], "empty", [], [])
-    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)])
-    layer = two_band_packed(np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32))
-    with pytest.raises(ValueError, match="no initializer model.fc.weight"):
-        replace_quantized_matmuls(model, {"fc": layer}, weight_prefix="model.")
+# ------------------------------------------------------------------------------------------ other architectures
+
+
+def make_tiny(kind: str, path, **overrides):
+    """A 2-block random Qwen2 (q/k/v biases, tied embeddings) or Mistral (sliding window of 4 tokens), biases
+    made large so that a dropped bias would show."""
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from conftest import make_tokenizer
+
+    tokenizer = make_tokenizer()
+    cfg = dict(hidden_size=68, intermediate_size=164, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=16, vocab_size=len(tokenizer), max_position_embeddings=512,
+               bos_token_id=1, eos_token_id=2, pad_token_id=2, **overrides)
+    torch.manual_seed(0)
+    if kind == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(tie_word_embeddings=True, **cfg))
+    else:
+        model = MistralForCausalLM(MistralConfig(sliding_window=4, tie_word_embeddings=False, **cfg))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0, 0.5)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "mistral"])
+def test_other_architectures_with_left_padding_match_torch(kind, tmp_path):
+    loaded, _, result = export_tiny(make_tiny(kind, tmp_path / kind), tmp_path)
+    session = make_session(result.onnx_path, constant_folding=False)
+    ids = np.random.default_rng(0).integers(3, loaded.model.config.vocab_size, (2, 9))
+    mask = np.ones((2, 9), np.int64)
+    mask[1, :3] = 0  # row 1 is left-padded: its real tokens must not see the padding
+    positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+    feeds = dict(decoder_feeds(session, ids), attention_mask=mask, position_ids=positions)
+    got = session.run(["logits"], feeds)[0]
+    with torch.no_grad():
+        ref = loaded.model(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                           position_ids=torch.from_numpy(positions)).logits.numpy()
+    real = mask.astype(bool)
+    assert np.abs(got - ref)[real].max() < 1e-5 * np.abs(ref).max()
+    names = {i.name for i in onnx.load(str(result.onnx_path), load_external_data=False).graph.initializer}
+    biases = {n for n in names if n.endswith(".bias")}
+    assert (len(biases) == 2 * 3) if kind == "qwen2" else not biases
+
+
+def test_float32_float_parts_on_request(tiny_llama_dir, tmp_path):
+    loaded, packed, result = export_tiny(tiny_llama_dir, tmp_path, float_dtype="float32")
+    model = onnx.load(str(result.onnx_path), load_external_data=False)
+    embed = next(t for t in model.graph.initializer if t.name == "model.embed_tokens.weight")
+    assert embed.data_type == TensorProto.FLOAT and result.float_dtype == "float32"
+    ids = np.random.default_rng(2).integers(0, loaded.model.config.vocab_size, (1, 7))
+    assert compare_logits(make_session(result.onnx_path), loaded.model, ids)["rel_l2"] < 1e-5
+
+
+def test_initializers_are_packed_bytes_plus_float16_float_parts(exported):
+    """Nothing dense, nothing float32: the stored bytes are the packed layers, every float parameter once in
+    float16, and a few small constants (rotary frequencies, shapes)."""
+    from sage_export.onnx.export import _tensor_bytes
+
+    loaded, packed, result = exported
+    state = loaded.model.state_dict()
+    floats = {n: t for n, t in state.items() if not n.endswith(tuple(f"{name}.weight" for name in packed))}
+    model = onnx.load(str(result.onnx_path), load_external_data=False)
+    by_kind = {"packed": 0, "float": 0, "constant": 0}
+    for init in model.graph.initializer:
+        kind = "float" if init.name in floats else "packed" if init.name.rsplit(".", 1)[0] in packed else "constant"
+        by_kind[kind] += _tensor_bytes(init)
+        assert kind != "constant" or _tensor_bytes(init) < 1024, init.name
+    assert by_kind["packed"] == result.sage_bytes
+    assert by_kind["float"] == 2 * sum(t.numel() for t in floats.values())
+    assert result.data_bytes <= sum(by_kind.values()) + 64 * len(model.graph.initializer)

@@ -65,10 +65,32 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.2f} MB"
 
 
+def variant_line(method: dict, calibration: dict | None, budget: dict | None) -> str:
+    """Preset, calibration source and budget of a result, in one sentence."""
+    params = method.get("params", {})
+    if method["name"] != "sage":
+        what = f"method {method['name']}"
+    else:
+        what = f"SAGE preset **{params.get('preset', 'paper')}**"
+    if budget:
+        what += (f", budget {budget['budget_bits']:.2f} true bits per weight (achieved {budget['true_bits']:.3f}, "
+                 f"price {budget['price']:.3g} per byte)")
+    if calibration is None:
+        return what + ", data-free (no calibration)."
+    if calibration.get("source") == "text":
+        src = f"text `{calibration['text']}`"
+    else:
+        src = "text the model sampled itself"
+    extra = f", {calibration['time_s']:.0f} s" if "time_s" in calibration else ""
+    return (what + f", calibrated on {src} ({calibration['samples']} × {calibration['seqlen']} tokens, "
+            f"seed {calibration.get('seed', 0)}{extra}).")
+
+
 def render_markdown(rep: dict, plots: list[str]) -> str:
     b = rep["bits"]
     out = [f"# sage-export report: {rep['model']['description']}", "",
-           f"Variant **{rep['method']['label']}**, seed {rep['seed']}. {FLOAT_NOTE}", "",
+           f"Variant `{rep['method']['label']}`, seed {rep['seed']}: "
+           + variant_line(rep["method"], rep.get("calibration"), rep.get("budget")), "", FLOAT_NOTE, "",
            "| accounting | bits per weight |", "|---|---|",
            f"| true storage (every stored byte) | **{b['true_bits']:.3f}** |",
            f"| paper: weight bits | {b['paper_weight_bits']:.3f} |",
@@ -84,17 +106,22 @@ def render_markdown(rep: dict, plots: list[str]) -> str:
         p = rep["perplexity"]
         out += [f"Perplexity on {p['text']}, ctx {p['ctx']}, {p['n_windows']} windows: **{p['ppl']:.3f}** "
                 f"(PyTorch, decoded quantized weights)", ""]
+    if rep.get("samples"):
+        out += ["## Does it still talk? (greedy, quantized model)", ""]
+        out += [f"- *{s['prompt']}* → {_quote(s['continuation'])}" for s in rep["samples"]] + [""]
     if rep.get("onnx"):
-        out += ["## ONNX Runtime check", "", "```json", json.dumps(rep["onnx"], indent=1, sort_keys=True), "```", ""]
+        out += ["## ONNX Runtime check", "", _check_verdict(rep["onnx"].get("checks", {})), "",
+                "```json", json.dumps(rep["onnx"], indent=1, sort_keys=True), "```", ""]
     if rep.get("trt"):
         out += ["## TensorRT", "", "```json", json.dumps(rep["trt"], indent=1, sort_keys=True), "```", ""]
     out += ["## Per layer type (means over blocks)", "",
-            "| layer | shape N×K | G | ρ realised | Brent evals | rel. error | true bits |", "|---|---|---|---|---|---|---|"]
+            "| layer | shape N×K | G used | G graph proposes | ρ realised | Brent evals | rel. error | true bits |",
+            "|---|---|---|---|---|---|---|---|"]
     for kind, rows in _by_type(rep["layers"]).items():
         r0 = rows[0]
         out.append(f"| {kind} | {r0['out_features']}×{r0['in_features']} | {_mean(rows, 'n_groups'):.2f} | "
-                   f"{_mean(rows, 'realised_rho'):.4f} | {_mean(rows, 'n_evals'):.1f} | {_mean(rows, 'rel_error'):.4f} | "
-                   f"{_mean(rows, 'true_bits'):.3f} |")
+                   f"{_mean(rows, 'graph_groups'):.2f} | {_mean(rows, 'realised_rho'):.4f} | "
+                   f"{_mean(rows, 'n_evals'):.1f} | {_mean(rows, 'rel_error'):.4f} | {_mean(rows, 'true_bits'):.3f} |")
     bounds = [r["name"] for r in rep["layers"] if r.get("hit_bound")]
     if bounds:
         out += ["", f"The ρ search ended on a bound of its interval for {len(bounds)} of {len(rep['layers'])} layers "
@@ -105,7 +132,25 @@ def render_markdown(rep: dict, plots: list[str]) -> str:
     return "\n".join(out) + "\n"
 
 
+def _check_verdict(checks: dict) -> str:
+    if "failures" not in checks:
+        return "Not judged (report written before thresholds existed)."
+    if checks["failures"]:
+        return "**FAILED**: " + "; ".join(checks["failures"]) + "."
+    lg = checks["logits"]
+    return (f"**Passed** ({checks['session']}): logits rel. L2 {lg['rel_l2']:.1e}, argmax agreement "
+            f"{lg['argmax_agreement']:.3f}, greedy tokens {'identical' if checks['greedy']['identical'] else 'differ'}"
+            + (f", perplexity rel. diff {checks['perplexity']['rel_diff']:.1e}" if "perplexity" in checks else "")
+            + "; thresholds in the JSON below.")
+
+
+def _quote(text: str) -> str:
+    return "`" + text.replace("`", "'").replace("\n", "⏎") + "`"
+
+
 def write_report(out_dir: Path, rep: dict) -> None:
-    plots = write_plots(rep["layers"], out_dir / "plots") if rep["layers"] and rep["method"]["name"] == "sage" else []
+    sage = rep["layers"] and rep["method"]["name"] == "sage"
+    target = rep["budget"]["budget_bits"] if rep.get("budget") else None
+    plots = write_plots(rep["layers"], out_dir / "plots", target) if sage else []
     (out_dir / "report.json").write_text(json.dumps(rep, indent=1, sort_keys=True, default=float) + "\n")
     (out_dir / "report.md").write_text(render_markdown(rep, plots))

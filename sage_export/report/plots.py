@@ -23,12 +23,14 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_bits(layers: list[dict], path: Path) -> None:
+def plot_bits(layers: list[dict], path: Path, target: float | None = None) -> None:
     x = range(len(layers))
     fig, ax = plt.subplots(figsize=(11, 3.6))
     ax.bar(x, [l["true_bits"] for l in layers], width=1.0, color="#4c72b0", label="true storage")
     ax.plot(x, [l["paper_weight_bits"] + l["paper_scale_bits"] for l in layers], "k.", ms=3,
             label="paper accounting (weight + scale bits)")
+    if target is not None:
+        ax.axhline(target, color="#c44e52", lw=1, ls="--", label=f"budget (model average) {target:g}")
     ax.set_xlabel("quantized layer (block order)")
     ax.set_ylabel("bits per weight")
     ax.set_title("Bits per weight, per layer")
@@ -40,10 +42,13 @@ def plot_bits(layers: list[dict], path: Path) -> None:
 def plot_groups_rho(layers: list[dict], path: Path) -> None:
     x = range(len(layers))
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 4.8), sharex=True)
-    top.step(x, [l.get("n_groups", 0) for l in layers], where="mid", color="#55a868")
+    top.step(x, [l.get("n_groups", 0) for l in layers], where="mid", color="#55a868", label="G used")
+    if any("graph_groups" in l for l in layers):
+        top.plot(x, [l.get("graph_groups", float("nan")) for l in layers], "k.", ms=3, label="G the kNN graph proposes")
+        top.legend(loc="upper right", fontsize=8)
     top.set_ylabel("groups G")
     # Fixed axes from 0: a flat line at G = 2 or ρ = 0.0999 must look flat, not like noise around an offset.
-    top.set_ylim(0, max(8, max(l.get("n_groups", 0) for l in layers)) + 0.5)
+    top.set_ylim(0, max(8, max(max(l.get("n_groups", 0), l.get("graph_groups", 0)) for l in layers)) + 0.5)
     top.set_title("Unsalient group count and chosen saliency ratio, per layer")
     bottom.plot(x, [l.get("realised_rho", 0.0) for l in layers], ".-", ms=3, color="#c44e52")
     bottom.set_ylabel("salient fraction ρ")
@@ -63,10 +68,9 @@ def plot_error(layers: list[dict], path: Path) -> None:
     _save(fig, path)
 
 
-def write_plots(layers: list[dict], out_dir: Path) -> list[str]:
+def write_plots(layers: list[dict], out_dir: Path, target_bits: float | None = None) -> list[str]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    plots = {"bits_per_layer.png": plot_bits, "groups_rho_per_layer.png": plot_groups_rho,
-             "error_per_layer.png": plot_error}
-    for name, fn in plots.items():
-        fn(layers, out_dir / name)
-    return list(plots)
+    plot_bits(layers, out_dir / "bits_per_layer.png", target_bits)
+    plot_groups_rho(layers, out_dir / "groups_rho_per_layer.png")
+    plot_error(layers, out_dir / "error_per_layer.png")
+    return ["bits_per_layer.png", "groups_rho_per_layer.png", "error_per_layer.png"]
