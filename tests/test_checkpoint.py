@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -199,6 +200,21 @@ def test_atomic_dir_success_moves_into_place(tmp_path):
         (temp / "a.txt").write_text("new")
     assert leftovers(tmp_path) == ["out"]
     assert (tmp_path / "out" / "a.txt").read_text() == "new"
+
+
+def test_atomic_dir_cleans_up_after_a_killed_run(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()  # a process id that no longer exists
+    (tmp_path / f".out.tmp-{dead}-0badc0de").mkdir()
+    (tmp_path / f".out.tmp-{dead}-0badc0de" / "model.onnx.data").write_bytes(b"half")
+    (tmp_path / f".out.tmp-{os.getpid()}-0000beef").mkdir()  # a writer still alive: not ours to remove
+    with atomic_output_dir(tmp_path / "out", force=False) as temp:
+        (temp / "a.txt").write_text("new")
+    assert leftovers(tmp_path) == [f".out.tmp-{os.getpid()}-0000beef", "out"]
+    assert f"removed .out.tmp-{dead}-0badc0de" in capsys.readouterr().out
 
 
 def test_atomic_dir_refuses_existing_without_force(tmp_path):

@@ -3,6 +3,9 @@
 A directory is built in a hidden temporary sibling (same filesystem, so the final step is a rename) and only
 moved into place when the block that fills it finishes; single files are written beside their target and
 os.replace'd over it.
+
+A process killed outright (SIGKILL, the OOM killer) cannot clean up after itself, so the sibling's name carries the
+writer's process id: the next run for the same output removes siblings whose writer no longer exists, and says so.
 """
 
 from __future__ import annotations
@@ -23,14 +26,36 @@ def _check_writable_parent(final: Path) -> None:
 
 
 def _make_hidden_sibling(final: Path, tag: str) -> Path:
-    """Create an empty directory `.<name>.<tag>-XXXXXXXX` next to final (mode from the umask, like mkdir)."""
+    """Create an empty directory `.<name>.<tag>-<pid>-XXXXXXXX` next to final (mode from the umask, like mkdir)."""
     while True:
-        candidate = final.parent / f".{final.name}.{tag}-{secrets.token_hex(4)}"
+        candidate = final.parent / f".{final.name}.{tag}-{os.getpid()}-{secrets.token_hex(4)}"
         try:
             candidate.mkdir()
             return candidate
         except FileExistsError:
             continue
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_siblings(final: Path) -> list[Path]:
+    """Delete the temporary siblings of `final` left by writers that were killed; returns what was removed.
+    Siblings of a live process (another run writing the same output right now) are left alone."""
+    removed = []
+    for path in final.parent.glob(f".{final.name}.tmp-*"):
+        pid = path.name[len(f".{final.name}.tmp-"):].split("-")[0]
+        if pid.isdigit() and not _process_exists(int(pid)):
+            _remove(path)
+            removed.append(path)
+    return removed
 
 
 def _remove(path: Path) -> None:
@@ -48,6 +73,8 @@ def atomic_output_dir(final: Path, force: bool) -> Iterator[Path]:
     if final.exists() and not force:
         raise FileExistsError(f"{final} already exists; pass --force to overwrite it")
     _check_writable_parent(final)
+    for stale in remove_stale_siblings(final):
+        print(f"note: removed {stale.name}, left by an earlier run that was killed before it finished")
     temp = _make_hidden_sibling(final, "tmp")
     try:
         yield temp
