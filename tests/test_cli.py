@@ -158,6 +158,64 @@ def test_generate_without_an_export(tmp_path):
     assert_one_line_error(run_cli("generate", tmp_path, "--prompt", "x"), "no exported model")
 
 
+def _corrupt_copy(tiny_run, tmp_path, how: str):
+    """A copy of the run's checkpoint damaged one way; for "csr" the damage is re-signed (checksums updated), so
+    only the layout's own validation can catch it."""
+    import hashlib
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from sage_export.format.checkpoint import _tensor_bytes
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_run / "checkpoint", ckpt)
+    packed, manifest = ckpt / "packed.safetensors", ckpt / "manifest.json"
+    if how == "truncated":
+        packed.write_bytes(packed.read_bytes()[: packed.stat().st_size // 2])
+    elif how == "manifest":
+        manifest.write_text(manifest.read_text()[:200])
+    elif how == "csr":
+        tensors = load_file(packed)
+        layer = next(n for n in json.loads(manifest.read_text())["layers"]
+                     if tensors[f"{n}.salient_cols"].size)
+        cols = tensors[f"{layer}.salient_cols"].copy()
+        cols[-1] = 1 << 30  # far past K
+        tensors[f"{layer}.salient_cols"] = cols
+        save_file(tensors, packed)
+        doc = json.loads(manifest.read_text())
+        doc["layers"][layer]["tensors"]["salient_cols"]["sha256"] = hashlib.sha256(_tensor_bytes(cols)).hexdigest()
+        blob = packed.read_bytes()
+        doc["files"]["packed.safetensors"] = {"bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
+        manifest.write_text(json.dumps(doc))
+    return ckpt
+
+
+@pytest.mark.parametrize("how, message", [("truncated", "expected"), ("manifest", "not valid JSON"),
+                                          ("csr", "salient_cols")])
+def test_export_of_a_damaged_checkpoint(tiny_run, tmp_path, how, message):
+    ckpt = _corrupt_copy(tiny_run, tmp_path, how)
+    proc = run_cli("export", ckpt, "--out", tmp_path / "onnx")
+    assert_one_line_error(proc, message)
+    assert leftovers(tmp_path) == ["ckpt"]
+
+
+def test_corrupt_gguf(tmp_path):
+    (tmp_path / "bad.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(40))
+    proc = run_cli("model", tmp_path / "bad.gguf", "--out", tmp_path / "o")
+    assert_one_line_error(proc, "not a readable GGUF file")
+    assert leftovers(tmp_path) == ["bad.gguf"]
+
+
+def test_onnx_export_is_byte_identical_across_processes(tiny_run, tmp_path):
+    for name in ("a", "b"):
+        proc = run_cli("export", tiny_run / "checkpoint", "--out", tmp_path / name)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    for name in ("model.onnx", "model.onnx.data"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+        assert (tmp_path / "a" / name).read_bytes() == (tiny_run / "onnx" / name).read_bytes(), name
+
+
 def test_missing_model(tmp_path):
     proc = run_cli("model", tmp_path / "nope", "--out", tmp_path / "o")
     assert_one_line_error(proc, "model not found")

@@ -22,8 +22,10 @@ DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 
 @pytest.fixture(scope="module", autouse=True)
 def _library() -> None:
+    # A GPU machine without the library is a broken setup, not a reason to pass quietly.
     if not kernels.available():
-        pytest.skip(kernels.unavailable_reason())
+        pytest.fail(f"CUDA is present but the kernels cannot be loaded: {kernels.unavailable_reason()} "
+                    "(build them with tools/build_plugins.sh and point SAGE_KERNELS_LIB at libsage_kernels.so)")
 
 
 def _check(m: int | tuple[int, ...], k: int, n: int, groups: int, dtype: torch.dtype, *, path: int = AUTO,
