@@ -56,7 +56,7 @@ def test_table_and_plot_come_from_the_json(bench_doc):
     doc = json.loads(bench_doc.read_text())
     md = bench_doc.with_suffix(".md").read_text()
     for r in doc["rows"]:
-        assert f"| {r['variant']} | {r['n_windows']} × 64 | {r['ppl']:.2f} |" in md
+        assert f"| {r['variant']} | — | {r['n_windows']} × 64 | {r['ppl']:.2f} |" in md
     png = (bench_doc.parent / "pareto.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
@@ -67,3 +67,16 @@ def test_render_only_regenerates_table_and_plot(bench_doc, tmp_path):
     run_bench(out, "--render-only")
     assert out.with_suffix(".md").read_text() == bench_doc.with_suffix(".md").read_text()
     assert (tmp_path / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_v2_budgets_share_one_measurement_and_name_their_calibration(tiny_llama_dir, tmp_path):
+    out = tmp_path / "quality.json"
+    run_bench(out, "--model", str(tiny_llama_dir), "--ctx", "64", "--windows", "1", "--variants", "sage:preset=v2",
+              "--budgets", "2.5", "3.5", "--calib", "self", "--calib-samples", "4", "--calib-seqlen", "16")
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"sage-v2(bits=2.5)", "sage-v2(bits=3.5)"}
+    for budget, r in ((2.5, rows["sage-v2(bits=2.5)"]), (3.5, rows["sage-v2(bits=3.5)"])):
+        assert abs(r["true_bits"] - budget) <= 0.05 and r["budget"]["budget_bits"] == budget
+        assert r["calibration"]["source"] == "self-generated" and r["calibration"]["tokens"] == 64
+    md = out.with_suffix(".md").read_text()
+    assert "| sage-v2(bits=2.5) | self-generated 4×16 | 1 × 64 |" in md

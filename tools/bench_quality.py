@@ -8,6 +8,10 @@ regenerates benchmarks/quality.md from the whole JSON, so headline rows (all win
     python tools/bench_quality.py --variants fp sage xnor billm            # all 147 windows, ctx 2048
     python tools/bench_quality.py --variants "sage:fixed_groups=1" --windows 40
     python tools/bench_quality.py --render-only                           # table and plot from the JSON
+    python tools/bench_quality.py --variants sage:preset=v2 --budgets 2.5 3 --calib self --calib-seqlen 128
+
+SAGE v2 rows at several --budgets share one measurement (statistics and per-matrix options do not depend on the
+budget); each row's quant time is that measurement's time plus its own finishing time, what one run would take.
 """
 
 from __future__ import annotations
@@ -30,21 +34,23 @@ sys.path.insert(0, str(REPO))
 
 from sage_export.eval.perplexity import perplexity, read_eval_text, tokenize_text  # noqa: E402
 from sage_export.models import load_model  # noqa: E402
-from sage_export.pipeline.calibration import calibration_ids  # noqa: E402
+from sage_export.pipeline.calibration import calibration_tokens  # noqa: E402
 from sage_export.pipeline.methods import Method  # noqa: E402
-from sage_export.pipeline.quantize import quantize_model  # noqa: E402
+from sage_export.pipeline.quantize import QuantizedModel, layer_seed, quantize_model  # noqa: E402
+from sage_export.pipeline.workers import MatrixPool  # noqa: E402
 
 WIKI = REPO.parent / "shared" / "data" / "wikitext2"
 
 
 def parse_variant(text: str) -> Method:
-    """'sage', 'sage:fixed_groups=2,salient_bits=3', 'rtn:bits=3,group_size=128', 'fp'."""
+    """'sage', 'sage:fixed_groups=2,salient_bits=3', 'rtn:bits=3,group_size=128', 'fp',
+    'sage:preset=v2,bits=3.2,compensate=false'."""
     name, _, rest = text.partition(":")
     params = {}
     for item in filter(None, re.split(r",(?![^\[]*\])", rest)):  # commas outside [...]
         key, _, value = item.partition("=")
-        params[key] = json.loads(value) if value[:1] in "[{" or value.replace(".", "").replace("-", "").isdigit() \
-            else value
+        literal = value[:1] in "[{" or value in ("true", "false") or value.replace(".", "").replace("-", "").isdigit()
+        params[key] = json.loads(value) if literal else value
     for key in ("rho_bounds", "group_candidates"):
         if key in params:
             params[key] = tuple(params[key])
@@ -53,31 +59,57 @@ def parse_variant(text: str) -> Method:
     return method
 
 
-def quantize_and_measure_bits(loaded, method: Method, args, calib) -> dict:
+def quantize_and_measure_bits(loaded, method: Method, args, calib, v2_cache: dict) -> dict:
     # Imported here so the FP row needs nothing of the quantization half.
     from sage_export.pipeline.artifact import round_float_params, write_checkpoint
     from sage_export.report.build import bits_summary, layer_rows
 
     work = copy.copy(loaded)
     work.model = copy.deepcopy(loaded.model)
-    qmodel = quantize_model(work, method, args.seed, calib if method.needs_calibration else None,
-                            calib_info=args.calib_info)
+    if method.preset == "v2":
+        qmodel = quantize_v2_shared(loaded, work, method, args, calib, v2_cache)
+    else:
+        qmodel = quantize_model(work, method, args.seed, calib if method.needs_calibration else None,
+                                calib_info=args.calib_info)
     round_float_params(work.model, list(qmodel.layers), "float16")
     rows = layer_rows(qmodel.layers)
     row = bits_summary(rows)
     row.update(quant_time_s=round(qmodel.time_s, 1), calibration=qmodel.calibration,
                n_groups_mean=_mean(rows, "n_groups"), rho_mean=_mean(rows, "realised_rho"), _model=work.model)
+    if qmodel.budget:
+        row["budget"] = {k: qmodel.budget[k] for k in ("budget_bits", "planned_bits", "true_bits", "timings")}
     with tempfile.TemporaryDirectory() as tmp:
         write_checkpoint(Path(tmp), work, qmodel, {"variant": method.label})
         row["packed_file_bytes"] = (Path(tmp) / "packed.safetensors").stat().st_size
     return row
 
 
-def measure(loaded, method: Method, ids, args, calib) -> dict:
+def quantize_v2_shared(loaded, work, method: Method, args, calib, cache: dict) -> QuantizedModel:
+    """A v2 row, reusing the measurement of an earlier row that differs only in its budget."""
+    from sage_export.models import quantizable_linears
+    from sage_export.pipeline.sage_v2 import finish_v2, measure_v2
+
+    recipe, cfg = method.sage_recipe(), method.sage_config()
+    seeds = {n: layer_seed(args.seed, i) for i, n in enumerate(quantizable_linears(loaded.model, loaded.architecture))}
+    key = json.dumps({k: v for k, v in method.params.items() if k != "bits"}, sort_keys=True)
+    start = time.perf_counter()
+    with MatrixPool(None) as pool:
+        if key not in cache:
+            cache.clear()  # one measurement at a time: the kept activations are the largest thing here
+            cache[key] = measure_v2(loaded, recipe, cfg, seeds, calib if recipe.needs_calibration else None, pool)
+        measurements = cache[key]
+        results, budget = finish_v2(work, recipe, cfg, seeds, measurements, pool, keep_measurements=True)
+    finish_s = time.perf_counter() - start
+    measured_s = sum(v for k, v in measurements.timings.items())
+    return QuantizedModel(method, results, args.seed, measured_s + finish_s,
+                          args.calib_info if recipe.needs_calibration else None, budget)
+
+
+def measure(loaded, method: Method, ids, args, calib, v2_cache: dict) -> list[dict]:
     row = {"variant": method.label, "method": method.to_dict(), "ctx": args.ctx, "model": loaded.source.description}
     model = loaded.model
     if method.name != "fp":
-        row.update(quantize_and_measure_bits(loaded, method, args, calib))
+        row.update(quantize_and_measure_bits(loaded, method, args, calib, v2_cache))
         model = row.pop("_model")
     start = time.perf_counter()
     res = perplexity(model, ids, args.ctx, args.windows, text="wikitext2/wiki.test.raw")
@@ -102,9 +134,23 @@ def machine_name() -> str:
 
 def merge(path: Path, new_rows: list[dict]) -> list[dict]:
     rows = json.loads(path.read_text())["rows"] if path.is_file() else []
-    keys = {(r["variant"], r["ctx"], r["n_windows"]) for r in new_rows}
-    rows = [r for r in rows if (r["variant"], r["ctx"], r["n_windows"]) not in keys] + new_rows
+    keys = {row_key(r) for r in new_rows}
+    rows = [r for r in rows if row_key(r) not in keys] + new_rows
     return sorted(rows, key=lambda r: (-r["n_windows"], r.get("true_bits", 99), r["variant"]))
+
+
+def row_key(row: dict) -> tuple:
+    """What makes a row: the variant, its calibration (source and size; none for data-free methods), the context
+    and the windows."""
+    return row["variant"], calib_label(row), row["ctx"], row["n_windows"]
+
+
+def calib_label(row: dict) -> str:
+    info = row.get("calibration")
+    if not info:
+        return "—"
+    source = "self-generated" if info.get("source") == "self-generated" else Path(info.get("text", "?")).name
+    return f"{source} {info['samples']}×{info['seqlen']}"
 
 
 def render_md(doc: dict) -> str:
@@ -115,25 +161,59 @@ def render_md(doc: dict) -> str:
            "and norms stay in floating point (stored as float16 for quantized rows, float32 for FP). Bits are per "
            "quantized weight: *paper* = weight + scale bits as papers count them; *true* = every stored byte "
            "(sign bits, group codes, masks/CSR lists, scales, zero-points) × 8 / weights. *packed file* = size of "
-           "the quantized layers' safetensors file. Calibration (GPTQ, BiLLM): WikiText-2 valid, never the test "
-           "text.", "",
-           "| variant | windows × ctx | PPL | paper w+s bits | true bits | packed file | mean G | mean ρ | quant time |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "the quantized layers' safetensors file. Calibration (column *calibration*: source, sequences × tokens): "
+           "WikiText-2 valid (`wiki.valid.tokens`) or text the model sampled itself, never the test text. "
+           "*sage-v2(bits=B)* is the default preset at a budget of B true bits; *sage* rows without v2 are the "
+           "paper preset (SPEC §2, data-free).", "",
+           "| variant | calibration | windows × ctx | PPL | paper w+s bits | true bits | packed file | mean G | mean ρ "
+           "| quant time |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in doc["rows"]:
         bits = (f"{r['paper_weight_bits']:.3f}+{r['paper_scale_bits']:.3f}", f"**{r['true_bits']:.3f}**",
                 f"{r['packed_file_bytes'] / 1e6:.2f} MB") if "true_bits" in r else ("32 (FP)", "32", "—")
         g = f"{r['n_groups_mean']:.2f}" if r.get("n_groups_mean") else "—"
         rho = f"{r['rho_mean']:.4f}" if r.get("rho_mean") is not None else "—"
         qt = f"{r['quant_time_s']:.0f} s" if "quant_time_s" in r else "—"
-        out.append(f"| {r['variant']} | {r['n_windows']} × {r['ctx']} | {r['ppl']:.2f} | {bits[0]} | {bits[1]} | "
+        out.append(f"| {r['variant']} | {calib_label(r)} | {r['n_windows']} × {r['ctx']} | {r['ppl']:.2f} | {bits[0]} | {bits[1]} | "
                    f"{bits[2]} | {g} | {rho} | {qt} |")
+    for windows in sorted({r["n_windows"] for r in doc["rows"]}, reverse=True):
+        table = budget_comparison(doc["rows"], windows)
+        if table:
+            out += ["", f"SAGE v2 against the best uniform point with equal or fewer true bits ({windows} windows):", "",
+                    "| budget | calibration | SAGE v2: PPL at true bits | best RTN/GPTQ at ≤ those bits | |",
+                    "|---|---|---|---|---|", *table]
     out += ["", "![perplexity against true bits](pareto.png)", "",
             "Measured with (each row's command, machine and date in quality.json):", ""]
     out += sorted({f"- `{r['command']}` ({r['machine']}, {r['date']})" for r in doc["rows"]})
     return "\n".join(out) + "\n"
 
 
-FAMILY_STYLE = {"sage": ("#c44e52", "o"), "xnor": ("#8172b2", "s"), "billm": ("#937860", "D"),
+def is_plain_v2(row: dict) -> bool:
+    """A SAGE v2 row that differs from the default only in its budget (no ablation)."""
+    m = row["method"]
+    return m["name"] == "sage" and m["params"].get("preset") == "v2" and set(m["params"]) <= {"preset", "bits"}
+
+
+def budget_comparison(rows: list[dict], windows: int) -> list[str]:
+    """Markdown rows: each plain SAGE v2 point against the best uniform (RTN/GPTQ) point of equal or lower true
+    bits, measured on the same windows: the acceptance question of the v2 preset, answered from the JSON."""
+    same = [r for r in rows if r["n_windows"] == windows]
+    uniform = [r for r in same if r["method"]["name"] in ("rtn", "gptq")]
+    out = []
+    for r in sorted((r for r in same if is_plain_v2(r)), key=lambda r: (calib_label(r), r["true_bits"])):
+        rivals = [u for u in uniform if u["true_bits"] <= r["true_bits"]]
+        best = min(rivals, key=lambda u: u["ppl"]) if rivals else None
+        if best is None:
+            rival, verdict = "none at or below these bits", "SAGE only"
+        else:
+            rival = f"{best['variant']}: {best['ppl']:.2f} at {best['true_bits']:.3f}"
+            verdict = "**SAGE better**" if r["ppl"] < best["ppl"] else "uniform better"
+        out.append(f"| {r['method']['params'].get('bits', 3.2):g} | {calib_label(r)} | {r['ppl']:.2f} at "
+                   f"{r['true_bits']:.3f} | {rival} | {verdict} |")
+    return out
+
+
+FAMILY_STYLE = {"sage-v2": ("#dd8452", "*"), "sage": ("#c44e52", "o"), "xnor": ("#8172b2", "s"), "billm": ("#937860", "D"),
                 "rtn": ("#4c72b0", "^"), "gptq": ("#55a868", "v")}
 
 
@@ -165,9 +245,24 @@ def render_pareto(doc: dict, path: Path) -> None:
 PLOT_CEILING = 1e4  # PPL above this is off scale: drawn on the top edge, unlabelled, counted in a note
 
 
+def family(row: dict) -> str:
+    m = row["method"]
+    return "sage-v2" if m["name"] == "sage" and m["params"].get("preset") == "v2" else m["name"]
+
+
+V2_TAGS = {"compensate": "−comp", "activation_weighting": "−h", "layer_sensitivity": "−sens",
+           "group_choice": "graph G", "price_rho": "−price"}
+
+
 def short_label(row: dict) -> str:
-    """'G4 ρ≤0.01' for sage(fixed_groups=4,rho_bounds=(0.001, 0.01)): the plot's labels must not overlap."""
+    """'G4 ρ≤0.01' for sage(fixed_groups=4,rho_bounds=(0.001, 0.01)), 'v2 3.2 self −comp' for a v2 ablation: the
+    plot's labels must not overlap."""
     method = row["method"]
+    if family(row) == "sage-v2":
+        params = method["params"]
+        tags = [V2_TAGS.get(k, k) for k in sorted(params) if k not in ("preset", "bits")]
+        source = "self" if (row.get("calibration") or {}).get("source") == "self-generated" else ""
+        return " ".join(filter(None, ["v2", f"{params.get('bits', 3.2):g}", source, *tags]))
     if method["name"] != "sage":
         return row["variant"]
     names = {"fixed_groups": lambda v: f"G{v}", "salient_bits": lambda v: f"b={v}", "scale_mode": str,
@@ -186,23 +281,23 @@ def _pareto_panel(ax, rows: list[dict]) -> None:
         return label
 
     for r in rows:
-        family = r["method"]["name"]
-        if family == "fp":
+        fam = family(r)
+        if fam == "fp":
             ax.axhline(r["ppl"], color="k", lw=1, ls="--", label=f"FP32 ({r['ppl']:.2f})")
             continue
-        color, marker = FAMILY_STYLE[family]
+        color, marker = FAMILY_STYLE[fam]
         y = min(r["ppl"], PLOT_CEILING)
-        ax.scatter(r["true_bits"], y, color=color, marker=marker, zorder=3, label=once(family), clip_on=False)
+        ax.scatter(r["true_bits"], y, color=color, marker=marker, zorder=3, label=once(fam), clip_on=False)
         if r["ppl"] <= PLOT_CEILING:  # off-scale labels would pile up on the top edge
             ax.annotate(short_label(r), (r["true_bits"], y), fontsize=6, xytext=(3, 3), textcoords="offset points")
-        if family == "sage":
+        if fam == "sage":
             paper = r["paper_weight_bits"] + r["paper_scale_bits"]
             ax.scatter(paper, y, facecolors="none", edgecolors=color, marker=marker, zorder=3, clip_on=False,
                        label=once("sage, paper bits"))
             ax.plot([paper, r["true_bits"]], [y, y], color=color, lw=0.4, alpha=0.4)
     for name, families, color in (("best uniform (RTN/GPTQ)", {"rtn", "gptq"}, "#4c72b0"),
-                                  ("best SAGE (true bits)", {"sage"}, "#c44e52")):
-        front = frontier([r for r in rows if r["method"]["name"] in families])
+                                  ("best SAGE (true bits)", {"sage", "sage-v2"}, "#c44e52")):
+        front = frontier([r for r in rows if family(r) in families])
         if front:
             ax.plot([r["true_bits"] for r in front], [min(r["ppl"], PLOT_CEILING) for r in front], color=color,
                     lw=1.2, alpha=0.8, drawstyle="steps-post", label=name)
@@ -238,7 +333,12 @@ def main() -> int:
     p.add_argument("--also-prefix", type=int, default=None,
                    help="also record the perplexity of the first N windows (free: same forward passes)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--calib", choices=("wiki", "self"), default="wiki",
+                   help="calibration source of calibrated methods: WikiText-2 valid, or text the model samples")
     p.add_argument("--calib-samples", type=int, default=32)
+    p.add_argument("--calib-seqlen", type=int, default=2048)
+    p.add_argument("--budgets", type=float, nargs="+",
+                   help="SAGE v2 variants: one row per budget (true bits), sharing one measurement")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "quality.json")
     args = p.parse_args()
     if args.render_only:
@@ -246,18 +346,21 @@ def main() -> int:
         return 0
     if not args.variants:
         p.error("--variants is required (or --render-only)")
-    methods = [parse_variant(v) for v in args.variants]
+    methods = expand_budgets([parse_variant(v) for v in args.variants], args.budgets)
     loaded = load_model(args.model)
     ids = tokenize_text(loaded.tokenizer, read_eval_text(WIKI / "wiki.test.raw"))
-    calib = None
-    args.calib_info = {"text": "wikitext2/wiki.valid.tokens", "samples": args.calib_samples, "seqlen": 2048}
+    calib, args.calib_info = None, None
     if any(m.needs_calibration for m in methods):
-        calib = calibration_ids(loaded.tokenizer, WIKI / "wiki.valid.tokens", args.calib_samples, 2048, args.seed)
+        text = WIKI / "wiki.valid.tokens" if args.calib == "wiki" else None
+        calib, args.calib_info = calibration_tokens(loaded, text, args.calib_samples, args.calib_seqlen, args.seed)
+        if text is not None:
+            args.calib_info["text"] = "wikitext2/wiki.valid.tokens"
+    v2_cache: dict = {}
     stamp = {"machine": machine_name(),
              "date": dt.date.today().isoformat(),
              "command": "python tools/bench_quality.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
     for method in methods:
-        rows = measure(loaded, method, ids, args, calib)
+        rows = measure(loaded, method, ids, args, calib, v2_cache)
         for row in rows:
             row.update(stamp)
             print(f"{row['variant']} ({row['n_windows']} windows): ppl {row['ppl']:.3f} "
@@ -267,6 +370,18 @@ def main() -> int:
         args.out.write_text(json.dumps(doc, indent=1, sort_keys=True, default=float) + "\n")
         write_outputs(args.out, doc)
     return 0
+
+
+def expand_budgets(methods: list[Method], budgets: list[float] | None) -> list[Method]:
+    if not budgets:
+        return methods
+    out = []
+    for m in methods:
+        if m.preset == "v2":
+            out += [Method(m.name, {**m.params, "bits": b}) for b in budgets]
+        else:
+            out.append(m)
+    return out
 
 
 def write_outputs(json_path: Path, doc: dict) -> None:
