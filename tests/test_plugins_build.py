@@ -3,7 +3,10 @@
 * both libraries exist, the TensorRT plugin exports getCreators/setLoggerFinder and needs no TensorRT library;
 * the plugin's host test (creator, fields, serialization round trip, shapes, formats) passes;
 * the ctypes binding matches the launch API;
-* every kernel path, run by the CPU emulator of plugins/tests/cuda_emulator.h, matches the NumPy reference.
+* every kernel path, run by the CPU emulator of plugins/tests/cuda_emulator.h, matches the NumPy reference;
+* a corrupt CSR (row pointers or columns out of range) reads nothing out of bounds (the emulator is built with
+  AddressSanitizer where available) and gives the reference of the CSR as the kernels clamp it;
+* X = identity gives Ŵᵀ bit for bit; arguments past the kernels' limits are refused before any launch.
 
 Needs nvcc and cmake (skipped otherwise) and PyPI access for the TensorRT headers (tools/fetch_trt_headers.sh).
 """
@@ -19,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sage_export.format.sage_layout import PackedLinear, dequantize
 from sage_export.onnx.reference import sage_binary_gemm_packed
 from sage_export.runtime import kernels
 from sage_export.runtime.synthetic import random_packed_linear, reference_error_ratio, scramble_salient_bits
@@ -82,18 +86,34 @@ def test_ctypes_binding_matches_the_library(build_dir: Path, monkeypatch: pytest
         empty = kernels.SageGemmArgs(x=dummy, sign_bits=dummy, group_scales=dummy, salient_rowptr=dummy,
                                      salient_scale=dummy, y=dummy, m=0, k=8, n=4, n_groups=1, salient_bits=4)
         kernels.launch(empty, 0)
+        empty.k = kernels.MAX_FEATURES
+        kernels.launch(empty, 0)
+        for field, value in (("k", kernels.MAX_FEATURES + 1), ("nnz", -1), ("nnz", 2**31), ("nnz", 1)):
+            wrong = kernels.SageGemmArgs.from_buffer_copy(empty)
+            setattr(wrong, field, value)  # nnz = 1 without salient_cols / salient_q arrays
+            with pytest.raises(kernels.KernelLibraryError, match="error 1"):
+                kernels.launch(wrong, 0)
     finally:
         monkeypatch.undo()
         kernels.reload()
 
 
-def _write_problem(path: Path, x: np.ndarray, p, bias: np.ndarray | None, kernel_path: int, misalign: bool) -> None:
-    """The emulator's input format (plugins/tests/kernel_emulator.cpp)."""
+def _write_problem(path: Path, x: np.ndarray, p, bias: np.ndarray | None, kernel_path: int, misalign: bool,
+                   tensors: dict[str, np.ndarray] | None = None) -> None:
+    """The emulator's input format (plugins/tests/kernel_emulator.cpp). `tensors` stands in for p's packed arrays,
+    e.g. with a corrupt CSR that no PackedLinear would hold."""
+    tensors = p.tensors() if tensors is None else tensors
     dtype_id = kernels.DTYPE_FLOAT16 if x.dtype == np.float16 else kernels.DTYPE_FLOAT32
     header = np.array([x.shape[0], p.in_features, p.out_features, p.n_groups, p.salient_bits, dtype_id,
-                       -1 if bias is None else dtype_id, kernel_path, p.nnz, int(misalign)], dtype="<i8")
-    arrays = [x, *p.tensors().values()] + ([] if bias is None else [bias])
+                       -1 if bias is None else dtype_id, kernel_path, tensors["salient_cols"].shape[0],
+                       int(misalign)], dtype="<i8")
+    arrays = [x, *tensors.values()] + ([] if bias is None else [bias])
     path.write_bytes(header.tobytes() + b"".join(np.ascontiguousarray(a).tobytes() for a in arrays))
+
+
+def _emulate(build_dir: Path, tmp_path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(build_dir / "sage_kernel_emulator"), str(tmp_path / "problem.bin"),
+                           str(tmp_path / "y.bin")], capture_output=True, text=True, timeout=120)
 
 
 AUTO, GEMV, TILED = kernels.PATH_AUTO, kernels.PATH_GEMV, kernels.PATH_TILED
@@ -128,10 +148,123 @@ def test_emulated_kernels_match_reference(build_dir: Path, tmp_path: Path, case:
     bias = rng.standard_normal(n).astype(dtype) if with_bias else None
     _write_problem(tmp_path / "problem.bin", x, p, bias, kernel_path, misalign)
 
-    result = subprocess.run([str(build_dir / "sage_kernel_emulator"), str(tmp_path / "problem.bin"),
-                             str(tmp_path / "y.bin")], capture_output=True, text=True, timeout=120)
+    result = _emulate(build_dir, tmp_path)
     assert result.returncode == 0, result.stderr
     y = np.fromfile(tmp_path / "y.bin", dtype=dtype).reshape(m, n)
     assert reference_error_ratio(y, x, p, bias) <= 1.0
     if dtype == np.float32:  # and close to the reference implementation itself
         np.testing.assert_allclose(y, sage_binary_gemm_packed(x, p, bias), rtol=1e-4, atol=1e-4)
+
+
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+
+
+def _staircase_layer(n: int, k: int, groups: int, seed: int) -> PackedLinear:
+    """A valid layer whose salient columns ascend across the whole CSR (row r's lie in the r-th band of columns),
+    so that any slice of entries a corrupt rowptr hands a row still ascends, as the tiled kernel's cursor needs.
+    The bits under the salient entries are random (non-canonical), so the kernels must subtract what they encode."""
+    rng = np.random.default_rng(seed)
+    binary = random_packed_linear(n, k, groups, salient_fraction=0.0, seed=seed)
+    band = np.arange(k) * n // k
+    mask = (band[None, :] == np.arange(n)[:, None]) & (rng.random((n, k)) < 0.6)
+    rows, cols = np.nonzero(mask)
+    rowptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=n))]).astype(np.int32)
+    csr = {"salient_rowptr": rowptr, "salient_cols": cols.astype(np.int32),
+           "salient_q": rng.integers(-7, 8, cols.shape[0]).astype(np.int8)}
+    return PackedLinear.from_tensors(binary.tensors() | csr, **binary.attrs())
+
+
+def _corrupt_csr(p: PackedLinear, kind: str, seed: int) -> dict[str, np.ndarray]:
+    """p's tensors with row pointers negative, past nnz and out of order ("rowptr"), columns negative and >= K
+    ("cols"), or both."""
+    rng = np.random.default_rng(seed)
+    rowptr, cols = p.salient_rowptr.copy(), p.salient_cols.copy()
+    if kind in ("rowptr", "both"):
+        at = rng.choice(p.out_features + 1, size=8, replace=False)
+        rowptr[at[:5]] = [-3, INT32_MIN, p.nnz + 5, INT32_MAX, p.nnz]
+        rowptr[at[5]], rowptr[at[6]] = rowptr[at[6]], rowptr[at[5]]  # rows running backwards
+        rowptr[at[7]] = rowptr[at[7]] // 2
+    if kind in ("cols", "both"):
+        at = rng.choice(p.nnz, size=p.nnz // 8, replace=False)
+        cols[at] = rng.choice([-1, INT32_MIN, p.in_features, 1 << 30, INT32_MAX], size=at.shape[0])
+    return p.tensors() | {"salient_rowptr": rowptr, "salient_cols": cols}
+
+
+def _sanitized(p: PackedLinear, tensors: dict[str, np.ndarray]) -> PackedLinear:
+    """The layer the kernels compute from a corrupt CSR: row r owns the entries [clamp(rowptr[r], 0, nnz),
+    clamp(rowptr[r+1], that, nnz)), of which those with a column outside [0, K) are skipped."""
+    rowptr, cols, q = (tensors[name] for name in ("salient_rowptr", "salient_cols", "salient_q"))
+    begin = np.clip(rowptr[:-1].astype(np.int64), 0, cols.shape[0])
+    end = np.clip(rowptr[1:].astype(np.int64), begin, cols.shape[0])
+    rows = [np.arange(b, e)[(cols[b:e] >= 0) & (cols[b:e] < p.in_features)] for b, e in zip(begin, end)]
+    kept = np.concatenate(rows)
+    csr = {"salient_rowptr": np.concatenate([[0], np.cumsum([r.size for r in rows])]).astype(np.int32),
+           "salient_cols": cols[kept], "salient_q": q[kept]}
+    return PackedLinear.from_tensors(tensors | csr, **p.attrs())
+
+
+# (m, k, n, groups, dtype, path): each kernel and dtype, vector and byte loads
+CORRUPT_SHAPES = {
+    "gemv-f32": (3, 300, 70, 3, np.float32, GEMV),
+    "gemv-f16-vector-loads": (2, 1152, 40, 4, np.float16, GEMV),
+    "simt-f32": (70, 300, 70, 3, np.float32, TILED),
+    "wmma-f16": (40, 296, 70, 4, np.float16, TILED),
+}
+
+
+@pytest.mark.parametrize("kind", ["rowptr", "cols", "both"])
+@pytest.mark.parametrize("shape", CORRUPT_SHAPES)
+def test_emulated_kernels_clamp_a_corrupt_csr(build_dir: Path, tmp_path: Path, shape: str, kind: str) -> None:
+    m, k, n, groups, dtype, kernel_path = CORRUPT_SHAPES[shape]
+    seed = sum(map(ord, shape + kind))
+    p = _staircase_layer(n, k, groups, seed)
+    tensors = _corrupt_csr(p, kind, seed)
+    x = np.random.default_rng(seed).standard_normal((m, k)).astype(dtype)
+    _write_problem(tmp_path / "problem.bin", x, p, None, kernel_path, False, tensors)
+
+    result = _emulate(build_dir, tmp_path)
+    assert result.returncode == 0, result.stderr
+    y = np.fromfile(tmp_path / "y.bin", dtype=dtype).reshape(m, n)
+    clamped = _sanitized(p, tensors)
+    assert reference_error_ratio(y, x, clamped) <= 1.0
+    if dtype == np.float32:
+        np.testing.assert_allclose(y, sage_binary_gemm_packed(x, clamped), rtol=1e-4, atol=1e-4)
+
+
+# (k, n, groups, path, scrambled salient bits)
+IDENTITY_CASES = {
+    "gemv-k77": (77, 40, 3, GEMV, False),
+    "gemv-k136-g16-noncanonical": (136, 33, 16, GEMV, True),
+    "simt-k77-noncanonical": (77, 65, 4, TILED, True),
+    "simt-k136-g1": (136, 40, 1, TILED, False),
+}
+
+
+@pytest.mark.parametrize("case", IDENTITY_CASES)
+def test_emulated_kernels_give_the_weight_for_an_identity_input(build_dir: Path, tmp_path: Path, case: str) -> None:
+    # One nonzero activation per row makes every sum exact, salient corrections included (float16 scales and 4-bit
+    # integers leave float32 plenty of bits): Y = I·Ŵᵀ must be Ŵᵀ to the last bit.
+    k, n, groups, kernel_path, scrambled = IDENTITY_CASES[case]
+    seed = sum(map(ord, case))
+    p = random_packed_linear(n, k, groups, salient_fraction=0.1, seed=seed)
+    if scrambled:
+        p = scramble_salient_bits(p, seed)
+    x = np.eye(k, dtype=np.float32)
+    _write_problem(tmp_path / "problem.bin", x, p, None, kernel_path, False)
+
+    result = _emulate(build_dir, tmp_path)
+    assert result.returncode == 0, result.stderr
+    y = np.fromfile(tmp_path / "y.bin", dtype=np.float32).reshape(k, n)
+    assert np.array_equal(y.view(np.uint32), np.ascontiguousarray(dequantize(p).T).view(np.uint32))
+
+
+# K = 2**31 - 8 passed the old check (ceil(K/8) fits an int) yet overflowed the kernels' tile arithmetic.
+@pytest.mark.parametrize("k, nnz", [(kernels.MAX_FEATURES + 1, 0), (2**31 - 8, 0), (64, -1), (64, 2**31)])
+def test_emulated_launch_refuses_arguments_past_the_limits(build_dir: Path, tmp_path: Path, k: int, nnz: int) -> None:
+    # Only the header: the emulator gives such a problem empty arrays, which a launch must not get to read.
+    header = np.array([4, k, 8, 2, 4, kernels.DTYPE_FLOAT32, -1, kernels.PATH_AUTO, nnz, 0], dtype="<i8")
+    (tmp_path / "problem.bin").write_bytes(header.tobytes())
+    result = _emulate(build_dir, tmp_path)
+    assert result.returncode == 1, result.stderr  # cudaErrorInvalidValue
+    assert "sage_gemm_launch: invalid argument" in result.stderr
+    assert not (tmp_path / "y.bin").exists()

@@ -16,11 +16,16 @@
 extern "C" {
 #endif
 
-#define SAGE_GEMM_ABI_VERSION 1
+/* 2: nnz added after m (the kernels clamp the CSR arrays to it). */
+#define SAGE_GEMM_ABI_VERSION 2
 /* Group indices are decoded with a lookup table of 2*SAGE_MAX_GROUPS entries (at most 4 code planes). */
 #define SAGE_MAX_GROUPS 16
 /* SAGE_PATH_AUTO runs the GEMV kernel up to this many activation rows and the tiled kernel above it. */
 #define SAGE_GEMV_MAX_M 16
+/* Largest K and N accepted. The kernels index columns and rows with int and step up to one tile or block past the
+ * last one (k0 + BK, tile * 1024 + c, n_base + 63, (K + 7) / 8, ...); 2^30 leaves 2^30 of headroom below INT32_MAX
+ * for all of them, so no bound check in an inner loop has to fear wrap-around. No real layer comes close. */
+#define SAGE_MAX_FEATURES (1 << 30)
 
 #if defined(_WIN32)
 #define SAGE_API __declspec(dllexport)
@@ -36,20 +41,23 @@ typedef enum SagePath {
     SAGE_PATH_TILED = 2  /* prefill kernel: 64x64 output tiles (WMMA for float16, SIMT for float32) */
 } SagePath;
 
+/* Pointers, then the 64-bit integers, then the 32-bit ones: every field is naturally aligned and there is no
+ * padding, so the ctypes mirror (sage_export/runtime/kernels.py) lays it out identically on every 64-bit ABI. */
 typedef struct SageGemmArgs {
     const void* x;                 /* [M, K] in x_dtype, row-major */
     const int8_t* sign_bits;       /* [N, ceil(K/8)]: bit j of byte c is column 8c+j, 1 -> +1 */
     const int8_t* group_codes;     /* [P, N, ceil(K/8)] bit planes of the group index; NULL allowed when P == 0 */
     const uint16_t* group_scales;  /* float16 bits [G] */
-    const int32_t* salient_rowptr; /* [N + 1] CSR row pointers */
+    const int32_t* salient_rowptr; /* [N + 1] CSR row pointers (clamped to [0, nnz], see sage_gemm_launch) */
     const int32_t* salient_cols;   /* [nnz] ascending within a row; NULL allowed when nnz == 0 */
     const int8_t* salient_q;       /* [nnz] signed integers; NULL allowed when nnz == 0 */
     const uint16_t* salient_scale; /* float16 bits [N] */
     const void* bias;              /* [N] in bias_dtype (the op contract: float32; float16 also accepted), or NULL */
     void* y;                       /* [M, N] in x_dtype, row-major */
     int64_t m;                     /* activation rows (product of X's leading dims); 0 is a no-op */
-    int32_t k;                     /* in_features */
-    int32_t n;                     /* out_features */
+    int64_t nnz;                   /* salient entries: the length of salient_cols and salient_q, 0..INT32_MAX */
+    int32_t k;                     /* in_features, 1..SAGE_MAX_FEATURES */
+    int32_t n;                     /* out_features, 1..SAGE_MAX_FEATURES */
     int32_t n_groups;              /* G, 1..SAGE_MAX_GROUPS */
     int32_t salient_bits;          /* b, 2..8 (checked only: q is already stored as int8) */
     int32_t x_dtype;               /* SageDType of x and y */
@@ -66,7 +74,11 @@ static inline int32_t sage_gemm_planes(int32_t n_groups) {
 }
 
 /* Validates the arguments (cudaErrorInvalidValue without touching the device when they are wrong), enqueues the
- * kernel on `stream` and returns the cudaError_t of the launch as an int. */
+ * kernel on `stream` and returns the cudaError_t of the launch as an int.
+ *
+ * The CSR contents live on the device and are not checked here; the kernels only make bad values harmless (garbage
+ * out, never an illegal address): row r owns the entries [clamp(rowptr[r], 0, nnz), clamp(rowptr[r+1], that, nnz))
+ * and an entry whose column lies outside [0, K) is skipped. Valid data is unaffected. */
 SAGE_API int sage_gemm_launch(const SageGemmArgs* args, cudaStream_t stream);
 
 /* The path SAGE_PATH_AUTO takes for m activation rows. */

@@ -27,8 +27,9 @@ struct Problem {
     const void* bias;
     void* y;
     int64_t m;
-    int k;
+    int k;          // 1..SAGE_MAX_FEATURES, like n: int index math cannot overflow (sage_gemm_api.h)
     int n;
+    int nnz;        // length of cols and q: every CSR read is clamped to it
     int kb;         // bytes per packed row: ceil(K/8)
     int groups;
     int planes;     // ceil(log2(groups))
@@ -57,7 +58,27 @@ __device__ __forceinline__ void fill_lut(float* lut, const Problem& p) {
     }
 }
 
-// LUT index of the binary weight at (row, col), read straight from global memory (used for salient entries).
+// The entries of one CSR row, [begin, end) within [0, nnz) whatever rowptr holds: a corrupt rowptr (or the
+// uninitialised inputs TensorRT times tactics with) then yields a wrong or empty row, never an illegal address.
+struct SalientRange {
+    int begin;
+    int end;
+};
+
+__device__ __forceinline__ int clamp_index(int v, int lo, int hi) { return v < lo ? lo : v > hi ? hi : v; }
+
+__device__ __forceinline__ SalientRange salient_range(const Problem& p, int row) {
+    const int begin = clamp_index(p.rowptr[row], 0, p.nnz);
+    return {begin, clamp_index(p.rowptr[row + 1], begin, p.nnz)};
+}
+
+// A column outside [0, K) would index x and the bit planes out of bounds; the unsigned compare rejects both sides.
+__device__ __forceinline__ bool column_in_range(const Problem& p, int col) {
+    return static_cast<unsigned>(col) < static_cast<unsigned>(p.k);
+}
+
+// LUT index of the binary weight at (row, col), read straight from global memory (used for salient entries, whose
+// column the caller has checked).
 __device__ __forceinline__ int binary_index(const Problem& p, int row, int col) {
     const int64_t byte = static_cast<int64_t>(row) * p.kb + (col >> 3);
     const int bit = col & 7;

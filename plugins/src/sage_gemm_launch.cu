@@ -5,16 +5,26 @@ namespace {
 
 bool valid_dtype(int32_t dtype) { return dtype == SAGE_DTYPE_FLOAT32 || dtype == SAGE_DTYPE_FLOAT16; }
 
+// K and N up to SAGE_MAX_FEATURES keep the kernels' int index math from wrapping (see sage_gemm_api.h); nnz up
+// to INT32_MAX fits their int CSR cursors, which the clamped row pointers never carry past it.
+bool valid_sizes(const SageGemmArgs* a) {
+    return a->m >= 0 && a->k >= 1 && a->k <= SAGE_MAX_FEATURES && a->n >= 1 && a->n <= SAGE_MAX_FEATURES &&
+           a->nnz >= 0 && a->nnz <= INT32_MAX && a->n_groups >= 1 && a->n_groups <= SAGE_MAX_GROUPS &&
+           a->salient_bits >= 2 && a->salient_bits <= 8;
+}
+
+bool valid_pointers(const SageGemmArgs* a) {
+    const bool salient = a->nnz == 0 || (a->salient_cols != nullptr && a->salient_q != nullptr);
+    return a->x != nullptr && a->sign_bits != nullptr && a->group_scales != nullptr &&
+           a->salient_rowptr != nullptr && a->salient_scale != nullptr && a->y != nullptr && salient &&
+           (a->group_codes != nullptr || sage_gemm_planes(a->n_groups) == 0);
+}
+
 bool valid_args(const SageGemmArgs* a) {
     if (a == nullptr) return false;
-    const bool shapes = a->m >= 0 && a->k >= 1 && a->k <= INT32_MAX - 7 && a->n >= 1 && a->n_groups >= 1 &&
-                        a->n_groups <= SAGE_MAX_GROUPS && a->salient_bits >= 2 && a->salient_bits <= 8;
     const bool kinds = valid_dtype(a->x_dtype) && (a->bias == nullptr || valid_dtype(a->bias_dtype)) &&
                        a->path >= SAGE_PATH_AUTO && a->path <= SAGE_PATH_TILED && a->reserved == 0;
-    const bool pointers = a->x != nullptr && a->sign_bits != nullptr && a->group_scales != nullptr &&
-                          a->salient_rowptr != nullptr && a->salient_scale != nullptr && a->y != nullptr &&
-                          (a->group_codes != nullptr || sage_gemm_planes(a->n_groups) == 0);
-    return shapes && kinds && pointers;
+    return valid_sizes(a) && kinds && valid_pointers(a);
 }
 
 sage::Problem make_problem(const SageGemmArgs& a) {
@@ -32,6 +42,7 @@ sage::Problem make_problem(const SageGemmArgs& a) {
     p.m = a.m;
     p.k = a.k;
     p.n = a.n;
+    p.nnz = static_cast<int>(a.nnz);
     p.kb = (a.k + 7) / 8;
     p.groups = a.n_groups;
     p.planes = sage_gemm_planes(a.n_groups);

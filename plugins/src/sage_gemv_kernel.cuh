@@ -112,14 +112,16 @@ __device__ __forceinline__ void accumulate_chunk(float (&acc)[MT], const Chunk& 
 }
 
 // The team's lanes split the row's salient entries; activations come from global memory (L1/L2 resident).
+// e is 64-bit because e + kTeam passes INT32_MAX when nnz is close to it.
 template <typename T, int MT>
 __device__ __forceinline__ void add_salient(float (&acc)[MT], const Problem& p, int row, int64_t m0, int team_lane,
                                             const float* lut) {
     const T* x = static_cast<const T*>(p.x);
     const float scale = __half2float(p.salient_scale[row]);
-    const int end = p.rowptr[row + 1];
-    for (int e = p.rowptr[row] + team_lane; e < end; e += kTeam) {
+    const SalientRange range = salient_range(p, row);
+    for (int64_t e = static_cast<int64_t>(range.begin) + team_lane; e < range.end; e += kTeam) {
         const int col = p.cols[e];
+        if (!column_in_range(p, col)) continue;
         const float corr = salient_correction(scale, p.q[e], lut[binary_index(p, row, col)]);
 #pragma unroll
         for (int m = 0; m < MT; ++m) {

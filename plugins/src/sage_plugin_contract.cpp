@@ -1,5 +1,6 @@
 #include "sage_plugin_contract.h"
 
+#include <algorithm>
 #include <cstring>
 
 namespace sage {
@@ -77,8 +78,10 @@ std::string parse_attrs(nvinfer1::PluginFieldCollection const* fc, SageGemmAttrs
 }
 
 std::string validate_attrs(SageGemmAttrs const& a) {
-    if (a.in_features < 1 || a.in_features > INT32_MAX - 7) return "in_features must be positive";
-    if (a.out_features < 1 || a.out_features == INT32_MAX) return "out_features must be positive";
+    // The kernels' limit (SAGE_MAX_FEATURES), checked here so that the engine build fails, not every enqueue.
+    std::string const range = " must be in 1.." + std::to_string(SAGE_MAX_FEATURES);
+    if (a.in_features < 1 || a.in_features > SAGE_MAX_FEATURES) return "in_features" + range;
+    if (a.out_features < 1 || a.out_features > SAGE_MAX_FEATURES) return "out_features" + range;
     if (a.n_groups < 1 || a.n_groups > SAGE_MAX_GROUPS) {
         return "n_groups must be in 1.." + std::to_string(SAGE_MAX_GROUPS) + ", got " + std::to_string(a.n_groups);
     }
@@ -175,6 +178,9 @@ SageGemmArgs launch_args(SageGemmAttrs const& attrs, nvinfer1::PluginTensorDesc 
     a.bias = has_bias ? inputs[kBias] : nullptr;
     a.y = output;
     a.m = leading_rows(input_desc[kX].dims);
+    // The kernels clamp every CSR index to nnz; the shorter of the two arrays keeps both reads in bounds should
+    // their lengths ever disagree (configurePlugin rejects that, but enqueue must not depend on it).
+    a.nnz = std::min(input_desc[kSalientCols].dims.d[0], input_desc[kSalientQ].dims.d[0]);
     a.k = attrs.in_features;
     a.n = attrs.out_features;
     a.n_groups = attrs.n_groups;

@@ -95,13 +95,17 @@ __device__ __forceinline__ void decode_w_tile(TS* ws, const Problem& p, const fl
 }
 
 // One thread owns one weight row of the tile and MR activation rows: it walks that row's CSR entries falling in
-// [k0, k0+bk) (columns ascend, so a cursor suffices) and accumulates corr·x from the shared tiles.
+// [k0, k0+bk) (columns ascend, so a cursor suffices) and accumulates corr·x from the shared tiles. A column
+// outside [0, K) is passed over for good, wherever it sits in the row, so it cannot hold back the entries after
+// it; checking it first also keeps col - k0 from overflowing.
 template <typename TS, int MR, int LDX>
 __device__ __forceinline__ void add_salient_tile(float (&corr)[MR], int& cursor, int end, float scale,
                                                  const Problem& p, const TS* xs_rows, const TS* ws_row, int k0,
                                                  int bk) {
     for (; cursor < end; ++cursor) {
-        const int kk = p.cols[cursor] - k0;
+        const int col = p.cols[cursor];
+        if (!column_in_range(p, col)) continue;
+        const int kk = col - k0;
         if (kk >= bk) break;
         if (kk < 0) continue;  // only reachable when columns do not ascend (contract violation)
         const float c = salient_correction(scale, p.q[cursor], to_float(ws_row[kk]));
@@ -120,8 +124,9 @@ struct SalientCursor {
 __device__ __forceinline__ SalientCursor salient_cursor(const Problem& p, int row) {
     SalientCursor s;
     if (row < p.n) {
-        s.cursor = p.rowptr[row];
-        s.end = p.rowptr[row + 1];
+        const SalientRange range = salient_range(p, row);
+        s.cursor = range.begin;
+        s.end = range.end;
         s.scale = __half2float(p.salient_scale[row]);
     }
     return s;

@@ -7,12 +7,17 @@
 //   group_scales, salient_rowptr, salient_cols, salient_q, salient_scale, bias when present). misalign = 1 shifts
 //   every array by one byte in memory, which forces the kernels' unaligned load paths.
 //   OUT.bin receives y [m, n] in x's dtype. The exit status is sage_gemm_launch's return code.
+//   A header the launch API must reject (K or N above SAGE_MAX_FEATURES, nnz outside 0..INT32_MAX, ...) needs no
+//   arrays: they are then empty, since the launch may read none of them.
 #include "cuda_emulator.h"
 
+#include <array>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <iterator>
+#include <memory>
+#include <new>
 #include <vector>
 
 #include "sage_gemv_kernel.cuh"
@@ -34,28 +39,63 @@ cudaError_t launch_tiled(const Problem& p, cudaStream_t) {
 
 #include "sage_gemm_launch.cu"  // the real argument checks and path choice
 
+#if defined(__SANITIZE_ADDRESS__)
+// Out-of-bounds reads are what the sanitizer is here for; leak checking needs ptrace, which containers may deny.
+extern "C" const char* __asan_default_options() { return "detect_leaks=0"; }
+#endif
+
 namespace {
 
 struct Header {
     int64_t m, k, n, groups, salient_bits, x_dtype, bias_dtype, path, nnz, misalign;
 };
 
-// Copies of the input arrays; with misalign each starts one byte past a 16-byte boundary.
+// Copies of the arrays, each in a block of exactly its size so that AddressSanitizer (when the emulator is
+// built with it) sees the first byte read past one. With misalign each starts one byte past a 16-byte boundary.
 class Arena {
 public:
     explicit Arena(bool misalign) : mShift(misalign ? 1 : 0) {}
-    void* add(const uint8_t* src, size_t bytes) {
-        mBlocks.emplace_back(bytes + 16 + mShift);
-        uint8_t* base = mBlocks.back().data();
-        uint8_t* at = base + (16 - reinterpret_cast<uintptr_t>(base) % 16) % 16 + mShift;
-        if (bytes) std::memcpy(at, src, bytes);
+    uint8_t* add(const uint8_t* src, size_t bytes) {
+        mBlocks.emplace_back(static_cast<uint8_t*>(::operator new(bytes + mShift, kAlign)));
+        uint8_t* at = mBlocks.back().get() + mShift;
+        if (bytes) src ? std::memcpy(at, src, bytes) : std::memset(at, 0, bytes);
         return at;
     }
 
 private:
+    static constexpr std::align_val_t kAlign{16};
+    struct Free {
+        void operator()(uint8_t* block) const { ::operator delete(block, kAlign); }
+    };
     size_t mShift;
-    std::vector<std::vector<uint8_t>> mBlocks;
+    std::vector<std::unique_ptr<uint8_t, Free>> mBlocks;
 };
+
+bool sizable(const Header& h) {
+    return h.m >= 0 && h.k >= 1 && h.k <= SAGE_MAX_FEATURES && h.n >= 1 && h.n <= SAGE_MAX_FEATURES &&
+           h.nnz >= 0 && h.nnz <= INT32_MAX && h.groups >= 1 && h.groups <= SAGE_MAX_GROUPS;
+}
+
+// Bytes of x, the seven packed arrays and the bias, in file order; all 0 for a header the launch must reject.
+std::array<size_t, 9> input_sizes(const Header& h) {
+    if (!sizable(h)) return {};
+    const size_t x_item = h.x_dtype == SAGE_DTYPE_FLOAT16 ? 2 : 4;
+    const size_t bias_item = h.bias_dtype == SAGE_DTYPE_FLOAT16 ? 2 : 4;
+    const size_t kb = static_cast<size_t>((h.k + 7) / 8);
+    return {static_cast<size_t>(h.m * h.k) * x_item,
+            static_cast<size_t>(h.n) * kb,
+            static_cast<size_t>(sage_gemm_planes(static_cast<int32_t>(h.groups)) * h.n) * kb,
+            static_cast<size_t>(h.groups) * 2,
+            static_cast<size_t>(h.n + 1) * 4,
+            static_cast<size_t>(h.nnz) * 4,
+            static_cast<size_t>(h.nnz),
+            static_cast<size_t>(h.n) * 2,
+            h.bias_dtype < 0 ? 0 : static_cast<size_t>(h.n) * bias_item};
+}
+
+size_t output_size(const Header& h) {
+    return sizable(h) ? static_cast<size_t>(h.m * h.n) * (h.x_dtype == SAGE_DTYPE_FLOAT16 ? 2 : 4) : 0;
+}
 
 }  // namespace
 
@@ -69,18 +109,7 @@ int main(int argc, char** argv) {
     Header h;
     if (data.size() < sizeof(h)) return 2;
     std::memcpy(&h, data.data(), sizeof(h));
-    const size_t x_item = h.x_dtype == SAGE_DTYPE_FLOAT16 ? 2 : 4;
-    const size_t bias_item = h.bias_dtype == SAGE_DTYPE_FLOAT16 ? 2 : 4;
-    const size_t kb = static_cast<size_t>((h.k + 7) / 8);
-    const size_t sizes[] = {static_cast<size_t>(h.m * h.k) * x_item,
-                            static_cast<size_t>(h.n) * kb,
-                            static_cast<size_t>(sage_gemm_planes(static_cast<int32_t>(h.groups)) * h.n) * kb,
-                            static_cast<size_t>(h.groups) * 2,
-                            static_cast<size_t>(h.n + 1) * 4,
-                            static_cast<size_t>(h.nnz) * 4,
-                            static_cast<size_t>(h.nnz),
-                            static_cast<size_t>(h.n) * 2,
-                            h.bias_dtype < 0 ? 0 : static_cast<size_t>(h.n) * bias_item};
+    const std::array<size_t, 9> sizes = input_sizes(h);
     Arena arena(h.misalign != 0);
     void* arrays[9];
     size_t offset = sizeof(h);
@@ -92,7 +121,9 @@ int main(int argc, char** argv) {
         arrays[i] = arena.add(data.data() + offset, sizes[i]);
         offset += sizes[i];
     }
-    std::vector<uint8_t> y(static_cast<size_t>(h.m * h.n) * x_item);
+    const size_t y_bytes = output_size(h);
+    Arena output(false);  // kernels store whole floats and halves: y stays aligned
+    uint8_t* y = output.add(nullptr, y_bytes);
 
     SageGemmArgs a;
     std::memset(&a, 0, sizeof(a));
@@ -105,8 +136,9 @@ int main(int argc, char** argv) {
     a.salient_q = static_cast<const int8_t*>(arrays[6]);
     a.salient_scale = static_cast<const uint16_t*>(arrays[7]);
     a.bias = h.bias_dtype < 0 ? nullptr : arrays[8];
-    a.y = y.data();
+    a.y = y;
     a.m = h.m;
+    a.nnz = h.nnz;
     a.k = static_cast<int32_t>(h.k);
     a.n = static_cast<int32_t>(h.n);
     a.n_groups = static_cast<int32_t>(h.groups);
@@ -120,6 +152,6 @@ int main(int argc, char** argv) {
         std::fprintf(stderr, "sage_gemm_launch: %s\n", sage_gemm_error_string(status));
         return status;
     }
-    std::ofstream(argv[2], std::ios::binary).write(reinterpret_cast<const char*>(y.data()), y.size());
+    std::ofstream(argv[2], std::ios::binary).write(reinterpret_cast<const char*>(y), y_bytes);
     return 0;
 }

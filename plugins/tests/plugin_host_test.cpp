@@ -244,6 +244,11 @@ void test_field_validation(IPluginCreatorV3One* creator) {
     Fields bad_k = valid_fields();
     bad_k.values[0] = 0;
     CHECK(!creates(creator, bad_k));
+    bad_k.values[0] = SAGE_MAX_FEATURES + 1;  // past the kernels' int index math
+    CHECK(!creates(creator, bad_k));
+    Fields bad_n = valid_fields();
+    bad_n.values[1] = SAGE_MAX_FEATURES + 1;
+    CHECK(!creates(creator, bad_n));
     Fields unknown = valid_fields();
     unknown.add("group_size", 128);
     CHECK(!creates(creator, unknown));
@@ -345,6 +350,25 @@ void test_enqueue_needs_shapes(IPluginCreatorV3One* creator) {
     delete plugin;
 }
 
+// nnz bounds the kernels' CSR reads, so it must be representable and come with the arrays it counts.
+void test_salient_count_checks(int (*launch)(SageGemmArgs const*, cudaStream_t), SageGemmArgs const& a) {
+    SageGemmArgs bad = a;
+    bad.nnz = -1;
+    CHECK(launch(&bad, nullptr) == cudaErrorInvalidValue);
+    bad.nnz = int64_t{INT32_MAX} + 1;
+    CHECK(launch(&bad, nullptr) == cudaErrorInvalidValue);
+    bad.nnz = INT32_MAX;
+    CHECK(launch(&bad, nullptr) == cudaSuccess);
+    bad.salient_cols = nullptr;
+    CHECK(launch(&bad, nullptr) == cudaErrorInvalidValue);
+    bad.nnz = 0;  // empty CSR arrays may be NULL
+    bad.salient_q = nullptr;
+    CHECK(launch(&bad, nullptr) == cudaSuccess);
+    bad.nnz = 1;
+    bad.salient_cols = a.salient_cols;
+    CHECK(launch(&bad, nullptr) == cudaErrorInvalidValue);
+}
+
 void test_kernel_launch_checks(void* lib) {
     auto launch = reinterpret_cast<int (*)(SageGemmArgs const*, cudaStream_t)>(dlsym(lib, "sage_gemm_launch"));
     auto abi = reinterpret_cast<int (*)()>(dlsym(lib, "sage_gemm_abi_version"));
@@ -389,6 +413,14 @@ void test_kernel_launch_checks(void* lib) {
     bad = a;
     bad.k = 0;
     CHECK(launch(&bad, nullptr) == cudaErrorInvalidValue);
+    bad.k = SAGE_MAX_FEATURES;
+    CHECK(launch(&bad, nullptr) == cudaSuccess);
+    bad.k = SAGE_MAX_FEATURES + 1;
+    CHECK(launch(&bad, nullptr) == cudaErrorInvalidValue);
+    bad = a;
+    bad.n = SAGE_MAX_FEATURES + 1;
+    CHECK(launch(&bad, nullptr) == cudaErrorInvalidValue);
+    test_salient_count_checks(launch, a);
 }
 
 void* open_or_report(char const* path) {

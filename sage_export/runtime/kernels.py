@@ -14,9 +14,10 @@ from pathlib import Path
 
 ENV_VAR = "SAGE_KERNELS_LIB"
 LIBRARY_NAME = "libsage_kernels.so"
-ABI_VERSION = 1  # SAGE_GEMM_ABI_VERSION
+ABI_VERSION = 2  # SAGE_GEMM_ABI_VERSION
 MAX_GROUPS = 16  # SAGE_MAX_GROUPS
 GEMV_MAX_M = 16  # SAGE_GEMV_MAX_M
+MAX_FEATURES = 1 << 30  # SAGE_MAX_FEATURES: largest K and N the launch accepts
 
 DTYPE_FLOAT32 = 0
 DTYPE_FLOAT16 = 1
@@ -43,6 +44,7 @@ class SageGemmArgs(ctypes.Structure):
         ("bias", ctypes.c_void_p),
         ("y", ctypes.c_void_p),
         ("m", ctypes.c_int64),
+        ("nnz", ctypes.c_int64),
         ("k", ctypes.c_int32),
         ("n", ctypes.c_int32),
         ("n_groups", ctypes.c_int32),

@@ -116,8 +116,8 @@ class SageLinear(nn.Module):
             salient_cols=self.salient_cols.data_ptr(), salient_q=self.salient_q.data_ptr(),
             salient_scale=self.salient_scale_bits.data_ptr(), bias=0 if bias is None else bias.data_ptr(),
             y=y.data_ptr(),
-            m=x2.shape[0], k=self.in_features, n=self.out_features, n_groups=self.n_groups,
-            salient_bits=self.salient_bits, x_dtype=_KERNEL_DTYPES[x2.dtype],
+            m=x2.shape[0], nnz=self.salient_cols.numel(), k=self.in_features, n=self.out_features,
+            n_groups=self.n_groups, salient_bits=self.salient_bits, x_dtype=_KERNEL_DTYPES[x2.dtype],
             bias_dtype=_KERNEL_DTYPES[x2.dtype], path=path, reserved=0)
 
 
