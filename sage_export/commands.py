@@ -229,6 +229,10 @@ def print_summary(out: Path, rep: dict) -> None:
     if "perplexity" in rep:
         p = rep["perplexity"]
         print(f"perplexity {p['ppl']:.3f} on {p['text']} (ctx {p['ctx']}, {p['n_windows']} windows)")
+    if rep.get("samples"):
+        first = rep["samples"][0]
+        text = " ".join(first["continuation"].split())[:80]
+        print(f"greedy: {first['prompt']} → {text}")
     print(f"report: {out / 'report.md'}")
 
 
