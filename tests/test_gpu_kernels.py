@@ -1,7 +1,7 @@
 """The CUDA kernels against the NumPy reference, through SageLinear (needs a GPU and libsage_kernels.so, e.g.
 SAGE_KERNELS_LIB=plugins/build-gpu/libsage_kernels.so; tools/gpu_check.sh runs this). Covers every kernel path,
 K % 8 != 0, G in {1, 2, 3, 4, 8, 16}, nnz = 0, batches 1..8, 16, 64 and more, float16/float32, bias, a
-non-canonical packing, unaligned pointers and a non-default stream."""
+non-canonical packing, unaligned pointers and a non-default stream; the decode cases also on the GEMV2 path."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from sage_export.runtime.synthetic import random_packed_linear, reference_error_
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
-AUTO, GEMV, TILED = kernels.PATH_AUTO, kernels.PATH_GEMV, kernels.PATH_TILED
+AUTO, GEMV, TILED, GEMV2 = kernels.PATH_AUTO, kernels.PATH_GEMV, kernels.PATH_TILED, kernels.PATH_GEMV2
+PATHS = {"gemv": GEMV, "tiled": TILED, "gemv2": GEMV2}
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -45,10 +46,17 @@ def _check(m: int | tuple[int, ...], k: int, n: int, groups: int, dtype: torch.d
     assert ratio <= 1.0, f"error {ratio:.2f}x the float32 tolerance"
 
 
+@pytest.mark.parametrize("path", [AUTO, GEMV2])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 6, 7, 8, 16])
-def test_decode_batches(m: int, dtype: str) -> None:
-    _check(m, 300, 100, 3, DTYPES[dtype], bias=m % 2 == 1, seed=m)
+def test_decode_batches(m: int, dtype: str, path: int) -> None:
+    _check(m, 300, 100, 3, DTYPES[dtype], path=path, bias=m % 2 == 1, seed=m)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n, k", [(4096, 4096), (11008, 4096), (4096, 11008)])
+def test_gemv2_llama_shapes(n: int, k: int, dtype: str) -> None:
+    _check(1, k, n, 4, DTYPES[dtype], path=GEMV2, seed=n + k)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -57,26 +65,26 @@ def test_prefill_batches(m, dtype: str) -> None:
     _check(m, 1152, 130, 4, DTYPES[dtype], seed=7)
 
 
-@pytest.mark.parametrize("path", [GEMV, TILED])
+@pytest.mark.parametrize("path", PATHS.values(), ids=PATHS)
 @pytest.mark.parametrize("groups", [1, 2, 3, 4, 8, 16])
 def test_groups(groups: int, path: int) -> None:
     _check(5, 520, 70, groups, torch.float16, path=path, seed=groups)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("path", [GEMV, TILED])
+@pytest.mark.parametrize("path", PATHS.values(), ids=PATHS)
 @pytest.mark.parametrize("k, n", [(20, 6), (77, 65), (128, 64), (1152, 40), (4099, 77), (4096, 256)])
 def test_shapes(k: int, n: int, path: int, dtype: str) -> None:
     _check(9, k, n, 3, DTYPES[dtype], path=path, seed=k + n)
 
 
-@pytest.mark.parametrize("path", [GEMV, TILED])
+@pytest.mark.parametrize("path", PATHS.values(), ids=PATHS)
 @pytest.mark.parametrize("fraction", [0.0, 1.0])
 def test_no_or_only_salient_weights(fraction: float, path: int) -> None:
     _check(6, 100, 40, 2, torch.float32, path=path, fraction=fraction, seed=3)
 
 
-@pytest.mark.parametrize("path", [GEMV, TILED])
+@pytest.mark.parametrize("path", PATHS.values(), ids=PATHS)
 def test_non_canonical_packing(path: int) -> None:
     _check(4, 300, 50, 3, torch.float16, path=path, fraction=0.1, scrambled=True, seed=11)
 
@@ -110,7 +118,7 @@ def _shifted(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@pytest.mark.parametrize("path", [GEMV, TILED])
+@pytest.mark.parametrize("path", PATHS.values(), ids=PATHS)
 def test_unaligned_pointers(path: int) -> None:
     p = random_packed_linear(40, 1152, 4, seed=9)  # ceil(K/8) % 16 == 0: the aligned fast paths would apply
     layer = SageLinear(p).cuda()

@@ -3,7 +3,8 @@
 * both libraries exist, the TensorRT plugin exports getCreators/setLoggerFinder and needs no TensorRT library;
 * the plugin's host test (creator, fields, serialization round trip, shapes, formats) passes;
 * the ctypes binding matches the launch API;
-* every kernel path, run by the CPU emulator of plugins/tests/cuda_emulator.h, matches the NumPy reference;
+* every kernel path, run by the CPU emulator of plugins/tests/cuda_emulator.h, matches the NumPy reference (and
+  every case runs on the bandwidth-oriented GEMV2 path as well);
 * a corrupt CSR (row pointers or columns out of range) reads nothing out of bounds (the emulator is built with
   AddressSanitizer where available) and gives the reference of the CSR as the kernels clamp it;
 * X = identity gives Ŵᵀ bit for bit; arguments past the kernels' limits are refused before any launch.
@@ -76,7 +77,7 @@ def test_ctypes_binding_matches_the_library(build_dir: Path, monkeypatch: pytest
     monkeypatch.setenv(kernels.ENV_VAR, str(build_dir / "libsage_kernels.so"))
     try:
         assert kernels.reload(), kernels.unavailable_reason()
-        assert kernels.auto_path(1) == kernels.PATH_GEMV
+        assert kernels.auto_path(1) == kernels.PATH_GEMV  # not GEMV2 until a GPU has measured it
         assert kernels.auto_path(kernels.GEMV_MAX_M + 1) == kernels.PATH_TILED
         # Invalid arguments are rejected before any CUDA call, so this runs without a GPU.
         bad = kernels.SageGemmArgs(m=1, k=8, n=4, n_groups=0, salient_bits=4)
@@ -88,7 +89,10 @@ def test_ctypes_binding_matches_the_library(build_dir: Path, monkeypatch: pytest
         kernels.launch(empty, 0)
         empty.k = kernels.MAX_FEATURES
         kernels.launch(empty, 0)
-        for field, value in (("k", kernels.MAX_FEATURES + 1), ("nnz", -1), ("nnz", 2**31), ("nnz", 1)):
+        empty.path = kernels.PATH_GEMV2
+        kernels.launch(empty, 0)
+        for field, value in (("k", kernels.MAX_FEATURES + 1), ("nnz", -1), ("nnz", 2**31), ("nnz", 1),
+                             ("path", kernels.PATH_GEMV2 + 1)):
             wrong = kernels.SageGemmArgs.from_buffer_copy(empty)
             setattr(wrong, field, value)  # nnz = 1 without salient_cols / salient_q arrays
             with pytest.raises(kernels.KernelLibraryError, match="error 1"):
@@ -116,7 +120,14 @@ def _emulate(build_dir: Path, tmp_path: Path) -> subprocess.CompletedProcess:
                            str(tmp_path / "y.bin")], capture_output=True, text=True, timeout=120)
 
 
-AUTO, GEMV, TILED = kernels.PATH_AUTO, kernels.PATH_GEMV, kernels.PATH_TILED
+AUTO, GEMV, TILED, GEMV2 = kernels.PATH_AUTO, kernels.PATH_GEMV, kernels.PATH_TILED, kernels.PATH_GEMV2
+
+
+def _also_on_gemv2(cases: dict[str, tuple]) -> dict[str, tuple]:
+    """The emulated cases, plus each of them again with its `path` field (index 6) set to GEMV2."""
+    return cases | {f"gemv2-{name}": (*case[:6], GEMV2, *case[7:]) for name, case in cases.items()}
+
+
 # (m, k, n, groups, dtype, bias, path, misalign, salient fraction, scrambled salient bits)
 EMULATED_CASES = {
     "gemv-m1-k20-g3": (1, 20, 6, 3, np.float32, False, AUTO, False, 0.05, False),
@@ -133,6 +144,11 @@ EMULATED_CASES = {
     "wmma-m17-g8": (17, 1000, 100, 8, np.float16, True, AUTO, False, 0.03, False),
     "simt-m70-noncanonical": (70, 296, 70, 3, np.float32, True, AUTO, False, 0.05, True),
     "simt-forced-m3-g5": (3, 1152, 40, 5, np.float32, False, TILED, False, 0.03, False),
+}
+EMULATED_CASES = _also_on_gemv2(EMULATED_CASES) | {
+    # LLaMA-2-7B down_proj width: three K tiles, the last one partly past the row end
+    "gemv2-m1-k11008-n64": (1, 11008, 64, 4, np.float16, True, GEMV2, False, 0.03, False),
+    "gemv2-m2-k4099-g16-noncanonical": (2, 4099, 33, 16, np.float32, True, GEMV2, False, 0.05, True),
 }
 
 
@@ -209,6 +225,9 @@ CORRUPT_SHAPES = {
     "gemv-f16-vector-loads": (2, 1152, 40, 4, np.float16, GEMV),
     "simt-f32": (70, 300, 70, 3, np.float32, TILED),
     "wmma-f16": (40, 296, 70, 4, np.float16, TILED),
+    "gemv2-f32": (3, 300, 70, 3, np.float32, GEMV2),
+    "gemv2-f16-vector-loads": (2, 1152, 40, 4, np.float16, GEMV2),
+    "gemv2-f32-three-tiles": (2, 9000, 40, 2, np.float32, GEMV2),  # the CSR cursor crosses K tiles
 }
 
 
@@ -237,13 +256,18 @@ IDENTITY_CASES = {
     "gemv-k136-g16-noncanonical": (136, 33, 16, GEMV, True),
     "simt-k77-noncanonical": (77, 65, 4, TILED, True),
     "simt-k136-g1": (136, 40, 1, TILED, False),
+    "gemv2-k77": (77, 40, 3, GEMV2, False),
+    "gemv2-k136-g16-noncanonical": (136, 33, 16, GEMV2, True),
+    "gemv2-k136-g1": (136, 40, 1, GEMV2, False),
+    "gemv2-k77-g2-noncanonical": (77, 40, 2, GEMV2, True),
 }
 
 
 @pytest.mark.parametrize("case", IDENTITY_CASES)
 def test_emulated_kernels_give_the_weight_for_an_identity_input(build_dir: Path, tmp_path: Path, case: str) -> None:
     # One nonzero activation per row makes every sum exact, salient corrections included (float16 scales and 4-bit
-    # integers leave float32 plenty of bits): Y = I·Ŵᵀ must be Ŵᵀ to the last bit.
+    # integers leave float32 plenty of bits): Y = I·Ŵᵀ must be Ŵᵀ to the last bit. GEMV2's group sums are ±1 or
+    # 0 there, so α_g·S_g is exact too.
     k, n, groups, kernel_path, scrambled = IDENTITY_CASES[case]
     seed = sum(map(ord, case))
     p = random_packed_linear(n, k, groups, salient_fraction=0.1, seed=seed)

@@ -2,11 +2,12 @@
 """Benchmark of the SageBinaryGemm CUDA kernels on LLaMA-2-7B layer shapes.
 
 GPU mode (default; needs CUDA and libsage_kernels.so, see tools/gpu_check.sh):
-  1. correctness of every kernel path (GEMV, tiled) x float16/float32 against the NumPy reference; a failure is
-     recorded and makes the exit status 1;
+  1. correctness of every kernel path (GEMV, GEMV2, tiled) x float16/float32 against the NumPy reference; a failure
+     is recorded and makes the exit status 1;
   2. device-to-device copy bandwidth (bytes read + written), the yardstick for "fraction of bandwidth";
-  3. for each shape x group count x batch: the kernels (auto path, and both paths above 8 rows) and torch's
-     float16 matmul (cuBLAS) on a dense weight of the same shape. Launches are replayed from a CUDA graph and cycle
+  3. for each shape x group count x batch: the kernels (auto path; GEMV2 beside it wherever auto runs the GEMV
+     kernel, so both decode kernels are timed side by side; GEMV and tiled both above 8 rows) and torch's float16
+     matmul (cuBLAS) on a dense weight of the same shape. Launches are replayed from a CUDA graph and cycle
      through enough copies of the weights to exceed twice the L2 cache, so every launch reads them from DRAM.
   Writes OUT/kernels.json and OUT/kernels.md.
 
@@ -137,7 +138,7 @@ def copy_bandwidth_gb_s(repeats: int) -> float:
 
 def correctness_pass(seed: int) -> list[dict]:
     results = []
-    for path in (kernels.PATH_GEMV, kernels.PATH_TILED):
+    for path in (kernels.PATH_GEMV, kernels.PATH_GEMV2, kernels.PATH_TILED):
         for dtype in (torch.float16, torch.float32):
             for m, k, n, groups in CORRECTNESS_PROBLEMS:
                 p = random_packed_linear(n, k, groups, salient_fraction=0.05, seed=seed + m)
@@ -169,7 +170,8 @@ def bench_shape(name: str, n: int, k: int, groups: int, args: argparse.Namespace
         y_dense = torch.empty_like(y)
         cublas_us, _ = time_us(lambda i: torch.mm(x, dense[i % len(dense)].t(), out=y_dense), args.iters,
                                args.repeats)
-        paths = [kernels.PATH_AUTO] + ([kernels.PATH_GEMV, kernels.PATH_TILED] if m > 8 else [])
+        paths = [kernels.PATH_AUTO] + ([kernels.PATH_GEMV2] if m <= kernels.GEMV_MAX_M else [])
+        paths += [kernels.PATH_GEMV, kernels.PATH_TILED] if m > 8 else []
         for path in paths:
             launches = [layer.launch_args(x, y, None, path) for layer in sage_layers]
 

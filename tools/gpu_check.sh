@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # On a GPU machine, in one call: build plugins/ for this GPU, run every correctness check, then all kernel
 # benchmarks. Writes benchmarks/kernels.json, benchmarks/kernels.md and the full log benchmarks/gpu_check.log.
+# The benchmark times both decode kernels (path "auto" = GEMV and "gemv2") side by side at batches 1, 4 and 16:
+# their GB/s and fraction of copy bandwidth decide whether SAGE_PATH_AUTO should switch to GEMV2.
 #
 # Usage: tools/gpu_check.sh [CUDA_ARCHS]   (default 90: H100/H200)
 # GPU hosts are offline: to build and test the TensorRT plugin library too, bring tools/.trt_headers along

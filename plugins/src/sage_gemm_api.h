@@ -35,10 +35,13 @@ extern "C" {
 
 typedef enum SageDType { SAGE_DTYPE_FLOAT32 = 0, SAGE_DTYPE_FLOAT16 = 1 } SageDType;
 
+/* SAGE_PATH_AUTO picks SAGE_PATH_GEMV, never SAGE_PATH_GEMV2, for small M: no GPU has run GEMV2 yet, so it is not
+ * known to be faster. Switch once tools/gpu_check.sh has measured both paths (benchmarks/kernels.md). */
 typedef enum SagePath {
     SAGE_PATH_AUTO = 0,  /* GEMV for M <= SAGE_GEMV_MAX_M, tiled otherwise */
     SAGE_PATH_GEMV = 1,  /* decode kernel: batches of up to 8 rows per pass, any M */
-    SAGE_PATH_TILED = 2  /* prefill kernel: 64x64 output tiles (WMMA for float16, SIMT for float32) */
+    SAGE_PATH_TILED = 2, /* prefill kernel: 64x64 output tiles (WMMA for float16, SIMT for float32) */
+    SAGE_PATH_GEMV2 = 3  /* decode kernel built for bandwidth (no LUT, 8 output rows per block), any M */
 } SagePath;
 
 /* Pointers, then the 64-bit integers, then the 32-bit ones: every field is naturally aligned and there is no

@@ -95,7 +95,7 @@ __device__ __forceinline__ float salient_correction(float salient_scale, int8_t 
 }
 
 #ifdef __CUDACC__
-// Enqueues a kernel on a stream: the `launch` argument of gemv::dispatch and tiled::dispatch on a GPU.
+// Enqueues a kernel on a stream: the `launch` argument of the gemv, gemv2 and tiled dispatchers on a GPU.
 struct StreamLauncher {
     cudaStream_t stream;
 
@@ -108,6 +108,7 @@ struct StreamLauncher {
 #endif
 
 template <typename T> cudaError_t launch_gemv(const Problem& p, cudaStream_t stream);
+template <typename T> cudaError_t launch_gemv2(const Problem& p, cudaStream_t stream);
 template <typename T> cudaError_t launch_tiled(const Problem& p, cudaStream_t stream);
 
 }  // namespace sage

@@ -23,7 +23,7 @@ bool valid_pointers(const SageGemmArgs* a) {
 bool valid_args(const SageGemmArgs* a) {
     if (a == nullptr) return false;
     const bool kinds = valid_dtype(a->x_dtype) && (a->bias == nullptr || valid_dtype(a->bias_dtype)) &&
-                       a->path >= SAGE_PATH_AUTO && a->path <= SAGE_PATH_TILED && a->reserved == 0;
+                       a->path >= SAGE_PATH_AUTO && a->path <= SAGE_PATH_GEMV2 && a->reserved == 0;
     return valid_sizes(a) && kinds && valid_pointers(a);
 }
 
@@ -54,6 +54,7 @@ sage::Problem make_problem(const SageGemmArgs& a) {
 
 extern "C" {
 
+// GEMV2 is not chosen automatically until a GPU has measured it (see SagePath in sage_gemm_api.h).
 SAGE_API int sage_gemm_auto_path(int64_t m) { return m <= SAGE_GEMV_MAX_M ? SAGE_PATH_GEMV : SAGE_PATH_TILED; }
 
 SAGE_API int sage_gemm_launch(const SageGemmArgs* args, cudaStream_t stream) {
@@ -65,6 +66,8 @@ SAGE_API int sage_gemm_launch(const SageGemmArgs* args, cudaStream_t stream) {
     cudaError_t status;
     if (path == SAGE_PATH_GEMV) {
         status = half ? sage::launch_gemv<__half>(p, stream) : sage::launch_gemv<float>(p, stream);
+    } else if (path == SAGE_PATH_GEMV2) {
+        status = half ? sage::launch_gemv2<__half>(p, stream) : sage::launch_gemv2<float>(p, stream);
     } else {
         status = half ? sage::launch_tiled<__half>(p, stream) : sage::launch_tiled<float>(p, stream);
     }

@@ -1,8 +1,8 @@
 // Runs this project's CUDA kernels on the CPU so that their indexing, bit decoding and reductions can be tested
 // on machines without a GPU. Every CUDA thread of a block is a std::thread; __syncthreads is a barrier over the
-// block; warp shuffles exchange values through a per-warp table; WMMA fragments hold a whole 16x16 tile in every
-// lane. Blocks run one after another, so a kernel's __shared__ variables (made `static` here) are per-block
-// shared memory. It checks semantics, not speed, and knows only the intrinsics the kernels use.
+// block; warp shuffles and ballots exchange values through a per-warp table; WMMA fragments hold a whole 16x16
+// tile in every lane. Blocks run one after another, so a kernel's __shared__ variables (made `static` here) are
+// per-block shared memory. It checks semantics, not speed, and knows only the intrinsics the kernels use.
 #pragma once
 
 #define __device__
@@ -14,6 +14,7 @@
 #include <barrier>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -30,7 +31,7 @@ struct Block {
     }
     std::barrier<> all;
     std::vector<std::unique_ptr<std::barrier<>>> warps;
-    std::vector<float> shuffle;
+    std::vector<uint32_t> shuffle;  // one 32-bit slot per thread: shuffles move floats and integers by their bits
 };
 
 inline thread_local uint3 thread_idx;
@@ -78,16 +79,48 @@ struct Launcher {
 
 inline void __syncthreads() { emu::current_block->all.arrive_and_wait(); }
 
-inline float __shfl_xor_sync(unsigned /*mask*/, float value, int lane_mask) {
-    emu::Block& b = *emu::current_block;
+namespace emu {
+
+// Every lane of the warp publishes `value`, then reads the one published by lane `source(lane)`.
+template <typename Source>
+inline uint32_t exchange(uint32_t value, Source source) {
+    Block& b = *current_block;
     const unsigned t = threadIdx.x;
     const unsigned warp = t / 32;
     b.shuffle[t] = value;
     b.warps[warp]->arrive_and_wait();
-    const float other = b.shuffle[warp * 32 + ((t % 32) ^ static_cast<unsigned>(lane_mask))];
+    const uint32_t other = b.shuffle[warp * 32 + (source(t % 32) % 32)];
     b.warps[warp]->arrive_and_wait();
     return other;
 }
+
+}  // namespace emu
+
+inline float __shfl_xor_sync(unsigned /*mask*/, float value, int lane_mask) {
+    uint32_t bits;
+    std::memcpy(&bits, &value, sizeof(bits));
+    bits = emu::exchange(bits, [=](unsigned lane) { return lane ^ static_cast<unsigned>(lane_mask); });
+    std::memcpy(&value, &bits, sizeof(bits));
+    return value;
+}
+
+inline uint32_t __shfl_sync(unsigned /*mask*/, uint32_t value, int src_lane) {
+    return emu::exchange(value, [=](unsigned) { return static_cast<unsigned>(src_lane); });
+}
+
+inline unsigned __ballot_sync(unsigned /*mask*/, int predicate) {
+    emu::Block& b = *emu::current_block;
+    const unsigned t = threadIdx.x;
+    const unsigned warp = t / 32;
+    b.shuffle[t] = predicate != 0;
+    b.warps[warp]->arrive_and_wait();
+    unsigned ballot = 0;
+    for (unsigned lane = 0; lane < 32; ++lane) ballot |= b.shuffle[warp * 32 + lane] << lane;
+    b.warps[warp]->arrive_and_wait();
+    return ballot;
+}
+
+inline int __ffs(int x) { return __builtin_ffs(x); }
 
 template <typename T>
 inline T __ldg(const T* ptr) {

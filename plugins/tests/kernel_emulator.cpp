@@ -20,6 +20,7 @@
 #include <new>
 #include <vector>
 
+#include "sage_gemv2_kernel.cuh"
 #include "sage_gemv_kernel.cuh"
 #include "sage_tiled_kernel.cuh"
 
@@ -28,6 +29,11 @@ namespace sage {
 template <typename T>
 cudaError_t launch_gemv(const Problem& p, cudaStream_t) {
     return gemv::dispatch<T>(p, emu::Launcher{});
+}
+
+template <typename T>
+cudaError_t launch_gemv2(const Problem& p, cudaStream_t) {
+    return gemv2::dispatch<T>(p, emu::Launcher{});
 }
 
 template <typename T>

@@ -408,7 +408,9 @@ void test_kernel_launch_checks(void* lib) {
     bad.x_dtype = 7;
     CHECK(launch(&bad, nullptr) == cudaErrorInvalidValue);
     bad = a;
-    bad.path = 3;
+    bad.path = SAGE_PATH_GEMV2;
+    CHECK(launch(&bad, nullptr) == cudaSuccess);
+    bad.path = SAGE_PATH_GEMV2 + 1;
     CHECK(launch(&bad, nullptr) == cudaErrorInvalidValue);
     bad = a;
     bad.k = 0;

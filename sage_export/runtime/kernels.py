@@ -24,7 +24,8 @@ DTYPE_FLOAT16 = 1
 PATH_AUTO = 0
 PATH_GEMV = 1
 PATH_TILED = 2
-PATH_NAMES = {PATH_AUTO: "auto", PATH_GEMV: "gemv", PATH_TILED: "tiled"}
+PATH_GEMV2 = 3  # bandwidth-oriented decode kernel; PATH_AUTO does not pick it until a GPU has measured it
+PATH_NAMES = {PATH_AUTO: "auto", PATH_GEMV: "gemv", PATH_TILED: "tiled", PATH_GEMV2: "gemv2"}
 
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 
