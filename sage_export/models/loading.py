@@ -191,3 +191,9 @@ def quantizable_linears(model, arch: Architecture) -> dict[str, object]:
     return {
         f"{arch.blocks}.{i}.{lin}": block.get_submodule(lin) for i, block in enumerate(blocks) for lin in arch.linears
     }
+
+
+def weight_array(linear) -> "np.ndarray":
+    """A Linear's weight as a float32 NumPy array [out, in] (a copy when the model is not float32), the form
+    every quantizer takes."""
+    return linear.weight.detach().float().numpy()
