@@ -26,6 +26,9 @@ sys.path.insert(0, str(REPO / "tools"))
 from bench_quality import machine_name  # noqa: E402
 
 # The console script's code, run from this checkout whatever else is installed.
+# The order the command runs its steps in (the JSON keeps them sorted by name).
+STEP_ORDER = ["load", "calibration_text", "quantize", "write_checkpoint", "samples", "perplexity", "onnx_export",
+              "ort_check", "tensorrt"]
 COMMAND = [sys.executable, "-m", "sage_export.cli", "model", "--out"]
 
 
@@ -69,8 +72,9 @@ def summarize(run_dir: Path, timing: dict) -> dict:
 
 def render(doc: dict) -> str:
     peaks = doc.get("steps_peak_mb", {})
-    steps = " · ".join(f"{k} {v:.0f} s" + (f" ({peaks[k]:,.0f} MB)" if k in peaks else "")
-                       for k, v in doc["steps_s"].items())
+    order = sorted(doc["steps_s"], key=lambda k: STEP_ORDER.index(k) if k in STEP_ORDER else len(STEP_ORDER))
+    steps = " · ".join(f"{k} {doc['steps_s'][k]:.0f} s" + (f" ({peaks[k]:,.0f} MB)" if k in peaks else "")
+                       for k in order)
     inner = " · ".join(f"{k.removesuffix('_s')} {v:.0f} s" for k, v in doc["quantize_steps_s"].items())
     out = ["# The default run: `sage-export model --out DIR`", "",
            f"{doc['machine']}, {doc['date']}. Embedded SmolLM2-135M-Instruct, SAGE v2 at a budget of "
