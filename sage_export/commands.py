@@ -4,24 +4,9 @@ from __future__ import annotations
 
 import json
 import sys
-import time
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
-
-
-
-@dataclass
-class Timer:
-    timings: dict
-
-    @contextmanager
-    def step(self, name: str):
-        start = time.perf_counter()
-        yield
-        self.timings[name] = round(time.perf_counter() - start, 2)
 
 
 # ---------------------------------------------------------------- validation (cheap, before any long work)
@@ -141,13 +126,29 @@ def check_verdict(checks: dict | None, out: Path) -> int:
 
 
 def run_pipeline(args, source, method, eval_text, calib_text, out: Path, do_onnx: bool) -> dict:
+    from .stages import StageMeter
+
+    with StageMeter() as meter:
+        rep = _run_stages(meter, args, source, method, eval_text, calib_text, out, do_onnx)
+    rep["timings"], rep["peak_rss_mb"] = meter.timings, meter.peak_mb
+    write_report_files(out, rep)
+    return rep
+
+
+def write_report_files(out: Path, rep: dict) -> None:
+    from .report.build import write_report
+
+    rep["files"] = file_sizes(out)
+    write_report(out, rep)
+
+
+def _run_stages(timer, args, source, method, eval_text, calib_text, out: Path, do_onnx: bool) -> dict:
     from .models import load_model
     from .pipeline.artifact import deterministic_info, round_float_params, write_checkpoint
     from .pipeline.calibration import calibration_tokens
     from .pipeline.quantize import quantize_model
-    from .report.build import bits_summary, layer_rows, write_report
+    from .report.build import bits_summary, layer_rows
 
-    timer = Timer({})
     with timer.step("load"):
         loaded = load_model(source)
     if method.preset == "v2":
@@ -182,14 +183,10 @@ def run_pipeline(args, source, method, eval_text, calib_text, out: Path, do_onnx
         with timer.step("perplexity"):
             rep["perplexity"] = evaluate(loaded.model, loaded.tokenizer, eval_text, args.ctx, args.eval_windows)
     if do_onnx:
-        with timer.step("onnx_export_and_check"):
-            rep["onnx"] = export_and_check(loaded, qmodel, out / "onnx", eval_text, args)
+        rep["onnx"] = export_and_check(loaded, qmodel, out / "onnx", eval_text, args, timer)
     if getattr(args, "trt", False):
         with timer.step("tensorrt"):
             rep["trt"] = build_trt(out, rep)
-    rep["files"] = file_sizes(out)
-    rep["timings"] = timer.timings
-    write_report(out, rep)
     return rep
 
 
@@ -200,14 +197,16 @@ def evaluate(model, tokenizer, text_path: Path, ctx: int, n_windows: int | None)
     return perplexity(model, ids, ctx, n_windows, text=text_path.name).to_dict()
 
 
-def export_and_check(loaded, qmodel, onnx_dir: Path, eval_text: Path | None, args) -> dict:
+def export_and_check(loaded, qmodel, onnx_dir: Path, eval_text: Path | None, args, timer) -> dict:
     from .onnx.export import export_quantized_onnx
     from .onnx.ort_check import run_checks
 
-    onnx_dir.mkdir(parents=True, exist_ok=True)
-    packed = {name: r.packed() for name, r in qmodel.layers.items()}
-    result = export_quantized_onnx(loaded.model, loaded.architecture, packed, onnx_dir)
-    checks = run_checks(result, loaded.model, loaded.tokenizer, eval_text=eval_text, ctx=min(args.ctx, 512))
+    with timer.step("onnx_export"):
+        onnx_dir.mkdir(parents=True, exist_ok=True)
+        packed = {name: r.packed() for name, r in qmodel.layers.items()}
+        result = export_quantized_onnx(loaded.model, loaded.architecture, packed, onnx_dir)
+    with timer.step("ort_check"):
+        checks = run_checks(result, loaded.model, loaded.tokenizer, eval_text=eval_text, ctx=min(args.ctx, 512))
     return {"export": result.to_dict(), "checks": checks}
 
 

@@ -11,7 +11,7 @@ from sage_export.models import load_model, quantizable_linears
 from sage_export.pipeline.calibration import calibration_tokens, sample_ids
 from sage_export.pipeline.layer_stats import collect_layer_stats
 from sage_export.pipeline.methods import Method
-from sage_export.pipeline.quantize import QuantizedModel, layer_seed
+from sage_export.pipeline.quantize import QuantizedModel, layer_seeds
 from sage_export.pipeline.sage_v2 import finish_v2, measure_v2
 from sage_export.pipeline.workers import MatrixPool
 from sage_export.report.build import bits_summary, layer_rows
@@ -58,7 +58,7 @@ def test_input_energy_is_the_mean_squared_input(loaded):
 def measured(loaded):
     ids, _ = calibration_tokens(loaded, None, 8, 32, seed=0, progress=False)
     method = Method("sage", {"preset": "v2"})
-    seeds = {n: layer_seed(0, i) for i, n in enumerate(quantizable_linears(loaded.model, loaded.architecture))}
+    seeds = layer_seeds(loaded, 0)
     with MatrixPool(1) as pool:
         m = measure_v2(loaded, method.sage_recipe(), method.sage_config(), seeds, ids, pool, progress=False)
     return seeds, m

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import re
 import subprocess
 import sys
@@ -24,7 +25,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 from bench_quality import machine_name  # noqa: E402
 
-COMMAND = ["sage-export", "model", "--out"]
+# The console script's code, run from this checkout whatever else is installed.
+# The order the command runs its steps in (the JSON keeps them sorted by name).
+STEP_ORDER = ["load", "calibration_text", "quantize", "write_checkpoint", "samples", "perplexity", "onnx_export",
+              "ort_check", "tensorrt"]
+COMMAND = [sys.executable, "-m", "sage_export.cli", "model", "--out"]
 
 
 def parse_time_log(text: str) -> dict:
@@ -36,7 +41,8 @@ def parse_time_log(text: str) -> dict:
 
 
 def run_default(out: Path) -> str:
-    proc = subprocess.run(["/usr/bin/time", "-v", *COMMAND, str(out), "--force"], capture_output=True, text=True)
+    proc = subprocess.run(["/usr/bin/time", "-v", *COMMAND, str(out), "--force"], capture_output=True, text=True,
+                          cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
     if proc.returncode != 0:
         sys.exit(f"the default run failed:\n{proc.stderr[-3000:]}")
     return proc.stderr
@@ -51,6 +57,7 @@ def summarize(run_dir: Path, timing: dict) -> dict:
         "date": dt.date.today().isoformat(),
         **timing,
         "steps_s": rep["timings"],
+        "steps_peak_mb": rep.get("peak_rss_mb", {}),
         "quantize_steps_s": rep["budget"]["timings"],
         "true_bits": rep["bits"]["true_bits"],
         "budget_bits": rep["budget"]["budget_bits"],
@@ -64,7 +71,10 @@ def summarize(run_dir: Path, timing: dict) -> dict:
 
 
 def render(doc: dict) -> str:
-    steps = " · ".join(f"{k} {v:.0f} s" for k, v in doc["steps_s"].items())
+    peaks = doc.get("steps_peak_mb", {})
+    order = sorted(doc["steps_s"], key=lambda k: STEP_ORDER.index(k) if k in STEP_ORDER else len(STEP_ORDER))
+    steps = " · ".join(f"{k} {doc['steps_s'][k]:.0f} s" + (f" ({peaks[k]:,.0f} MB)" if k in peaks else "")
+                       for k in order)
     inner = " · ".join(f"{k.removesuffix('_s')} {v:.0f} s" for k, v in doc["quantize_steps_s"].items())
     out = ["# The default run: `sage-export model --out DIR`", "",
            f"{doc['machine']}, {doc['date']}. Embedded SmolLM2-135M-Instruct, SAGE v2 at a budget of "
@@ -72,11 +82,12 @@ def render(doc: dict) -> str:
            f"sampled itself.", "",
            "| | |", "|---|---|",
            f"| wall time | **{doc['wall_s'] / 60:.1f} min** ({doc['wall_s']:.0f} s) |",
-           f"| peak resident memory | {doc['peak_rss_mb']:,.0f} MB |",
+           f"| peak resident memory (main process) | {doc['peak_rss_mb']:,.0f} MB |",
+           *([f"| peak memory of process + workers (sampled) | {max(peaks.values()):,.0f} MB |"] if peaks else []),
            f"| true bits per weight | {doc['true_bits']:.3f} |",
            f"| packed layers | {doc['packed_mb']:.1f} MB (float16: {doc['fp16_mb']:.1f} MB) |",
            f"| ONNX Runtime check | {'passed' if not doc['ort_failures'] else 'FAILED'} ({doc['ort_session']}) |",
-           "", f"Steps: {steps}. Inside quantize: {inner}.", "",
+           "", f"Steps (seconds, peak memory of process + workers): {steps}. Inside quantize: {inner}.", "",
            "Greedy continuations of the quantized model:", ""]
     out += [f"- *{s['prompt']}* → `{s['continuation'].replace(chr(10), ' ⏎ ')}`" for s in doc["samples"]]
     return "\n".join(out) + "\n"

@@ -36,7 +36,7 @@ from sage_export.eval.perplexity import perplexity, read_eval_text, tokenize_tex
 from sage_export.models import load_model  # noqa: E402
 from sage_export.pipeline.calibration import calibration_tokens  # noqa: E402
 from sage_export.pipeline.methods import Method  # noqa: E402
-from sage_export.pipeline.quantize import QuantizedModel, layer_seed, quantize_model  # noqa: E402
+from sage_export.pipeline.quantize import QuantizedModel, layer_seeds, quantize_model  # noqa: E402
 from sage_export.pipeline.workers import MatrixPool  # noqa: E402
 
 WIKI = REPO.parent / "shared" / "data" / "wikitext2"
@@ -86,11 +86,10 @@ def quantize_and_measure_bits(loaded, method: Method, args, calib, v2_cache: dic
 
 def quantize_v2_shared(loaded, work, method: Method, args, calib, cache: dict) -> QuantizedModel:
     """A v2 row, reusing the measurement of an earlier row that differs only in its budget."""
-    from sage_export.models import quantizable_linears
     from sage_export.pipeline.sage_v2 import finish_v2, measure_v2
 
     recipe, cfg = method.sage_recipe(), method.sage_config()
-    seeds = {n: layer_seed(args.seed, i) for i, n in enumerate(quantizable_linears(loaded.model, loaded.architecture))}
+    seeds = layer_seeds(loaded, args.seed)
     key = json.dumps({k: v for k, v in method.params.items() if k != "bits"}, sort_keys=True)
     start = time.perf_counter()
     with MatrixPool(None) as pool:

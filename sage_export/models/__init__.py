@@ -1,5 +1,6 @@
 from .architectures import ARCHITECTURES, Architecture, UnsupportedArchitecture, architecture_for
-from .loading import LoadedModel, ModelLoadError, ModelSource, load_model, quantizable_linears, resolve_source
+from .loading import (LoadedModel, ModelLoadError, ModelSource, load_model, quantizable_linears, resolve_source,
+                      weight_array)
 
 __all__ = [
     "ARCHITECTURES",
@@ -12,4 +13,5 @@ __all__ = [
     "load_model",
     "quantizable_linears",
     "resolve_source",
+    "weight_array",
 ]

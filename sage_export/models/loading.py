@@ -57,14 +57,12 @@ def default_model_path() -> Path:
 
 
 def _gguf_architecture(path: Path) -> str:
-    from gguf import GGUFReader
+    from .gguf_file import GGUFError, GGUFFile
 
     try:
-        reader = GGUFReader(str(path), "r")
-        field = reader.fields["general.architecture"]
-        return bytes(field.parts[field.data[0]]).decode("utf-8")
-    except Exception as exc:  # the gguf reader raises many kinds of errors on bad files
-        raise ModelLoadError(f"not a readable GGUF file: {path} ({type(exc).__name__}: {exc})") from None
+        return GGUFFile(path).architecture
+    except GGUFError as exc:
+        raise ModelLoadError(f"not a readable GGUF file: {path} ({exc})") from None
 
 
 def _hf_model_type(folder: Path) -> str:
@@ -96,46 +94,95 @@ def resolve_source(source: str | os.PathLike | None) -> ModelSource:
     return ModelSource(kind, folder, gguf_file, model_type, arch, name)
 
 
-def _clear_gguf_flags(model) -> None:
-    # After a GGUF load the Linear layers are plain float tensors, but transformers still flags the model as
-    # quantized, which blocks save_pretrained and confuses later code.
-    model.config.quantization_config = None
-    if hasattr(model.config, "__dict__"):
-        model.config.__dict__.pop("quantization_config", None)
-    model.hf_quantizer = None
-    model.is_quantized = False
-
-
 def check_finite(model) -> None:
+    import numpy as np
     import torch
 
     for name, param in model.named_parameters():
-        if not torch.isfinite(param).all():
+        # NumPy's isfinite is ~15x faster than torch's on CPU (0.02 s against 0.34 s for a 28M embedding)
+        finite = (np.isfinite(param.detach().numpy()).all() if param.dtype in (torch.float32, torch.float16)
+                  else torch.isfinite(param).all())
+        if not finite:
             raise ModelLoadError(f"weights contain NaN or Inf: {name}")
 
 
 def load_model(source: ModelSource | str | os.PathLike | None, dtype: str = "float32") -> LoadedModel:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     if not isinstance(source, ModelSource):
         source = resolve_source(source)
-    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     hf_logging.set_verbosity_error()
+    load = _load_gguf if source.gguf_file else _load_hf_dir
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source.folder, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=getattr(torch, dtype), **kwargs)
+        model, tokenizer = load(source, getattr(torch, dtype))
     except ModelLoadError:
         raise
     except Exception as exc:  # corrupt safetensors / GGUF surface as many exception types
         msg = str(exc).splitlines()[0] if str(exc) else ""
         raise ModelLoadError(f"cannot load model from {source.folder}: {type(exc).__name__}: {msg}") from None
-    if source.gguf_file:
-        _clear_gguf_flags(model)
     model.eval()
     check_finite(model)
     return LoadedModel(model, tokenizer, source)
+
+
+def _load_hf_dir(source: ModelSource, dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source.folder)
+    return AutoModelForCausalLM.from_pretrained(source.folder, dtype=dtype), tokenizer
+
+
+def _no_init_weights():
+    try:  # transformers 5
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
+
+
+def _load_gguf(source: ModelSource, dtype):
+    from transformers import PreTrainedTokenizerFast
+
+    model = load_gguf_model(source.folder / source.gguf_file, dtype)
+    # The tokenizer class itself reads a GGUF's vocabulary quickly; AutoTokenizer would first parse the whole
+    # file again through transformers' config loader to learn which class to use.
+    return model, PreTrainedTokenizerFast.from_pretrained(source.folder, gguf_file=source.gguf_file)
+
+
+def load_gguf_model(path: Path, dtype):
+    """The model built from the GGUF's config, then filled one dequantized tensor at a time (gguf_model.py),
+    instead of transformers' GGUF path, which parses the file several times (~30 s of 40 for the embedded model).
+    Bitwise the same weights and config (tests/test_gguf_loading.py)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from . import gguf_model
+    from .gguf_file import GGUFError, GGUFFile
+
+    try:
+        gguf = GGUFFile(path)
+        config_kwargs = gguf_model.config_dict(gguf)
+        config = AutoConfig.for_model(**config_kwargs)
+        config._name_or_path = str(Path(path).parent)
+        with _no_init_weights():  # every parameter is overwritten below; random init would cost seconds per 100M
+            model = AutoModelForCausalLM.from_config(config).to(dtype)
+        model.tie_weights()  # skipped along with the init; a tied lm_head must share the embedding's tensor
+        params = dict(model.named_parameters())
+        written = set()
+        with torch.no_grad():
+            for name, w in gguf_model.tensors(gguf, config_kwargs):
+                if name not in params or tuple(params[name].shape) != w.shape:
+                    have = tuple(params[name].shape) if name in params else "no such parameter"
+                    raise ModelLoadError(f"{path}: tensor {name} {w.shape} does not fit the model ({have})")
+                params[name].copy_(torch.from_numpy(w))
+                written.add(name)
+    except GGUFError as exc:
+        raise ModelLoadError(f"not a readable GGUF file: {path} ({exc})") from None
+    missing = sorted(set(params) - written)
+    if missing:
+        raise ModelLoadError(f"{path}: no tensor for {missing[0]} ({len(missing)} parameters missing)")
+    return model
 
 
 def quantizable_linears(model, arch: Architecture) -> dict[str, object]:
@@ -144,3 +191,9 @@ def quantizable_linears(model, arch: Architecture) -> dict[str, object]:
     return {
         f"{arch.blocks}.{i}.{lin}": block.get_submodule(lin) for i, block in enumerate(blocks) for lin in arch.linears
     }
+
+
+def weight_array(linear) -> "np.ndarray":
+    """A Linear's weight as a float32 NumPy array [out, in] (a copy when the model is not float32), the form
+    every quantizer takes."""
+    return linear.weight.detach().float().numpy()

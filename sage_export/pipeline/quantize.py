@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..materialize import apply_dequantized, dense_weight
-from ..models import LoadedModel, quantizable_linears
+from ..models import LoadedModel, quantizable_linears, weight_array
 from .calibration import quantize_sequential
 from .methods import Method, quantize_weight
 from .workers import MatrixPool
@@ -31,6 +31,11 @@ def layer_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
+def layer_seeds(loaded: LoadedModel, seed: int) -> dict[str, int]:
+    """{matrix name: its seed}, by the matrix's position in the model."""
+    return {name: layer_seed(seed, i) for i, name in enumerate(quantizable_linears(loaded.model, loaded.architecture))}
+
+
 def _postfix(result) -> str:
     s = result.stats
     if "n_groups" in s:
@@ -46,8 +51,8 @@ def _quantize_item(item: tuple) -> object:
 
 def _quantize_data_free(loaded: LoadedModel, method: Method, seed: int, pool: MatrixPool, progress: bool) -> dict:
     linears = quantizable_linears(loaded.model, loaded.architecture)
-    items = ((method, linear.weight.detach().float().numpy(), None, layer_seed(seed, i))
-             for i, linear in enumerate(linears.values()))
+    seeds = layer_seeds(loaded, seed)
+    items = ((method, weight_array(linear), None, seeds[name]) for name, linear in linears.items())
     results = {}
     bar = tqdm(zip(linears, pool.map(_quantize_item, items)), total=len(linears),
                desc=f"quantize ({method.label})", unit="layer", disable=not progress)
@@ -70,8 +75,7 @@ def quantize_model(loaded: LoadedModel, method: Method, seed: int = 0, calib: to
     start = time.perf_counter()
     if method.needs_calibration and calib is None:
         raise ValueError(f"method {method.label} needs calibration tokens")
-    names = list(quantizable_linears(loaded.model, loaded.architecture))
-    seeds = {n: layer_seed(seed, i) for i, n in enumerate(names)}
+    seeds = layer_seeds(loaded, seed)
     budget = None
     with MatrixPool(jobs) as pool:
         if method.preset == "v2":

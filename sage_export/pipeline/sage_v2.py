@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..materialize import apply_dequantized
-from ..models import LoadedModel, quantizable_linears
+from ..models import LoadedModel, quantizable_linears, weight_array
 from ..format.sage_layout import stored_bytes
 from ..quant.budget import Allocation, BudgetError, Option, allocate, neighbours
 from ..quant.compensate import compensate_sage
@@ -57,10 +57,6 @@ def check_budget(loaded: LoadedModel, recipe: SageRecipe) -> None:
         raise BudgetError(f"a budget of {recipe.bits:g} bits per weight is below the smallest this model's layers "
                           f"can be stored in ({8 * floor / n_weights:.3f} true bits with G={g} and no salient "
                           "weights)")
-
-
-def _weight(linear) -> np.ndarray:
-    return linear.weight.detach().float().numpy()
 
 
 def _measure(item: tuple) -> tuple[list[Option], object]:
@@ -106,7 +102,7 @@ def measure_v2(loaded: LoadedModel, recipe: SageRecipe, cfg: SageConfig, seeds: 
     weighted = stats is not None and (recipe.activation_weighting or recipe.layer_sensitivity)
     weights = {name: stats.column_weights(name, recipe.activation_weighting, recipe.layer_sensitivity)
                if weighted else None for name in linears}
-    items = ((_weight(linear), cfg, recipe, seeds[name], weights[name]) for name, linear in linears.items())
+    items = ((weight_array(linear), cfg, recipe, seeds[name], weights[name]) for name, linear in linears.items())
     measured = list(tqdm(pool.map(_measure, items), total=len(linears), desc="quantize: measuring options",
                          unit="layer", disable=not progress))
     timings["options_s"] = round(time.perf_counter() - start, 1)
@@ -175,7 +171,7 @@ def finish_v2(loaded: LoadedModel, recipe: SageRecipe, cfg: SageConfig, seeds: d
             hessians = block_hessians(loaded.model, loaded.architecture, stats, i) if recipe.compensate else {}
             for name in linears:
                 if name.startswith(f"{loaded.architecture.blocks}.{i}."):
-                    yield _finish_item(plan, recipe, cfg, name, _weight(linears[name]), hessians.get(name))
+                    yield _finish_item(plan, recipe, cfg, name, weight_array(linears[name]), hessians.get(name))
 
     desc = "quantize: ρ search + compensation" if recipe.compensate else "quantize: ρ search"
     results = dict(zip(linears, tqdm(pool.map(_finish, items()), total=len(linears), desc=desc, unit="layer",

@@ -127,8 +127,12 @@ def render_markdown(rep: dict, plots: list[str]) -> str:
         out += ["", f"The ρ search ended on a bound of its interval for {len(bounds)} of {len(rep['layers'])} layers "
                 "(error monotone in ρ there); per-layer detail in report.json."]
     out += ["", "## Plots", ""] + [f"![{p}](plots/{p})" for p in plots]
-    out += ["", "## Timings (s)", "", "| step | seconds |", "|---|---|"]
-    out += [f"| {k} | {v:.1f} |" for k, v in rep.get("timings", {}).items()]
+    peaks = rep.get("peak_rss_mb", {})
+    out += ["", "## Timings and memory", "",
+            "Peak memory is the resident set of the process and its workers while the step ran (sampled every "
+            "0.2 s).", "", "| step | seconds | peak memory (MB) |", "|---|---|---|"]
+    out += [f"| {k} | {v:.1f} | {peaks[k]:,.0f} |" if k in peaks else f"| {k} | {v:.1f} | |"
+            for k, v in rep.get("timings", {}).items()]
     return "\n".join(out) + "\n"
 
 
