@@ -126,20 +126,15 @@ def check_verdict(checks: dict | None, out: Path) -> int:
 
 
 def run_pipeline(args, source, method, eval_text, calib_text, out: Path, do_onnx: bool) -> dict:
+    from .report.build import write_report
     from .stages import StageMeter
 
     with StageMeter() as meter:
         rep = _run_stages(meter, args, source, method, eval_text, calib_text, out, do_onnx)
     rep["timings"], rep["peak_rss_mb"] = meter.timings, meter.peak_mb
-    write_report_files(out, rep)
-    return rep
-
-
-def write_report_files(out: Path, rep: dict) -> None:
-    from .report.build import write_report
-
     rep["files"] = file_sizes(out)
     write_report(out, rep)
+    return rep
 
 
 def _run_stages(timer, args, source, method, eval_text, calib_text, out: Path, do_onnx: bool) -> dict:

@@ -34,7 +34,6 @@ class StageMeter:
         self.interval = interval
         self.timings: dict[str, float] = {}
         self.peak_mb: dict[str, float] = {}
-        self._current: str | None = None
         self._peak = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..models import weight_array
 from ..models.architectures import Architecture
 
 
@@ -156,7 +157,7 @@ def quantize_sequential(model, arch: Architecture, calib: torch.Tensor,
         finally:
             for h in handles:
                 h.remove()
-        items = [(f"{arch.blocks}.{i}.{name}", block.get_submodule(name).weight.detach().float().numpy(),
+        items = [(f"{arch.blocks}.{i}.{name}", weight_array(block.get_submodule(name)),
                   (hessians[name] / counts[name]).numpy()) for name in arch.linears]
         del hessians
         for (qname, _, _), name, result in zip(items, arch.linears, quantize_block(items)):
