@@ -92,6 +92,45 @@ class SageResult:
         n_scales = n if self.per_row else self.group_scales.shape[0]  # per_row: N row scales in place of G
         return sage_paper_bits(n, k, int(self.salient_mask.sum()), self.salient_bits, n_scales)
 
+    def compact(self) -> SageResult | PackedSageResult:
+        """The same layer without the [N, K] decision arrays (4 bytes per weight): what a run keeps of each
+        matrix between quantizing it and exporting it. Per-row mode has no packed form and stays as it is."""
+        if self.per_row:
+            return self
+        return PackedSageResult(self.packed(), self.stats)
+
+
+@dataclass(eq=False)
+class PackedSageResult:
+    """A groups-mode SageResult reduced to the op's packed tensors and its stats (SageResult.compact). It
+    decodes, stores and counts exactly as the SageResult it came from: the packed tensors are all of them."""
+
+    packed_linear: PackedLinear
+    stats: dict[str, Any]
+    method: str = field(default="sage", init=False)
+    per_row: bool = field(default=False, init=False)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.packed_linear.out_features, self.packed_linear.in_features)
+
+    def packed(self) -> PackedLinear:
+        return self.packed_linear
+
+    def compact(self) -> PackedSageResult:
+        return self
+
+    def dequantize(self) -> np.ndarray:
+        return dequantize_packed(self.packed_linear)
+
+    def stored_tensors(self) -> dict[str, np.ndarray]:
+        return self.packed_linear.tensors()
+
+    def paper_bits(self) -> dict[str, float]:
+        p = self.packed_linear
+        return sage_paper_bits(p.out_features, p.in_features, int(p.salient_rowptr[-1]), p.salient_bits,
+                               p.group_scales.shape[0])
+
 
 @dataclass(frozen=True)
 class _Plan:
