@@ -64,7 +64,7 @@ print((status("VmHWM") - base) / w.size, time.perf_counter() - start)
 
 def run_case(code: Path, case: str, n: int, k: int) -> dict:
     env = dict(os.environ, PYTHONPATH=str(code))
-    out = subprocess.run([sys.executable, "-c", CHILD, case, str(n), str(k)], env=env, capture_output=True,
+    out = subprocess.run([sys.executable, "-c", CHILD, case, str(n), str(k)], env=env, cwd=code, capture_output=True,
                          text=True, check=True)
     per_weight, seconds = map(float, out.stdout.split())
     return {"bytes_per_weight": round(per_weight, 1), "seconds": round(seconds, 1),
