@@ -83,7 +83,8 @@ def render(data: dict, out: Path) -> None:
     md = ["# Peak memory of quantizing one matrix", "",
           f"{data['machine']}. Peak resident memory above the process's size before the call, per weight of the "
           "matrix (the float32 weight itself is 4 bytes), one BLAS thread as in a worker. Commands: "
-          "`python tools/bench_matrix_memory.py [--code DIR --label L]`.", "",
+          "`python tools/bench_matrix_memory.py [--code DIR --label L]`. Seconds are wall time, for orientation only: "
+          "these rows ran beside a perplexity evaluation.", "",
           "| code | shape | case | bytes/weight | peak | seconds | date |", "|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
         md.append(f"| {r['label']} ({r['code']}) | {r['shape']} | {r['case']} | **{r['bytes_per_weight']}** | "
