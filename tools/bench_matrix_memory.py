@@ -83,8 +83,8 @@ def render(data: dict, out: Path) -> None:
     md = ["# Peak memory of quantizing one matrix", "",
           f"{data['machine']}. Peak resident memory above the process's size before the call, per weight of the "
           "matrix (the float32 weight itself is 4 bytes), one BLAS thread as in a worker. Commands: "
-          "`python tools/bench_matrix_memory.py [--code DIR --label L]`. Seconds are wall time, for orientation only: "
-          "these rows ran beside a perplexity evaluation.", "",
+          "`python tools/bench_matrix_memory.py [--code DIR --label L]`. Seconds are wall time, for orientation "
+          "only. " + data.get("note", ""), "",
           "| code | shape | case | bytes/weight | peak | seconds | date |", "|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
         md.append(f"| {r['label']} ({r['code']}) | {r['shape']} | {r['case']} | **{r['bytes_per_weight']}** | "
@@ -100,10 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--note", help="a line for the table's header, e.g. what else ran on the machine")
     args = p.parse_args(argv)
     path = args.out.with_suffix(".json")
     data = json.loads(path.read_text()) if path.is_file() else {"rows": []}
     data["machine"] = machine_name()
+    if args.note:
+        data["note"] = args.note
     version = code_version(args.code)
     for shape in args.shapes:
         for case in args.cases:
