@@ -23,6 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 from bench_quality import machine_name  # noqa: E402
+from bench_scale import code_version  # noqa: E402
 
 OUT = REPO / "benchmarks" / "matrix_memory"
 SHAPES = {"llama-1.1b mlp (2048x5632)": (2048, 5632), "llama2-7b mlp (4096x11008)": (4096, 11008)}
@@ -69,14 +70,6 @@ def run_case(code: Path, case: str, n: int, k: int) -> dict:
     per_weight, seconds = map(float, out.stdout.split())
     return {"bytes_per_weight": round(per_weight, 1), "seconds": round(seconds, 1),
             "peak_mb": round(per_weight * n * k / 2**20)}
-
-
-def code_version(code: Path) -> str:
-    def git(*a: str) -> str:
-        return subprocess.run(["git", *a], cwd=code, capture_output=True, text=True).stdout.strip()
-
-    return (git("rev-parse", "--short", "HEAD") or "unknown") + ("+changes" if git("status", "--porcelain", "--",
-                                                                                   "sage_export") else "")
 
 
 def render(data: dict, out: Path) -> None:

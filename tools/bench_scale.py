@@ -163,11 +163,11 @@ def run_shape(name: str, shape: dict, work: Path, preset: str, timeout_s: int) -
     return row
 
 
-def code_version() -> str:
+def code_version(checkout: Path = REPO) -> str:
     """The commit the measured code is at, marked when sage_export/ has uncommitted changes: rows measured at
     different commits sit in one table, and memory figures change with the code."""
     def git(*a: str) -> str:
-        return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        return subprocess.run(["git", *a], cwd=checkout, capture_output=True, text=True).stdout.strip()
 
     head = git("rev-parse", "--short", "HEAD") or "unknown"
     return head + ("+changes" if git("status", "--porcelain", "--", "sage_export") else "")
