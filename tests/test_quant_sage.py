@@ -200,3 +200,18 @@ def test_validate_names_the_bad_field_in_one_line(params, field):
     with pytest.raises(ValueError, match=field) as info:
         SageConfig(**params).validate()
     assert "\n" not in str(info.value)
+
+
+def test_compact_result_decodes_stores_and_counts_as_the_full_result():
+    rng = np.random.default_rng(3)
+    w = (rng.standard_normal((40, 96)) * rng.gamma(1.0, 1.0, (1, 96))).astype(np.float32)
+    full = quantize_sage(w, SageConfig(fixed_groups=3, fixed_rho=0.05), seed=1)
+    small = full.compact()
+    assert small.shape == full.shape and small.method == "sage" and not small.per_row
+    np.testing.assert_array_equal(small.dequantize(), full.dequantize())
+    assert small.paper_bits() == full.paper_bits()
+    for name, tensor in full.stored_tensors().items():
+        np.testing.assert_array_equal(small.stored_tensors()[name], tensor)
+    assert small.stats is full.stats and small.compact() is small
+    per_row = quantize_sage(w, SageConfig(scale_mode="per_row", fixed_rho=0.05), seed=1)
+    assert per_row.compact() is per_row  # no packed form: kept whole

@@ -147,7 +147,7 @@ def run_shape(name: str, shape: dict, work: Path, preset: str, timeout_s: int) -
         rc, stderr = "timeout", f"did not finish in {timeout_s} s"
     total, linear = parameter_counts(shape)
     row = {"shape": name, "config": shape, "params": total, "quantized_params": linear, "preset": preset,
-           "exit_status": rc, "command": "sage-export model DIR --out OUT --preset " + preset}
+           "exit_status": rc, "command": "sage-export model DIR --out OUT --preset " + preset, "code": code_version()}
     if "Elapsed (wall clock)" in stderr:
         row.update(parse_time_log(stderr))
     report = out_dir / "report.json"
@@ -161,6 +161,16 @@ def run_shape(name: str, shape: dict, work: Path, preset: str, timeout_s: int) -
         row["error"] = lines[-1][:300] if lines else f"exit status {rc}"
     shutil.rmtree(work / name, ignore_errors=True)
     return row
+
+
+def code_version(checkout: Path = REPO) -> str:
+    """The commit the measured code is at, marked when sage_export/ has uncommitted changes: rows measured at
+    different commits sit in one table, and memory figures change with the code."""
+    def git(*a: str) -> str:
+        return subprocess.run(["git", *a], cwd=checkout, capture_output=True, text=True).stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    return head + ("+changes" if git("status", "--porcelain", "--", "sage_export") else "")
 
 
 def extrapolation(rows: dict) -> dict | None:
@@ -187,20 +197,21 @@ def render(data: dict, out: Path) -> None:
     rows = {r["shape"]: r for r in data["rows"]}
     md = ["# Scale: `sage-export model` on random-weight models of real shapes", "",
           f"{data['machine']}, {data['date']}. Command per shape: `{data['rows'][0]['command'] if rows else ''}` "
-          f"on a float16 safetensors directory written by `{data['command']}`.", "",
+          "on a float16 safetensors directory written by `python tools/bench_scale.py --shapes SHAPE`; the code column "
+          "is the commit each row was measured at.", "",
           "Seconds and peak memory (MB, the process and its quantization workers, sampled every 0.2 s) per stage. "
           "Random weights: time and memory only, no quality.", "",
-          "| shape | params (quantized) | " + " | ".join(STAGES) + " | total wall | peak | ONNX data | result |",
-          "|---|---|" + "---|" * len(STAGES) + "---|---|---|---|"]
+          "| shape | params (quantized) | " + " | ".join(STAGES) + " | total wall | peak | ONNX data | result | code |",
+          "|---|---|" + "---|" * len(STAGES) + "---|---|---|---|---|"]
     for name, r in rows.items():
         head = f"| {name} | {r['params'] / 1e6:,.0f} M ({r['quantized_params'] / 1e6:,.0f} M) |"
         if r.get("exit_status") != 0:
-            md.append(head + " |" * len(STAGES) + f" {r.get('wall_s', '–')} s | – | – | failed: {r.get('error', '')} |")
+            md.append(head + " |" * len(STAGES) + f" {r.get('wall_s', '–')} s | – | – | failed: {r.get('error', '')} | {r.get('code', '?')} |")
             continue
         cells = [f"{r['stages_s'].get(s, 0):.0f} s · {r['stages_peak_mb'].get(s, 0):,.0f}" for s in STAGES]
         verdict = "ORT check passed" if not r["ort_failures"] else "ORT check failed: " + "; ".join(r["ort_failures"])
         md.append(head + " " + " | ".join(cells) + f" | {r['wall_s']:.0f} s | {r['peak_rss_mb_tree']:,.0f} MB | "
-                  f"{r['onnx_data_bytes'] / 2**20:,.0f} MB | {verdict} |")
+                  f"{r['onnx_data_bytes'] / 2**20:,.0f} MB | {verdict} | {r.get('code', '?')} |")
     ext = data.get("extrapolation")
     if ext:
         md += ["", f"LLaMA-2-7B layer shapes: each added layer costs {ext['per_layer_s']} s and "

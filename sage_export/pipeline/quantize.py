@@ -46,7 +46,9 @@ def _postfix(result) -> str:
 def _quantize_item(item: tuple) -> object:
     """Worker: (method, W, H or None, seed) -> quantizer result."""
     method, w, hessian, seed = item
-    return quantize_weight(method, w, hessian, seed)
+    result = quantize_weight(method, w, hessian, seed)
+    # SAGE's decision arrays are 4 bytes per weight; what is kept until export is only what gets stored.
+    return result.compact() if hasattr(result, "compact") else result
 
 
 def _quantize_data_free(loaded: LoadedModel, method: Method, seed: int, pool: MatrixPool, progress: bool) -> dict:

@@ -92,6 +92,45 @@ class SageResult:
         n_scales = n if self.per_row else self.group_scales.shape[0]  # per_row: N row scales in place of G
         return sage_paper_bits(n, k, int(self.salient_mask.sum()), self.salient_bits, n_scales)
 
+    def compact(self) -> SageResult | PackedSageResult:
+        """The same layer without the [N, K] decision arrays (4 bytes per weight): what a run keeps of each
+        matrix between quantizing it and exporting it. Per-row mode has no packed form and stays as it is."""
+        if self.per_row:
+            return self
+        return PackedSageResult(self.packed(), self.stats)
+
+
+@dataclass(eq=False)
+class PackedSageResult:
+    """A groups-mode SageResult reduced to the op's packed tensors and its stats (SageResult.compact). It
+    decodes, stores and counts exactly as the SageResult it came from: the packed tensors are all of them."""
+
+    packed_linear: PackedLinear
+    stats: dict[str, Any]
+    method: str = field(default="sage", init=False)
+    per_row: bool = field(default=False, init=False)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.packed_linear.out_features, self.packed_linear.in_features)
+
+    def packed(self) -> PackedLinear:
+        return self.packed_linear
+
+    def compact(self) -> PackedSageResult:
+        return self
+
+    def dequantize(self) -> np.ndarray:
+        return dequantize_packed(self.packed_linear)
+
+    def stored_tensors(self) -> dict[str, np.ndarray]:
+        return self.packed_linear.tensors()
+
+    def paper_bits(self) -> dict[str, float]:
+        p = self.packed_linear
+        return sage_paper_bits(p.out_features, p.in_features, int(p.salient_rowptr[-1]), p.salient_bits,
+                               p.group_scales.shape[0])
+
 
 @dataclass(frozen=True)
 class _Plan:
@@ -121,6 +160,8 @@ class _Matrix:
         top = None if col_weight is None or cfg.threshold != "quantile" else int(np.ceil(max_rho * w.size)) + 1
         self.saliency = SaliencyOrder.from_matrix(w, col_weight, top)
         order = self.saliency.order
+        if cfg.threshold == "quantile":  # no ρ up to max_rho counts more entries than this prefix
+            order = order[: min(order.size, int(np.ceil(max_rho * w.size)) + 1)]
         flat = w.ravel()
         # The matrix in saliency order: a salient set is a prefix of these arrays.
         self.rows_by_rank = order // self.k
@@ -184,6 +225,18 @@ class _Matrix:
             self._salient[count] = (fit, c_salient)
         return self._salient[count]
 
+    def forget_salient(self) -> None:
+        """Drop the cached salient fits and tables: up to 32 bytes per salient entry each, so a search that
+        keeps one per evaluated ρ would hold several times the matrix."""
+        self._salient.clear()
+        self._salient_tables.clear()
+
+    def end_search(self) -> None:
+        """Free what only the search reads (the sorted magnitude table and the per-rank arrays, about 40 bytes
+        per weight) before build() allocates the result; build() needs the saliency order and W only."""
+        self.forget_salient()
+        self.all_mags = self.rows_by_rank = self.w_by_rank = self.mags_by_rank = self.c_by_rank = None
+
     def salient_table(self, count: int) -> MagnitudeTable:
         if count not in self._salient_tables:
             self._salient_tables[count] = MagnitudeTable(self.mags_by_rank[:count], self.salient_part(count)[1])
@@ -225,8 +278,8 @@ class _Matrix:
         if plan.centres is None:
             return SageResult(group_index=np.zeros(self.w.shape, dtype=np.uint8),
                               group_scales=np.zeros(0, dtype=np.float16), row_scales=plan.scales16, **common)
-        bands = assign_bands(np.abs(self.w), plan.centres)
-        group_index = np.where(mask, 0, bands).astype(np.uint8)
+        group_index = assign_bands(np.abs(self.w), plan.centres).astype(np.uint8)
+        group_index[mask] = 0
         return SageResult(group_index=group_index, group_scales=plan.scales16, **common)
 
 
@@ -271,6 +324,7 @@ def quantize_sage(w: np.ndarray, cfg: SageConfig, seed: int = 0, col_weight: np.
     def plan_at(rho: float) -> _Plan:
         if rho not in plans:
             plans[rho] = matrix.plan(rho, matrix.group_start(rho) if regraph else shared_start)
+            matrix.forget_salient()  # each ρ of the search is new; the plan keeps its own fit
         return plans[rho]
 
     if cfg.fixed_rho is not None:
@@ -281,6 +335,7 @@ def quantize_sage(w: np.ndarray, cfg: SageConfig, seed: int = 0, col_weight: np.
         search = brent_search(lambda r: plan_at(r).objective, cfg.rho_bounds, cfg.brent_xatol, cfg.brent_maxiter,
                               also=also)
     plan = plans[search.x]
+    matrix.end_search()
     result = matrix.build(plan)
     result.stats = _stats(result, plan, search, matrix, cfg, proposal)
     result.stats["time_s"] = time.perf_counter() - start
@@ -310,14 +365,18 @@ def sage_options(w: np.ndarray, cfg: SageConfig, groups: tuple[int, ...], rhos: 
         measured = w[picks]
     scale = n / measured.shape[0]
     matrix = _Matrix(measured, cfg, seed, col_weight, _max_rho(cfg, *rhos))
-    options = []
-    for g in groups:
-        start = matrix.group_start(cfg.graph_rho, n_groups=g)
-        for rho in sorted(rhos):
-            plan = matrix.plan(rho, start)
+    # ρ outer, G inner: every G at one ρ shares that ρ's salient fit, which is then dropped (holding all of them
+    # would cost more memory than the matrix). Each G's band centres start from its own previous ρ.
+    starts = {g: matrix.group_start(cfg.graph_rho, n_groups=g) for g in groups}
+    measured_at: dict[tuple[int, float], Option] = {}
+    for rho in sorted(rhos):
+        for g in groups:
+            plan = matrix.plan(rho, starts[g])
             nnz = int(round(rho * w.size)) if scale != 1 else plan.count
-            options.append(Option(g, float(rho), nnz, plan.error * scale, stored_bytes(n, k, g, nnz)))
-            start = (None, plan.centres)
+            measured_at[g, rho] = Option(g, float(rho), nnz, plan.error * scale, stored_bytes(n, k, g, nnz))
+            starts[g] = (None, plan.centres)
+        matrix.forget_salient()
+    options = [measured_at[g, rho] for g in groups for rho in sorted(rhos)]
     return options, (matrix.propose_groups(cfg.graph_rho) if propose else None)
 
 

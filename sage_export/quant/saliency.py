@@ -26,7 +26,7 @@ class SaliencyOrder:
     mean: float
     std: float
     order: np.ndarray  # int64 [N*K]: flat indices, most salient first
-    deviations: np.ndarray  # float64 [N*K]: the score in that order (non-increasing)
+    deviations: np.ndarray  # float64 [N*K]: the score in that order (non-increasing); only the sorted ones
 
     sorted_count: int | None = None  # only this many leading entries are in order (None: all)
 
@@ -47,9 +47,10 @@ class SaliencyOrder:
         if top is not None and top < dev.size:
             head = np.argpartition(-dev, top)[: top + 1]  # the top+1 largest, unordered
             head = head[np.argsort(dev[head])[::-1]]
-            rest = np.setdiff1d(np.arange(dev.size), head, assume_unique=True)
-            order = np.concatenate([head[:top], head[top:], rest])
-            return cls(tuple(w.shape), mean, std, order, dev[order], top)
+            unsorted = np.ones(dev.size, dtype=bool)  # the rest, in index order (setdiff1d's order, less memory)
+            unsorted[head] = False
+            order = np.concatenate([head, np.flatnonzero(unsorted)])
+            return cls(tuple(w.shape), mean, std, order, dev[head], top)
         order = np.argsort(dev)[::-1].copy()  # one O(n log n) sort serves every ρ of the search
         return cls(tuple(w.shape), mean, std, order, dev[order])
 
