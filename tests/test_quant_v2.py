@@ -73,6 +73,16 @@ def test_options_report_exact_bytes_and_the_errors_quantize_gets(data):
     assert min(o.error for o in options if o.n_groups == 4) < min(o.error for o in options if o.n_groups == 1)
 
 
+def test_each_g_is_measured_as_if_alone(data):
+    # Options are measured ρ-major (to drop each ρ's salient fit), yet every G's column must be what measuring
+    # that G alone gives: its centres warm-start only from its own previous ρ.
+    w, h_diag, _ = data
+    rhos = (0.0, 0.005, 0.02)
+    together, _ = sage_options(w, V2_MATRIX, (2, 4), rhos, seed=2, col_weight=h_diag)
+    alone = [o for g in (2, 4) for o in sage_options(w, V2_MATRIX, (g,), rhos, seed=2, col_weight=h_diag)[0]]
+    assert together == alone
+
+
 def test_options_on_a_row_sample_estimate_the_whole(data):
     w, h_diag, _ = data
     full, _ = sage_options(w, V2_MATRIX, (2,), (0.01,), seed=2, col_weight=h_diag)

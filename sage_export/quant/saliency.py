@@ -26,7 +26,7 @@ class SaliencyOrder:
     mean: float
     std: float
     order: np.ndarray  # int64 [N*K]: flat indices, most salient first
-    deviations: np.ndarray  # float64 [N*K]: the score in that order (non-increasing); only the sorted ones
+    deviations: np.ndarray  # float64: the scores of the sorted entries in order (all N*K, or the top+1 with `top`)
 
     sorted_count: int | None = None  # only this many leading entries are in order (None: all)
 
