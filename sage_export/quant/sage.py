@@ -157,11 +157,10 @@ class _Matrix:
         self.col_weight = col_weight
         # Activation-aware, only the entries any ρ up to max_rho can make salient are sorted (the paper's data-free
         # path keeps its full sort, so its results stay what they were).
-        top = None if col_weight is None or cfg.threshold != "quantile" else int(np.ceil(max_rho * w.size)) + 1
+        reach = int(np.ceil(max_rho * w.size)) + 1  # with the quantile threshold, no ρ <= max_rho counts more
+        top = None if col_weight is None or cfg.threshold != "quantile" else reach
         self.saliency = SaliencyOrder.from_matrix(w, col_weight, top)
-        order = self.saliency.order
-        if cfg.threshold == "quantile":  # no ρ up to max_rho counts more entries than this prefix
-            order = order[: min(order.size, int(np.ceil(max_rho * w.size)) + 1)]
+        order = self.saliency.order if cfg.threshold != "quantile" else self.saliency.order[:reach]
         flat = w.ravel()
         # The matrix in saliency order: a salient set is a prefix of these arrays.
         self.rows_by_rank = order // self.k
