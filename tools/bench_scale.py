@@ -205,13 +205,15 @@ def render(data: dict, out: Path) -> None:
           "|---|---|" + "---|" * len(STAGES) + "---|---|---|---|---|"]
     for name, r in rows.items():
         head = f"| {name} | {r['params'] / 1e6:,.0f} M ({r['quantized_params'] / 1e6:,.0f} M) |"
+        code = f" {r.get('code', '?')} |"
         if r.get("exit_status") != 0:
-            md.append(head + " |" * len(STAGES) + f" {r.get('wall_s', '–')} s | – | – | failed: {r.get('error', '')} | {r.get('code', '?')} |")
+            md.append(head + " |" * len(STAGES) + f" {r.get('wall_s', '–')} s | – | – | failed: {r.get('error', '')} |"
+                      + code)
             continue
         cells = [f"{r['stages_s'].get(s, 0):.0f} s · {r['stages_peak_mb'].get(s, 0):,.0f}" for s in STAGES]
         verdict = "ORT check passed" if not r["ort_failures"] else "ORT check failed: " + "; ".join(r["ort_failures"])
         md.append(head + " " + " | ".join(cells) + f" | {r['wall_s']:.0f} s | {r['peak_rss_mb_tree']:,.0f} MB | "
-                  f"{r['onnx_data_bytes'] / 2**20:,.0f} MB | {verdict} | {r.get('code', '?')} |")
+                  f"{r['onnx_data_bytes'] / 2**20:,.0f} MB | {verdict} |" + code)
     ext = data.get("extrapolation")
     if ext:
         md += ["", f"LLaMA-2-7B layer shapes: each added layer costs {ext['per_layer_s']} s and "
