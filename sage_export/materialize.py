@@ -1,4 +1,7 @@
-"""Put quantized weights into a torch model, so PyTorch computes exactly what the packed artifact decodes to."""
+"""Put quantized weights into a torch model, so PyTorch computes exactly what the packed artifact decodes to.
+
+Two forms: dense (the decoded float32 weight overwrites the Linear's: fast, 4 bytes per weight) and packed (a
+runtime.SageLinear that decodes its weight on every call: bounded memory, used for streamed models)."""
 
 from __future__ import annotations
 
@@ -24,3 +27,21 @@ def apply_dequantized(model: torch.nn.Module, layers: Mapping[str, object]) -> N
         if tuple(weight.shape) != tuple(linear.weight.shape):
             raise ValueError(f"{name}: quantized shape {tuple(weight.shape)} != model shape {tuple(linear.weight.shape)}")
         linear.weight.copy_(weight.to(linear.weight.dtype))
+
+
+def packable(result) -> bool:
+    """True when a quantizer result is a SAGE layer the op can store (SageLinear, checkpoint, ONNX)."""
+    return result.method == "sage" and hasattr(result, "packed") and result.stats.get("exportable", True)
+
+
+@torch.no_grad()
+def install_packed(model: torch.nn.Module, name: str, result) -> None:
+    """Put one result into the model in bounded memory: a SageLinear when packable, else its dense weight (in
+    place of a streamed model's meta weight too)."""
+    from .runtime.sage_linear import replace_linears
+
+    if packable(result):
+        replace_linears(model, {name: result.packed()})
+        return
+    linear = model.get_submodule(name)
+    linear._parameters["weight"] = torch.nn.Parameter(torch.from_numpy(dense_weight(result)), requires_grad=False)

@@ -18,6 +18,8 @@ import numpy as np
 
 # _BYTE_TO_BITS[v, j] is bit j (LSB first) of byte value v.
 _BYTE_TO_BITS = ((np.arange(256, dtype=np.uint8)[:, None] >> np.arange(8, dtype=np.uint8)) & 1).astype(bool)
+# The same table as 0/1 bytes, for decoders that combine several bit-planes into one code.
+BYTE_BITS = _BYTE_TO_BITS.view(np.uint8)
 
 
 def n_bytes(k: int) -> int:

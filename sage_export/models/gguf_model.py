@@ -83,13 +83,17 @@ def unpermute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
 
 
+def read_tensor(gguf: GGUFFile, config: dict, name: str) -> np.ndarray:
+    """One GGUF tensor as float32, in transformers' row order."""
+    w = gguf.read(name)
+    heads, kv_heads = config.get("num_attention_heads"), config.get("num_key_value_heads")
+    if gguf.architecture in _PERMUTED_ARCHITECTURES and heads and kv_heads and (".attn_q." in name or
+                                                                                ".attn_k." in name):
+        w = unpermute_rows(w, heads if ".attn_q." in name else kv_heads)
+    return w
+
+
 def tensors(gguf: GGUFFile, config: dict) -> Iterator[tuple[str, np.ndarray]]:
     """(transformers name, float32 array) for every tensor, one at a time, in file order."""
-    permute = gguf.architecture in _PERMUTED_ARCHITECTURES
-    heads, kv_heads = config.get("num_attention_heads"), config.get("num_key_value_heads")
     for name in gguf.tensors:
-        target = hf_name(name)
-        w = gguf.read(name)
-        if permute and heads and kv_heads and (".attn_q." in name or ".attn_k." in name):
-            w = unpermute_rows(w, heads if ".attn_q." in name else kv_heads)
-        yield target, w
+        yield hf_name(name), read_tensor(gguf, config, name)

@@ -32,7 +32,7 @@ def validate_packed_against_model(model, arch: Architecture, packed: Mapping[str
     """Raise ValueError (one line) unless `packed` holds exactly the model's quantizable layers with their shapes.
     Cheap: run it before any export work."""
     linears = quantizable_linears(model, arch)
-    shapes = {name: tuple(layer.weight.shape) for name, layer in linears.items()}
+    shapes = {name: (layer.out_features, layer.in_features) for name, layer in linears.items()}
     validate_packed(shapes, arch, packed)
 
 

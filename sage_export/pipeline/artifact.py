@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..format.checkpoint import Checkpoint, CheckpointError, LayerRecord, load_checkpoint, save_checkpoint
-from ..materialize import apply_dequantized
+from ..materialize import packable
 from .quantize import QuantizedModel
 
 FLOAT_DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -32,7 +32,7 @@ def deterministic_info(info: dict | None) -> dict | None:
 
 
 def layer_record(result) -> LayerRecord:
-    if result.method == "sage" and hasattr(result, "packed") and result.stats.get("exportable", True):
+    if packable(result):
         packed = result.packed()
         return LayerRecord("sage", packed.attrs(), packed.tensors())
     n, k = result.shape
@@ -41,12 +41,19 @@ def layer_record(result) -> LayerRecord:
     return LayerRecord(result.method, {"in_features": k, "out_features": n, **extra}, result.stored_tensors())
 
 
+def _quantized_key(key: str, quantized: set[str]) -> bool:
+    """A state-dict key that belongs to a quantized layer's weight: its dense weight, or any packed buffer of a
+    SageLinear standing in for it (only the bias is a float tensor of the model)."""
+    module, _, attr = key.rpartition(".")
+    return module in quantized and attr != "bias"
+
+
 def float_tensors(model: torch.nn.Module, quantized: list[str], dtype: str) -> dict[str, np.ndarray]:
     """Every state-dict tensor that is not a quantized weight, in the stored float dtype. Tied weights once."""
-    skip = {f"{name}.weight" for name in quantized}
+    quantized = set(quantized)
     out, seen = {}, set()
     for key, tensor in model.state_dict().items():
-        if key in skip or tensor.data_ptr() in seen:
+        if _quantized_key(key, quantized) or tensor.data_ptr() in seen:
             continue
         seen.add(tensor.data_ptr())
         out[key] = tensor.detach().to(FLOAT_DTYPES[dtype]).numpy().copy()
@@ -57,9 +64,9 @@ def float_tensors(model: torch.nn.Module, quantized: list[str], dtype: str) -> d
 def round_float_params(model: torch.nn.Module, quantized: list[str], dtype: str) -> None:
     """Round the unquantized parameters to their stored dtype in place, so an in-memory quantized model computes
     exactly what its checkpoint will."""
-    skip = {f"{name}.weight" for name in quantized}
+    quantized = set(quantized)
     for key, param in model.state_dict().items():
-        if key not in skip and param.is_floating_point():
+        if not _quantized_key(key, quantized) and param.is_floating_point():
             param.copy_(param.to(FLOAT_DTYPES[dtype]).to(param.dtype))
 
 
@@ -74,18 +81,21 @@ def write_checkpoint(out_dir: Path, loaded, qmodel: QuantizedModel, meta: dict, 
     loaded.tokenizer.save_pretrained(out_dir)
 
 
-def load_quantized(ckpt_dir: Path, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer, checkpoint): a torch model whose Linear weights are the decoded packed weights."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def load_quantized(ckpt_dir: Path):
+    """(model, tokenizer, checkpoint): a float32 torch model whose quantized Linears are SageLinear modules
+    holding the packed weights (decoded on every call), so memory holds the checkpoint's size, not the dense
+    model's."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from ..models.streaming import empty_model
 
     ckpt_dir = Path(ckpt_dir)
     ckpt = load_checkpoint(ckpt_dir)
     config = AutoConfig.from_pretrained(ckpt_dir)
-    # Built normally (not on the meta device) so that non-persistent buffers such as rotary frequencies exist.
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    state = {k: torch.from_numpy(v).to(dtype) for k, v in ckpt.float_tensors.items()}
+    model = empty_model(config)  # parameters on the meta device until assigned below
+    state = {k: torch.from_numpy(v).to(torch.float32) for k, v in ckpt.float_tensors.items()}
     try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as exc:  # shape mismatch: torch lists every tensor; the first line names the model
         raise CheckpointError(f"checkpoint {ckpt_dir} does not match its config.json: "
                               f"{_first_mismatch(str(exc))}") from None
@@ -103,15 +113,20 @@ def load_quantized(ckpt_dir: Path, dtype: torch.dtype = torch.float32):
 
 
 def _apply_records(model, ckpt: Checkpoint, ckpt_dir: Path) -> None:
+    from ..runtime.sage_linear import replace_linears
+
     packed = ckpt.packed_linears()
     others = {n for n in ckpt.layers if n not in packed}
     if others:
         raise CheckpointError(f"checkpoint holds non-SAGE layers ({ckpt.layers[next(iter(others))].method}); "
                               "only SAGE checkpoints can be exported or evaluated")
     try:
-        apply_dequantized(model, packed)
-    except ValueError as exc:  # a packed layer whose shape is not the Linear's
+        replace_linears(model, packed)
+    except (KeyError, TypeError, ValueError) as exc:  # a packed layer that is not one of the model's Linears
         raise CheckpointError(f"checkpoint {ckpt_dir} does not match its config.json: {exc}") from None
+    meta = [name for name, p in model.named_parameters() if p.is_meta]
+    if meta:
+        raise CheckpointError(f"checkpoint {ckpt_dir} does not match its config.json: no weight for {meta[0]}")
 
 
 def _first_mismatch(message: str) -> str:

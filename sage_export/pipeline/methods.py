@@ -33,6 +33,12 @@ class Method:
         return self.name in ("billm", "gptq")
 
     @property
+    def streams(self) -> bool:
+        """True when each matrix is quantized from its own weight alone (no calibration, no model-wide budget),
+        so the model can be read from its file one matrix at a time (load_model(stream=True))."""
+        return not self.needs_calibration and self.preset != "v2"
+
+    @property
     def label(self) -> str:
         """Short unique name for tables, e.g. 'rtn-w3g128', 'sage(fixed_groups=2)', 'sage-v2(bits=3.0)'."""
         if self.name in ("rtn", "gptq"):

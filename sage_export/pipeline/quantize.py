@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..materialize import apply_dequantized, dense_weight
-from ..models import LoadedModel, quantizable_linears, weight_array
+from ..materialize import dense_weight, install_packed
+from ..models import LoadedModel, quantizable_linears
 from .calibration import quantize_sequential
 from .methods import Method, quantize_weight
 from .workers import MatrixPool
@@ -52,16 +52,18 @@ def _quantize_item(item: tuple) -> object:
 
 
 def _quantize_data_free(loaded: LoadedModel, method: Method, seed: int, pool: MatrixPool, progress: bool) -> dict:
-    linears = quantizable_linears(loaded.model, loaded.architecture)
+    """One matrix at a time from the model (or, streamed, from its file), each result put back packed as it
+    arrives: memory holds the packed layers and the few matrices in flight, never the dense model."""
+    names = list(quantizable_linears(loaded.model, loaded.architecture))
     seeds = layer_seeds(loaded, seed)
-    items = ((method, weight_array(linear), None, seeds[name]) for name, linear in linears.items())
+    items = ((method, loaded.weight(name), None, seeds[name]) for name in names)
     results = {}
-    bar = tqdm(zip(linears, pool.map(_quantize_item, items)), total=len(linears),
+    bar = tqdm(zip(names, pool.map(_quantize_item, items)), total=len(names),
                desc=f"quantize ({method.label})", unit="layer", disable=not progress)
     for name, result in bar:
         results[name] = result
+        install_packed(loaded.model, name, result)
         bar.set_postfix_str(_postfix(result), refresh=False)
-    apply_dequantized(loaded.model, results)
     return results
 
 
@@ -79,6 +81,8 @@ def quantize_model(loaded: LoadedModel, method: Method, seed: int = 0, calib: to
         raise ValueError(f"method {method.label} needs calibration tokens")
     seeds = layer_seeds(loaded, seed)
     budget = None
+    if loaded.streamed and not method.streams:
+        loaded.materialize()  # these run the unquantized model itself
     with MatrixPool(jobs) as pool:
         if method.preset == "v2":
             from .sage_v2 import quantize_v2

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..format.sage_layout import PackedLinear
+from ..format.sage_layout import PackedLinear, dequantize
 from . import kernels
 
 _INT_BUFFERS = ("sign_bits", "group_codes", "salient_rowptr", "salient_cols", "salient_q")
@@ -89,7 +89,9 @@ class SageLinear(nn.Module):
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def dense_weight(self) -> torch.Tensor:
-        """Ŵ as float32 [N, K], decoded exactly as format.sage_layout.dequantize does."""
+        """Ŵ as float32 [N, K], decoded exactly as format.sage_layout.dequantize does (on CPU, by it)."""
+        if self.sign_bits.device.type == "cpu":
+            return torch.from_numpy(dequantize(self.packed()))
         k = self.in_features
         signs = _unpack_bits(self.sign_bits, k).to(torch.float32) * 2 - 1
         groups = torch.zeros_like(signs, dtype=torch.int64)
@@ -145,7 +147,9 @@ def replace_linears(model: nn.Module, packed: dict[str, PackedLinear]) -> list[s
         plan.append((name, module, layer))
     for name, module, layer in plan:
         bias = None if module.bias is None else module.bias.detach()
-        replacement = SageLinear(layer, bias).to(module.weight.device)
+        # A streamed model's weights are on the meta device until quantized: its packed layer lives on the CPU.
+        device = "cpu" if module.weight.is_meta else module.weight.device
+        replacement = SageLinear(layer, bias).to(device)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, replacement)
     return [name for name, _, _ in plan]

@@ -1,0 +1,112 @@
+"""Read a model's weights one tensor at a time, so that a data-free quantizer never needs the whole model in memory.
+
+A streamed model is built with its quantizable Linear weights on the meta device (shapes only, no storage);
+everything else (embeddings, norms, lm_head, biases, rotary buffers) is loaded as usual. Each meta weight is read
+from the source file, as float32, only when a quantizer asks for it (LoadedModel.weight), and freed after.
+
+Readers: Hugging Face safetensors (one file or an index of shards; float16, bfloat16 or float32, converted one
+tensor at a time) and GGUF (dequantized one tensor at a time, exactly as gguf_model.tensors does).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+
+
+class SafetensorsReader:
+    """Tensors of a Hugging Face directory's safetensors file(s), by parameter name."""
+
+    def __init__(self, folder: Path):
+        from safetensors import safe_open
+
+        folder = Path(folder)
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            files = {name: folder / file for name, file in json.loads(index.read_text())["weight_map"].items()}
+        else:
+            files = {}
+            for path in sorted(folder.glob("*.safetensors")):
+                with safe_open(str(path), framework="pt") as f:
+                    files.update((name, path) for name in f.keys())
+        if not files:
+            raise FileNotFoundError(f"no safetensors weights in {folder}")
+        self._files = files
+        self._handles: dict[Path, object] = {}
+        self._open = safe_open
+
+    def names(self) -> set[str]:
+        return set(self._files)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """The tensor in its stored dtype."""
+        path = self._files[name]
+        if path not in self._handles:
+            self._handles[path] = self._open(str(path), framework="pt")
+        return self._handles[path].get_tensor(name)
+
+    def read(self, name: str) -> np.ndarray:
+        return self.tensor(name).float().numpy()
+
+
+class GGUFReader:
+    """Tensors of a GGUF file by transformers parameter name, dequantized to float32 (and un-permuted where
+    llama.cpp permuted them), one at a time."""
+
+    def __init__(self, path: Path, config: dict):
+        from .gguf_file import GGUFFile
+        from .gguf_model import hf_name
+
+        self._gguf = GGUFFile(path)
+        self._config = config
+        self._by_hf = {hf_name(name): name for name in self._gguf.tensors}
+
+    def names(self) -> set[str]:
+        return set(self._by_hf)
+
+    def read(self, name: str) -> np.ndarray:
+        from .gguf_model import read_tensor
+
+        return read_tensor(self._gguf, self._config, self._by_hf[name])
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return torch.from_numpy(self.read(name))
+
+
+def empty_model(config):
+    """The model of `config` in float32 with every parameter on the meta device (shapes only); buffers are
+    computed as usual (rotary tables). fill_parameters then loads what is not streamed."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def set_parameter(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+    """Replace a (possibly meta) parameter by `value`, without gradients."""
+    owner, _, attr = name.rpartition(".")
+    module = model.get_submodule(owner) if owner else model
+    module._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)
+
+
+@torch.no_grad()
+def fill_parameters(model: torch.nn.Module, reader, skip: set[str], tied: bool) -> None:
+    """Copy every parameter not in `skip` from the reader (tied lm_head: shared with the embedding afterwards)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    wanted = [n for n in params if n not in skip and not (tied and n == "lm_head.weight")]
+    available = reader.names()
+    missing = [n for n in wanted if n not in available]
+    if missing:
+        raise KeyError(f"no tensor for {missing[0]} ({len(missing)} parameters missing)")
+    for name in wanted:
+        value = reader.tensor(name)
+        if tuple(value.shape) != tuple(params[name].shape):
+            raise ValueError(f"tensor {name} {tuple(value.shape)} does not fit the model ({tuple(params[name].shape)})")
+        set_parameter(model, name, value.to(torch.float32))
+    if tied:
+        model.tie_weights()
