@@ -214,18 +214,24 @@ def _to_float16(name: str, values: np.ndarray, shape: tuple[int, ...] | None) ->
 
 def dequantize(p: PackedLinear) -> np.ndarray:
     """float32 [N, K]: Ŵ exactly as the op defines it. Every product is exact in float32 (a float16 scale times
-    ±1 or an integer of at most 8 bits), so all runtimes can agree bit for bit.
+    ±1 or an integer of at most 8 bits), so all runtimes can agree bit for bit."""
+    return decode(p.in_features, **p.tensors())
+
+
+def decode(in_features: int, sign_bits, group_codes, group_scales, salient_rowptr, salient_cols, salient_q,
+           salient_scale) -> np.ndarray:
+    """dequantize() on the seven tensors of a layer already validated (a SageLinear's buffers): no checks.
 
     Each weight's sign bit and group bits form one small code (sign + 2·group) and a table of the 2G values ±s_g
     is indexed by it: one pass over N·K bytes instead of separate sign, group and product passes (2x faster; the
     torch model of a streamed run decodes every layer on every call)."""
-    k = p.in_features
-    codes = BYTE_BITS[p.sign_bits.view(np.uint8)]  # [N, C, 8] uint8
-    for plane in range(p.group_codes.shape[0]):
-        codes |= BYTE_BITS[p.group_codes[plane].view(np.uint8)] << np.uint8(plane + 1)
-    scales = p.group_scales.astype(np.float32)
+    n = sign_bits.shape[0]
+    codes = BYTE_BITS[sign_bits.view(np.uint8)]  # [N, C, 8] uint8
+    for plane in range(group_codes.shape[0]):
+        codes |= BYTE_BITS[group_codes[plane].view(np.uint8)] << np.uint8(plane + 1)
+    scales = group_scales.astype(np.float32)
     table = np.stack([-scales, scales], axis=1).ravel()  # code 2g -> -s_g, 2g+1 -> +s_g
-    w = table[codes.reshape(p.out_features, -1)[:, :k]]
-    rows = np.repeat(np.arange(p.out_features), np.diff(p.salient_rowptr))
-    w[rows, p.salient_cols] = p.salient_scale.astype(np.float32)[rows] * p.salient_q.astype(np.float32)
+    w = table[codes.reshape(n, -1)[:, :in_features]]
+    rows = np.repeat(np.arange(n), np.diff(salient_rowptr))
+    w[rows, salient_cols] = salient_scale.astype(np.float32)[rows] * salient_q.astype(np.float32)
     return w

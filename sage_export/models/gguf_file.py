@@ -138,7 +138,13 @@ class GGUFFile:
         from gguf import GGMLQuantizationType, dequantize
 
         info = self.tensors[name]
-        raw = self._map[info.offset : info.offset + info.nbytes]
+        # Read through the file, not the mapping: pages touched through a mapping stay in this process's resident
+        # set until it is unmapped, so reading a model tensor by tensor would end up holding the whole file.
+        with open(self.path, "rb") as f:
+            f.seek(info.offset)
+            raw = np.frombuffer(f.read(info.nbytes), dtype=np.uint8)
+        if raw.size != info.nbytes:
+            raise GGUFError(f"tensor {name} runs past the end of the file (truncated?)")
         rows = int(np.prod(info.shape[:-1], dtype=np.int64))
         values = np.asarray(dequantize(raw.reshape(rows, -1), GGMLQuantizationType(info.ggml_type)), np.float32)
         # float32 tensors come back as views of the read-only file mapping

@@ -36,18 +36,16 @@ class SafetensorsReader:
         if not files:
             raise FileNotFoundError(f"no safetensors weights in {folder}")
         self._files = files
-        self._handles: dict[Path, object] = {}
         self._open = safe_open
 
     def names(self) -> set[str]:
         return set(self._files)
 
     def tensor(self, name: str) -> torch.Tensor:
-        """The tensor in its stored dtype."""
-        path = self._files[name]
-        if path not in self._handles:
-            self._handles[path] = self._open(str(path), framework="pt")
-        return self._handles[path].get_tensor(name)
+        """The tensor in its stored dtype. The file is opened (mapped) for this one read and closed after: pages
+        read through a mapping count in this process's resident set for as long as it stays mapped."""
+        with self._open(str(self._files[name]), framework="pt") as f:
+            return f.get_tensor(name)
 
     def read(self, name: str) -> np.ndarray:
         return self.tensor(name).float().numpy()

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..format.sage_layout import PackedLinear, dequantize
+from ..format.sage_layout import PackedLinear, decode
 from . import kernels
 
 _INT_BUFFERS = ("sign_bits", "group_codes", "salient_rowptr", "salient_cols", "salient_q")
@@ -90,8 +90,11 @@ class SageLinear(nn.Module):
 
     def dense_weight(self) -> torch.Tensor:
         """Ŵ as float32 [N, K], decoded exactly as format.sage_layout.dequantize does (on CPU, by it)."""
-        if self.sign_bits.device.type == "cpu":
-            return torch.from_numpy(dequantize(self.packed()))
+        if self.sign_bits.device.type == "cpu":  # buffers validated once, when this module was made
+            tensors = {name: getattr(self, name).numpy() for name in _INT_BUFFERS}
+            for name in ("group_scales", "salient_scale"):
+                tensors[name] = getattr(self, name + "_bits").numpy().view(np.float16)
+            return torch.from_numpy(decode(self.in_features, **tensors))
         k = self.in_features
         signs = _unpack_bits(self.sign_bits, k).to(torch.float32) * 2 - 1
         groups = torch.zeros_like(signs, dtype=torch.int64)
