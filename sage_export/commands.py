@@ -166,7 +166,8 @@ def _run_stages(timer, args, source, method, eval_text, calib_text, out: Path, d
             "sage_export_version": _version()}
     with timer.step("write_checkpoint"):
         write_checkpoint(out / "checkpoint", loaded, qmodel, meta, args.float_dtype)
-    rep = {"model": {"description": source.description, "model_type": source.model_type, "kind": source.kind},
+    rep = {"model": {"description": source.description, "model_type": source.model_type, "kind": source.kind,
+                     "streamed": loaded.streamed},
            "method": method.to_dict(), "seed": args.seed, "calibration": calib_info, "budget": qmodel.budget,
            "float_dtype": args.float_dtype, "layers": layer_rows(qmodel.layers)}
     rep["bits"] = bits_summary(rep["layers"])

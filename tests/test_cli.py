@@ -316,3 +316,15 @@ def test_export_of_checkpoint_not_matching_its_config(tiny_run, tmp_path, change
     proc = run_cli("export", ckpt, "--out", tmp_path / "onnx")
     assert_one_line_error(proc, "does not match its config.json")
     assert leftovers(tmp_path) == ["ckpt"]
+
+
+def test_paper_preset_streams_the_model_and_says_so(tiny_llama_dir, tmp_path):
+    out = tmp_path / "o"
+    assert main(["model", str(tiny_llama_dir), "--out", str(out), "--preset", "paper", "--fixed-groups", "2",
+                 "--graph-samples", "500"]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["model"]["streamed"] is True
+    assert [s["prompt"] for s in rep["samples"]] == ["The capital of France is"]
+    assert "Streamed:" in (out / "report.md").read_text()
+    assert rep["onnx"]["checks"]["failures"] == []
+    assert rep["bits"]["n_layers"] == 14

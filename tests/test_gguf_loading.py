@@ -133,3 +133,28 @@ def test_wrong_version_is_refused(tmp_path):
     path.write_bytes(b"GGUF" + (1).to_bytes(4, "little") + bytes(16))
     with pytest.raises(GGUFError, match="version 1"):
         GGUFFile(path)
+
+
+@pytest.mark.parametrize("arch,tied", [("llama", True), ("qwen2", False)])
+def test_streamed_model_reads_the_same_weights(tmp_path, arch, tied):
+    from sage_export.models import architecture_for, quantizable_linears
+    from sage_export.models.loading import streamed_gguf_model
+    from sage_export.models.streaming import set_parameter
+
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", arch, tied)
+    full = load_gguf_model(path, torch.float32).eval()
+    model, reader = streamed_gguf_model(path, architecture_for(arch))
+    names = quantizable_linears(model, architecture_for(arch))
+    ref = full.state_dict()
+    for key, value in model.state_dict().items():
+        if key.removesuffix(".weight") in names:
+            assert value.is_meta
+            w = reader.read(key)
+            assert np.array_equal(w, ref[key].numpy()), key  # llama's q/k rows un-permuted as in the full load
+            set_parameter(model, key, torch.from_numpy(w))
+        else:
+            assert torch.equal(value, ref[key]), key
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    ids = torch.tensor([[1, 5, 9, 40, 7, 3]])
+    with torch.no_grad():
+        assert torch.equal(model.eval()(ids).logits, full(ids).logits)

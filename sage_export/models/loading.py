@@ -182,32 +182,47 @@ def check_streamed_finite(loaded: LoadedModel) -> None:
 def _load_streamed(source: ModelSource):
     from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerFast
 
-    from .streaming import GGUFReader, SafetensorsReader, empty_model, fill_parameters
+    from .streaming import SafetensorsReader
 
     if source.gguf_file:
-        from . import gguf_model
-        from .gguf_file import GGUFFile
-
-        path = source.folder / source.gguf_file
-        config_kwargs = gguf_model.config_dict(GGUFFile(path))
-        config = AutoConfig.for_model(**config_kwargs)
-        config._name_or_path = str(source.folder)
-        reader = GGUFReader(path, config_kwargs)
+        model, reader = streamed_gguf_model(source.folder / source.gguf_file, source.architecture)
         tokenizer = PreTrainedTokenizerFast.from_pretrained(source.folder, gguf_file=source.gguf_file)
-    else:
-        try:
-            reader = SafetensorsReader(source.folder)
-        except FileNotFoundError as exc:
-            raise ModelLoadError(f"{exc} (streaming reads safetensors or GGUF)") from None
-        config = AutoConfig.from_pretrained(source.folder)
-        tokenizer = AutoTokenizer.from_pretrained(source.folder)
+        return model, tokenizer, reader
+    try:
+        reader = SafetensorsReader(source.folder)
+    except FileNotFoundError as exc:
+        raise ModelLoadError(f"{exc} (streaming reads safetensors or GGUF)") from None
+    model = streamed_model(AutoConfig.from_pretrained(source.folder), reader, source.architecture, source.folder)
+    return model, AutoTokenizer.from_pretrained(source.folder), reader
+
+
+def streamed_gguf_model(path: Path, arch: Architecture):
+    """(model, reader) for a GGUF file: everything but the quantizable weights loaded, those read on demand."""
+    from transformers import AutoConfig
+
+    from . import gguf_model
+    from .gguf_file import GGUFFile
+    from .streaming import GGUFReader
+
+    gguf = GGUFFile(path)
+    config_kwargs = gguf_model.config_dict(gguf)
+    config = AutoConfig.for_model(**config_kwargs)
+    config._name_or_path = str(Path(path).parent)
+    reader = GGUFReader(gguf, config_kwargs)
+    return streamed_model(config, reader, arch, path), reader
+
+
+def streamed_model(config, reader, arch: Architecture, where):
+    """The model of `config` with its quantizable weights on the meta device and the rest read from `reader`."""
+    from .streaming import empty_model, fill_parameters
+
     model = empty_model(config)
-    streamed = {f"{name}.weight" for name in quantizable_linears(model, source.architecture)}
+    streamed = {f"{name}.weight" for name in quantizable_linears(model, arch)}
     try:
         fill_parameters(model, reader, streamed, bool(getattr(config, "tie_word_embeddings", False)))
     except (KeyError, ValueError) as exc:
-        raise ModelLoadError(f"{source.folder}: {exc.args[0]}") from None
-    return model, tokenizer, reader
+        raise ModelLoadError(f"{where}: {exc.args[0]}") from None
+    return model
 
 
 def _load_hf_dir(source: ModelSource, dtype):

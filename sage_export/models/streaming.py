@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable
-
 import numpy as np
 import torch
 
@@ -55,11 +53,10 @@ class GGUFReader:
     """Tensors of a GGUF file by transformers parameter name, dequantized to float32 (and un-permuted where
     llama.cpp permuted them), one at a time."""
 
-    def __init__(self, path: Path, config: dict):
-        from .gguf_file import GGUFFile
+    def __init__(self, gguf, config: dict):
         from .gguf_model import hf_name
 
-        self._gguf = GGUFFile(path)
+        self._gguf = gguf  # a parsed gguf_file.GGUFFile
         self._config = config
         self._by_hf = {hf_name(name): name for name in self._gguf.tensors}
 

@@ -12,6 +12,9 @@ from ..format.accounting import true_bits
 from .plots import write_plots
 
 FLOAT_NOTE = "Embeddings, lm_head and norms stay in floating point (not counted in bits per weight)."
+STREAMED_NOTE = ("Streamed: the quantizable weights were read from the model file one matrix at a time and are "
+                 "held packed; PyTorch decodes each layer on every call, so the greedy sample below is one prompt "
+                 "of 16 tokens.")
 
 
 def layer_rows(layers: dict[str, object]) -> list[dict]:
@@ -91,6 +94,7 @@ def render_markdown(rep: dict, plots: list[str]) -> str:
     out = [f"# sage-export report: {rep['model']['description']}", "",
            f"Variant `{rep['method']['label']}`, seed {rep['seed']}: "
            + variant_line(rep["method"], rep.get("calibration"), rep.get("budget")), "", FLOAT_NOTE, "",
+           *([STREAMED_NOTE, ""] if rep["model"].get("streamed") else []),
            "| accounting | bits per weight |", "|---|---|",
            f"| true storage (every stored byte) | **{b['true_bits']:.3f}** |",
            f"| paper: weight bits | {b['paper_weight_bits']:.3f} |",
