@@ -174,7 +174,9 @@ def code_version(checkout: Path = REPO) -> str:
 
 
 def extrapolation(rows: dict) -> dict | None:
-    """Per-layer cost and a straight line to 32 layers from the 7B rows at 2 and 4 layers."""
+    """Per-layer cost and straight lines to 32 layers from the 7B rows at 2 and 4 layers. Memory is extrapolated
+    stage by stage (a stage that grows faster overtakes the one that peaks at 2 and 4 layers); the peak at 32
+    layers is the largest of those lines."""
     a, b, layers = EXTRAPOLATE
     if not all(rows.get(k, {}).get("exit_status") == 0 for k in (a, b)):
         return None
@@ -182,10 +184,14 @@ def extrapolation(rows: dict) -> dict | None:
     per_layer_s = (rb["wall_s"] - ra["wall_s"]) / 2
     per_layer_mb = (rb["peak_rss_mb_tree"] - ra["peak_rss_mb_tree"]) / 2
     block_f32_mb = (rb["quantized_params"] - ra["quantized_params"]) / 2 * 4 / 2**20
+    stage_slope = {s: (rb["stages_peak_mb"][s] - ra["stages_peak_mb"][s]) / 2 for s in ra["stages_peak_mb"]}
+    stage_peak = {s: ra["stages_peak_mb"][s] + (layers - 2) * slope for s, slope in stage_slope.items()}
+    top = max(stage_peak, key=stage_peak.get)
     return {"per_layer_s": round(per_layer_s, 1), "per_layer_peak_mb": round(per_layer_mb, 1),
             "block_float32_mb": round(block_f32_mb, 1), "layers": layers,
             "wall_s": round(ra["wall_s"] + (layers - 2) * per_layer_s, 1),
-            "peak_mb": round(ra["peak_rss_mb_tree"] + (layers - 2) * per_layer_mb, 1)}
+            "stage_per_layer_mb": {s: round(v, 1) for s, v in stage_slope.items()},
+            "peak_stage": top, "peak_mb": round(stage_peak[top], 1)}
 
 
 def _tree_peak(row: dict) -> None:
@@ -218,8 +224,11 @@ def render(data: dict, out: Path) -> None:
     if ext:
         md += ["", f"LLaMA-2-7B layer shapes: each added layer costs {ext['per_layer_s']} s and "
                f"{ext['per_layer_peak_mb']:,.0f} MB of peak memory (one block in float32 is {ext['block_float32_mb']:,.0f} "
-               f"MB). A straight line to {ext['layers']} layers (extrapolated, not measured): "
-               f"{ext['wall_s'] / 60:.0f} min, {ext['peak_mb'] / 1024:.1f} GB peak."]
+               f"MB)."]
+        slopes = ", ".join(f"{s} {v:+,.0f}" for s, v in ext["stage_per_layer_mb"].items())
+        md[-1] += (f" Per stage, MB per added layer: {slopes}. Straight lines to {ext['layers']} layers, stage by "
+                   f"stage (extrapolated, not measured): {ext['wall_s'] / 60:.0f} min, {ext['peak_mb'] / 1024:.1f} "
+                   f"GB peak, in {ext['peak_stage']}.")
     md += ["", "![time and peak memory against parameters](scale.png)"]
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
     plot(rows, out.with_suffix(".png"))
@@ -278,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 json_path.write_text(json.dumps(data, indent=1) + "\n")  # after every shape: partial runs keep rows
                 render(data, args.out)
+    data["extrapolation"] = extrapolation({r["shape"]: r for r in data["rows"]})  # also for --render-only
+    json_path.write_text(json.dumps(data, indent=1) + "\n")
     render(data, args.out)
     return 0
 

@@ -145,6 +145,9 @@ def load_model(source: ModelSource | str | os.PathLike | None, dtype: str = "flo
     reader = None
     try:
         if stream:
+            from ..malloc import map_large_allocations
+
+            map_large_allocations()  # a streamed run decodes layers on every call: return what it frees
             model, tokenizer, reader = _load_streamed(source)
         else:
             load = _load_gguf if source.gguf_file else _load_hf_dir

@@ -25,6 +25,7 @@ from onnx import helper, numpy_helper
 
 from ..eval.perplexity import PerplexityResult, perplexity, read_eval_text, tokenize_text, windows
 from ..format.bits import n_planes
+from ..malloc import map_large_allocations
 from ..format.sage_layout import PackedLinear, pack_sage, salient_q_limit
 from .function import MIN_OPSET, add_function, sage_node
 from .reference import sage_binary_gemm_packed
@@ -48,6 +49,7 @@ def make_session(path: Path | str | bytes, constant_folding: bool = True, thread
         # number of layers, for 1.5x the time per call (benchmarks/ort_session_memory.md).
         options.enable_mem_pattern = False
         options.enable_cpu_mem_arena = False
+        map_large_allocations()  # without the arena, freed buffers are glibc's: have them returned (malloc.py)
     source = path if isinstance(path, bytes) else str(path)
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
 
