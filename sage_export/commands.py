@@ -174,7 +174,7 @@ def _run_stages(timer, args, source, method, eval_text, calib_text, out: Path, d
     with timer.step("samples"):
         from .eval.samples import PROMPTS, greedy_continuations
 
-        # A streamed model decodes every packed layer on every call (bounded memory, ~9 ns per weight on 2
+        # A streamed model decodes every packed layer on every call (bounded memory, about 10 ns per weight on 2
         # cores): one prompt and 16 tokens instead of three prompts and 24.
         short = {"prompts": PROMPTS[:1], "n_new": 16} if loaded.streamed else {}
         rep["samples"] = greedy_continuations(loaded.model, loaded.tokenizer, **short)
