@@ -3,9 +3,10 @@
 glibc serves allocations below its mmap threshold from heaps and keeps what is freed there for reuse; the threshold
 starts at 128 KB and rises (up to 32 MB) each time a mapped block is freed. A streamed run or an unfolded ONNX
 Runtime session allocates and frees buffers of a few MB thousands of times (decoded weights, their unpacking
-intermediates), so after the threshold has risen those buffers pile up in fragmented heaps. Measured on the
-0.5B qwen2 shape (benchmarks/scale.md): an unfolded session's greedy run peaked at 10.7 GB and kept 3.6 GB; with
-the threshold fixed at 1 MB, 1.3 and 1.1 GB, for about 30 % more time per call.
+intermediates), so after the threshold has risen those buffers pile up in fragmented heaps. Measured with
+tools/bench_scale.py: the ORT check of the 0.5B qwen2 shape peaked at 12.3 GB with the threshold left alone (code
+9bce920) and at 2.9 GB with it fixed at 1 MB (benchmarks/scale.md), the 1.1B llama shape's at 8.6 and 3.1 GB;
+that step took 5 % less and 12 % more time.
 """
 
 from __future__ import annotations
