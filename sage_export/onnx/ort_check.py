@@ -25,8 +25,8 @@ from onnx import helper, numpy_helper
 
 from ..eval.perplexity import PerplexityResult, perplexity, read_eval_text, tokenize_text, windows
 from ..format.bits import n_planes
-from ..malloc import map_large_allocations
 from ..format.sage_layout import PackedLinear, pack_sage, salient_q_limit
+from ..malloc import map_large_allocations
 from .function import MIN_OPSET, add_function, sage_node
 from .reference import sage_binary_gemm_packed
 
@@ -44,9 +44,9 @@ def make_session(path: Path | str | bytes, constant_folding: bool = True, thread
     disabled = [] if constant_folding else ["ConstantFolding"]
     if not constant_folding:
         # Unfolded, every SageBinaryGemm decodes a dense float32 weight on every call. With ORT's memory arena and
-        # memory patterns those buffers are kept per node: measured on a chain of 4096 x 11008 layers, 0.95 GB kept
-        # per layer after a few calls, so a session grew with the model; with both off, 0.1 GB in all, flat in the
-        # number of layers, for 1.5x the time per call (benchmarks/ort_session_memory.md).
+        # memory patterns those buffers are kept: measured on chains of 4096 x 11008 layers, 1.5 GB kept at one
+        # layer and 3.5 GB at four, so a session grew with the model; with both off, 0.08-0.16 GB at any depth,
+        # for 1.4-1.7x the time per call (benchmarks/ort_session_memory.md).
         options.enable_mem_pattern = False
         options.enable_cpu_mem_arena = False
         map_large_allocations()  # without the arena, freed buffers are glibc's: have them returned (malloc.py)
