@@ -38,10 +38,10 @@ def packable(result) -> bool:
 def install_packed(model: torch.nn.Module, name: str, result) -> None:
     """Put one result into the model in bounded memory: a SageLinear when packable, else its dense weight (in
     place of a streamed model's meta weight too)."""
+    from .models.streaming import set_parameter
     from .runtime.sage_linear import replace_linears
 
     if packable(result):
         replace_linears(model, {name: result.packed()})
         return
-    linear = model.get_submodule(name)
-    linear._parameters["weight"] = torch.nn.Parameter(torch.from_numpy(dense_weight(result)), requires_grad=False)
+    set_parameter(model, f"{name}.weight", torch.from_numpy(dense_weight(result)))

@@ -199,18 +199,25 @@ def _load_streamed(source: ModelSource):
     return model, AutoTokenizer.from_pretrained(source.folder), reader
 
 
-def streamed_gguf_model(path: Path, arch: Architecture):
-    """(model, reader) for a GGUF file: everything but the quantizable weights loaded, those read on demand."""
+def gguf_config(gguf, path: Path):
+    """(transformers config, its keyword arguments) of a parsed GGUF file, named after the file's folder."""
     from transformers import AutoConfig
 
     from . import gguf_model
+
+    config_kwargs = gguf_model.config_dict(gguf)
+    config = AutoConfig.for_model(**config_kwargs)
+    config._name_or_path = str(Path(path).parent)
+    return config, config_kwargs
+
+
+def streamed_gguf_model(path: Path, arch: Architecture):
+    """(model, reader) for a GGUF file: everything but the quantizable weights loaded, those read on demand."""
     from .gguf_file import GGUFFile
     from .streaming import GGUFReader
 
     gguf = GGUFFile(path)
-    config_kwargs = gguf_model.config_dict(gguf)
-    config = AutoConfig.for_model(**config_kwargs)
-    config._name_or_path = str(Path(path).parent)
+    config, config_kwargs = gguf_config(gguf, path)
     reader = GGUFReader(gguf, config_kwargs)
     return streamed_model(config, reader, arch, path), reader
 
@@ -257,16 +264,14 @@ def load_gguf_model(path: Path, dtype):
     instead of transformers' GGUF path, which parses the file several times (~30 s of 40 for the embedded model).
     Bitwise the same weights and config (tests/test_gguf_loading.py)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from . import gguf_model
     from .gguf_file import GGUFError, GGUFFile
 
     try:
         gguf = GGUFFile(path)
-        config_kwargs = gguf_model.config_dict(gguf)
-        config = AutoConfig.for_model(**config_kwargs)
-        config._name_or_path = str(Path(path).parent)
+        config, config_kwargs = gguf_config(gguf, path)
         with _no_init_weights():  # every parameter is overwritten below; random init would cost seconds per 100M
             model = AutoModelForCausalLM.from_config(config).to(dtype)
         model.tie_weights()  # skipped along with the init; a tied lm_head must share the embedding's tensor

@@ -51,11 +51,16 @@ class SageLinear(nn.Module):
 
     def packed(self) -> PackedLinear:
         """The layer as a PackedLinear again (NumPy copies of the buffers)."""
+        return PackedLinear.from_tensors(self._numpy_tensors(), in_features=self.in_features,
+                                         out_features=self.out_features, n_groups=self.n_groups,
+                                         salient_bits=self.salient_bits)
+
+    def _numpy_tensors(self) -> dict[str, np.ndarray]:
+        """The seven packed tensors as NumPy arrays (views of CPU buffers, the scales as float16)."""
         tensors = {name: getattr(self, name).cpu().numpy() for name in _INT_BUFFERS}
         for name in ("group_scales", "salient_scale"):
             tensors[name] = getattr(self, name + "_bits").cpu().numpy().view(np.float16)
-        return PackedLinear.from_tensors(tensors, in_features=self.in_features, out_features=self.out_features,
-                                         n_groups=self.n_groups, salient_bits=self.salient_bits)
+        return tensors
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
@@ -91,10 +96,7 @@ class SageLinear(nn.Module):
     def dense_weight(self) -> torch.Tensor:
         """Ŵ as float32 [N, K], decoded exactly as format.sage_layout.dequantize does (on CPU, by it)."""
         if self.sign_bits.device.type == "cpu":  # buffers validated once, when this module was made
-            tensors = {name: getattr(self, name).numpy() for name in _INT_BUFFERS}
-            for name in ("group_scales", "salient_scale"):
-                tensors[name] = getattr(self, name + "_bits").numpy().view(np.float16)
-            return torch.from_numpy(decode(self.in_features, **tensors))
+            return torch.from_numpy(decode(self.in_features, **self._numpy_tensors()))
         k = self.in_features
         signs = _unpack_bits(self.sign_bits, k).to(torch.float32) * 2 - 1
         groups = torch.zeros_like(signs, dtype=torch.int64)
