@@ -43,6 +43,10 @@ def _add_quantizer_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--calib-seqlen", type=int, default=128, help="tokens per calibration sequence (default 128)")
     g.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
     g.add_argument("--jobs", type=int, help="worker processes for the per-matrix work (default: every core)")
+    g.add_argument("--stream", default="auto", choices=["auto", "yes", "no"],
+                   help="read the weights to quantize from the model file one block or matrix at a time, so "
+                        "memory holds about one decoder block plus what is packed (default auto: when the float32 "
+                        "model exceeds 1/8 of this machine's memory; gptq/billm never stream)")
 
 
 def _add_eval_options(p: argparse.ArgumentParser) -> None:

@@ -138,14 +138,14 @@ def run_pipeline(args, source, method, eval_text, calib_text, out: Path, do_onnx
 
 
 def _run_stages(timer, args, source, method, eval_text, calib_text, out: Path, do_onnx: bool) -> dict:
-    from .models import load_model
+    from .models import choose_streaming, load_model
     from .pipeline.artifact import deterministic_info, round_float_params, write_checkpoint
     from .pipeline.calibration import calibration_tokens
     from .pipeline.quantize import quantize_model
     from .report.build import bits_summary, layer_rows
 
     with timer.step("load"):
-        loaded = load_model(source, stream=method.streams)
+        loaded = load_model(source, stream=method.streams and choose_streaming(source, args.stream))
     if method.preset == "v2":
         from .pipeline.sage_v2 import check_budget
 

@@ -318,13 +318,26 @@ def test_export_of_checkpoint_not_matching_its_config(tiny_run, tmp_path, change
     assert leftovers(tmp_path) == ["ckpt"]
 
 
-def test_paper_preset_streams_the_model_and_says_so(tiny_llama_dir, tmp_path):
+def test_stream_yes_streams_the_paper_preset_and_says_so(tiny_llama_dir, tmp_path):
     out = tmp_path / "o"
     assert main(["model", str(tiny_llama_dir), "--out", str(out), "--preset", "paper", "--fixed-groups", "2",
-                 "--graph-samples", "500"]) == 0
+                 "--graph-samples", "500", "--stream", "yes"]) == 0
     rep = json.loads((out / "report.json").read_text())
     assert rep["model"]["streamed"] is True
     assert [s["prompt"] for s in rep["samples"]] == ["The capital of France is"]
     assert "Streamed:" in (out / "report.md").read_text()
     assert rep["onnx"]["checks"]["failures"] == []
     assert rep["bits"]["n_layers"] == 14
+
+
+def test_default_preset_streamed_writes_the_same_checkpoint_as_in_memory(tiny_llama_dir, tiny_run, tmp_path):
+    """`--stream yes` on the default v2 run (self-sampled calibration, statistics, budget, compensation): the
+    packed checkpoint is byte for byte the in-memory run's (tiny_run, which auto kept in memory)."""
+    out = tmp_path / "s"
+    assert main(["model", str(tiny_llama_dir), "--out", str(out), "--seed", "3", "--no-onnx", "--stream", "yes",
+                 *FAST]) == 0
+    assert json.loads((tiny_run / "report.json").read_text())["model"]["streamed"] is False
+    assert json.loads((out / "report.json").read_text())["model"]["streamed"] is True
+    streamed, in_memory = load_checkpoint(out / "checkpoint"), load_checkpoint(tiny_run / "checkpoint")
+    assert streamed.manifest["files"] == in_memory.manifest["files"]  # sizes and sha256 of packed and float files
+    assert list(streamed.layers) == list(in_memory.layers) and len(streamed.layers) == 14

@@ -10,6 +10,7 @@ from conftest import make_tiny_llama
 from sage_export.materialize import apply_dequantized
 from sage_export.models import ModelLoadError, load_model, quantizable_linears
 from sage_export.pipeline.artifact import float_tensors
+from sage_export.pipeline.calibration import calibration_tokens
 from sage_export.pipeline.methods import Method
 from sage_export.pipeline.quantize import quantize_model
 from sage_export.runtime.sage_linear import SageLinear
@@ -72,6 +73,53 @@ def test_streamed_data_free_quantization_matches_in_memory_and_holds_packed_laye
     assert "model.layers.0.self_attn.q_proj.bias" in floats
     assert not any(k.endswith(("sign_bits", "group_codes", "salient_q", "_bits")) for k in floats)
     assert set(floats) == set(float_tensors(dense.model, list(q_full.layers), "float16"))
+
+
+V2 = Method("sage", {"preset": "v2", "graph_samples": 500})
+
+
+def test_streamed_v2_matches_in_memory_from_sampled_calibration_to_packed_bytes(biased_dir):
+    """The default preset on a streamed model: the self-sampled calibration ids, every statistic and every packed
+    byte equal the in-memory run's, while the model never holds more than one block's unquantized weights."""
+    streamed, full = load_model(biased_dir, stream=True), load_model(biased_dir)
+    ids_s, _ = calibration_tokens(streamed, None, 4, 24, seed=2, progress=False)
+    ids_f, _ = calibration_tokens(full, None, 4, 24, seed=2, progress=False)
+    assert torch.equal(ids_s, ids_f)
+    assert all(p.is_meta for n, p in streamed.model.named_parameters() if n.endswith("proj.weight"))
+
+    resident_blocks = []
+    blocks = streamed.model.model.layers
+
+    def count(_module, _args):  # how many blocks hold a real (not meta) weight while any block runs
+        resident_blocks.append(sum(not getattr(b.self_attn.q_proj, "weight", torch.empty(0, device="meta")).is_meta
+                                   for b in blocks if hasattr(b.self_attn.q_proj, "weight")))
+
+    handles = [b.register_forward_pre_hook(count) for b in blocks]
+    q_streamed = quantize_model(streamed, V2, seed=4, calib=ids_s, progress=False, jobs=1)
+    for h in handles:
+        h.remove()
+    q_full = quantize_model(full, V2, seed=4, calib=ids_f, progress=False, jobs=1)
+    assert resident_blocks and max(resident_blocks) == 1
+    assert q_streamed.budget["true_bits"] == q_full.budget["true_bits"]
+    for name, result in q_streamed.layers.items():
+        a, b = result.packed().tensors(), q_full.layers[name].packed().tensors()
+        assert all(np.array_equal(a[k], b[k]) for k in a), name
+        assert result.stats["sensitivity"] == q_full.layers[name].stats["sensitivity"]
+        assert isinstance(streamed.model.get_submodule(name), SageLinear)
+    assert not any(p.is_meta for p in streamed.model.parameters())
+    ids = torch.tensor([[1, 7, 2, 30, 11, 4]])
+    with torch.no_grad():
+        torch.testing.assert_close(streamed.model(ids).logits, full.model(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_a_block_that_raises_gives_its_weights_back(tiny_llama_dir):
+    loaded = load_model(tiny_llama_dir, stream=True)
+    block = loaded.model.model.layers[1]
+    handle = block.mlp.register_forward_hook(lambda *_: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"), loaded.running_weights(), torch.no_grad():
+        loaded.model(torch.tensor([[1, 2, 3]]))
+    handle.remove()
+    assert all(p.is_meta for n, p in loaded.model.named_parameters() if n.endswith("proj.weight"))
 
 
 def test_calibrated_methods_load_the_streamed_weights_first(tiny_llama_dir):

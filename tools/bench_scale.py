@@ -2,12 +2,14 @@
 """Wall time and peak memory of every stage of `sage-export model` on random-weight models of real shapes.
 
     python tools/bench_scale.py                                  # every shape below, --preset paper
+    python tools/bench_scale.py --preset v2 --out benchmarks/scale_v2 --shapes llama2-7b-2l llama2-7b-4l
     python tools/bench_scale.py --shapes smollm2-135m llama2-7b-2l llama2-7b-4l
     python tools/bench_scale.py --render-only                    # table and plot from benchmarks/scale.json
 
 Each shape is written as a Hugging Face directory (float16 safetensors, random normal weights with std 0.02, unit
 norms, a small byte-level BPE tokenizer), then run through the real command in its own process:
-`python -m sage_export.cli model DIR --out OUT --preset paper`. The command's report gives each stage's seconds
+`python -m sage_export.cli model DIR --out OUT --preset PRESET --stream yes` (these models are small enough for
+`--stream auto` to keep them in memory; a real 7B model streams under auto). The command's report gives each stage's seconds
 and peak memory (process + workers, sampled every 0.2 s); /usr/bin/time gives the whole run's wall time and the
 main process's peak. A run that fails (out of memory included) is recorded with its exit status and last line.
 
@@ -53,7 +55,7 @@ SHAPES = {
 }
 TINY = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=300, tie_word_embeddings=False)  # for the tool's own test
-STAGES = ("load", "quantize", "write_checkpoint", "samples", "onnx_export", "ort_check")
+STAGES = ("load", "calibration_text", "quantize", "write_checkpoint", "samples", "onnx_export", "ort_check")
 EXTRAPOLATE = ("llama2-7b-2l", "llama2-7b-4l", 32)
 
 
@@ -137,7 +139,7 @@ def run_shape(name: str, shape: dict, work: Path, preset: str, timeout_s: int) -
     model_dir, out_dir = work / name / "model", work / name / "out"
     write_model(model_dir, shape)
     cmd = [sys.executable, "-m", "sage_export.cli", "model", str(model_dir), "--out", str(out_dir),
-           "--preset", preset, "--force"]
+           "--preset", preset, "--stream", "yes", "--force"]
     env = dict(os.environ, PYTHONPATH=str(REPO))
     try:
         proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, cwd=REPO, env=env,
@@ -147,7 +149,8 @@ def run_shape(name: str, shape: dict, work: Path, preset: str, timeout_s: int) -
         rc, stderr = "timeout", f"did not finish in {timeout_s} s"
     total, linear = parameter_counts(shape)
     row = {"shape": name, "config": shape, "params": total, "quantized_params": linear, "preset": preset,
-           "exit_status": rc, "command": "sage-export model DIR --out OUT --preset " + preset, "code": code_version()}
+           "exit_status": rc, "command": f"sage-export model DIR --out OUT --preset {preset} --stream yes",
+           "code": code_version()}
     if "Elapsed (wall clock)" in stderr:
         row.update(parse_time_log(stderr))
     report = out_dir / "report.json"
@@ -216,7 +219,8 @@ def render(data: dict, out: Path) -> None:
             md.append(head + " |" * len(STAGES) + f" {r.get('wall_s', '–')} s | – | – | failed: {r.get('error', '')} |"
                       + code)
             continue
-        cells = [f"{r['stages_s'].get(s, 0):.0f} s · {r['stages_peak_mb'].get(s, 0):,.0f}" for s in STAGES]
+        cells = [f"{r['stages_s'][s]:.0f} s · {r['stages_peak_mb'][s]:,.0f}" if s in r["stages_s"] else "–"
+                 for s in STAGES]
         verdict = "ORT check passed" if not r["ort_failures"] else "ORT check failed: " + "; ".join(r["ort_failures"])
         md.append(head + " " + " | ".join(cells) + f" | {r['wall_s']:.0f} s | {r['peak_rss_mb_tree']:,.0f} MB | "
                   f"{r['onnx_data_bytes'] / 2**20:,.0f} MB | {verdict} |" + code)
@@ -231,10 +235,10 @@ def render(data: dict, out: Path) -> None:
                    f"GB peak, in {ext['peak_stage']}.")
     md += ["", "![time and peak memory against parameters](scale.png)"]
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
-    plot(rows, out.with_suffix(".png"))
+    plot(rows, out.with_suffix(".png"), data["rows"][0]["preset"] if rows else "")
 
 
-def plot(rows: dict, path: Path) -> None:
+def plot(rows: dict, path: Path, preset: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -250,7 +254,7 @@ def plot(rows: dict, path: Path) -> None:
     for r, xi in zip(ok, x):
         a.annotate(r["shape"], (xi, r["wall_s"] / 60), fontsize=8)
         b.annotate(r["shape"], (xi, r["peak_rss_mb_tree"] / 1024), fontsize=8)
-    a.set(xlabel="parameters (M)", ylabel="wall time (min)", title="sage-export model --preset paper")
+    a.set(xlabel="parameters (M)", ylabel="wall time (min)", title=f"sage-export model --preset {preset}")
     b.set(xlabel="parameters (M)", ylabel="peak memory (GB)", title="process + workers")
     for ax in (a, b):
         ax.set_xscale("log")

@@ -1,6 +1,6 @@
 from .architectures import ARCHITECTURES, Architecture, UnsupportedArchitecture, architecture_for
-from .loading import (LoadedModel, ModelLoadError, ModelSource, load_model, quantizable_linears, resolve_source,
-                      weight_array)
+from .loading import (LoadedModel, ModelLoadError, ModelSource, choose_streaming, load_model, quantizable_linears,
+                      resolve_source, weight_array)
 
 __all__ = [
     "ARCHITECTURES",
@@ -10,6 +10,7 @@ __all__ = [
     "ModelSource",
     "UnsupportedArchitecture",
     "architecture_for",
+    "choose_streaming",
     "load_model",
     "quantizable_linears",
     "resolve_source",

@@ -4,6 +4,10 @@ A streamed model is built with its quantizable Linear weights on the meta device
 everything else (embeddings, norms, lm_head, biases, rotary buffers) is loaded as usual. Each meta weight is read
 from the source file, as float32, only when a quantizer asks for it (LoadedModel.weight), and freed after.
 
+Calibrated methods run the unquantized model, so they need weights in the model, not in a file: `resident`
+reads a block's weights for as long as that block runs and puts the meta tensors back after, and
+`resident_while_running` does it through hooks for code that runs the whole model (sampling calibration text).
+
 Readers: Hugging Face safetensors (one file or an index of shards; float16, bfloat16 or float32, converted one
 tensor at a time) and GGUF (dequantized one tensor at a time, exactly as gguf_model.tensors does).
 """
@@ -11,6 +15,7 @@ tensor at a time) and GGUF (dequantized one tensor at a time, exactly as gguf_mo
 from __future__ import annotations
 
 import json
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -106,3 +111,58 @@ def fill_parameters(model: torch.nn.Module, reader, skip: set[str], tied: bool) 
         set_parameter(model, name, value.to(torch.float32))
     if tied:
         model.tie_weights()
+
+
+def meta_names(model: torch.nn.Module, prefix: str, linears: tuple[str, ...]) -> list[str]:
+    """Weight names of the Linears under `prefix` that are still on the meta device (already quantized layers,
+    SageLinear or dense, are not)."""
+    names = []
+    for linear in linears:
+        weight = getattr(model.get_submodule(f"{prefix}.{linear}"), "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.is_meta:
+            names.append(f"{prefix}.{linear}.weight")
+    return names
+
+
+@contextmanager
+def resident(model: torch.nn.Module, reader, names: list[str]):
+    """The named meta weights read (float32) into the model inside the block, back on the meta device after.
+    Autograd keeps what a graph saved alive until the graph is freed, so a backward pass through the block after
+    the block has exited still works."""
+    shapes = {name: model.get_parameter(name).shape for name in names}
+    try:
+        for name in names:
+            set_parameter(model, name, torch.from_numpy(reader.read(name)))
+        yield
+    finally:
+        for name, shape in shapes.items():
+            set_parameter(model, name, torch.empty(shape, device="meta"))
+
+
+@contextmanager
+def resident_while_running(model: torch.nn.Module, blocks: str, linears: tuple[str, ...], reader):
+    """Inside the block, each decoder block's streamed weights are read when the block is called and freed when
+    it returns: a whole-model forward pass holds one block's weights at a time (and reads them all each pass)."""
+    stacks: dict[int, ExitStack] = {}
+
+    def enter(index):
+        def hook(_module, _args):
+            stacks[index] = ExitStack()
+            stacks[index].enter_context(resident(model, reader, meta_names(model, f"{blocks}.{index}", linears)))
+        return hook
+
+    def leave(index):
+        def hook(_module, _args, _out):
+            stacks.pop(index).close()
+        return hook
+
+    handles = []
+    try:
+        for i, block in enumerate(model.get_submodule(blocks)):
+            handles += [block.register_forward_pre_hook(enter(i)), block.register_forward_hook(leave(i))]
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for stack in stacks.values():  # a block that raised: its weights go back too
+            stack.close()

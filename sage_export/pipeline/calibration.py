@@ -64,7 +64,8 @@ def calibration_tokens(loaded, text: Path | None, n_samples: int, seqlen: int, s
         ids = calibration_ids(loaded.tokenizer, text, n_samples, seqlen, seed)
         info = {"source": "text", "text": str(text)}
     else:
-        ids = sample_ids(loaded.model, loaded.tokenizer, n_samples, seqlen, seed, progress, temperature)
+        with loaded.running_weights():  # streamed: every sampling step reads each block's weights in turn
+            ids = sample_ids(loaded.model, loaded.tokenizer, n_samples, seqlen, seed, progress, temperature)
         info = {"source": "self-generated", "sampling": f"ancestral, temperature {temperature:g}, from BOS"}
     info.update(samples=n_samples, seqlen=seqlen, tokens=int(ids.numel()), seed=seed,
                 time_s=round(time.perf_counter() - start, 1))

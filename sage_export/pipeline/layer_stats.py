@@ -11,9 +11,10 @@ every layer: what a model-wide bit budget has to compare. Measured on SmolLM2-13
 windows of WikiText-2 test): allocating by h-weighted error alone gave perplexity 640, by relative error 53, and
 with the sensitivity 38.
 
-Block by block, so only one block runs at a time: the inputs of every block are kept (one [tokens, hidden]
-tensor per block), the forward pass collects h, then the backward pass walks from the last block to the first,
-recomputing each block with a graph and pushing the loss gradient through it. The kept inputs also give each
+Block by block, so only one block runs at a time (and, for a streamed model, only one block's weights are read
+in at a time): the inputs of every block are kept (one [tokens, hidden] tensor per block), the forward pass
+collects h, then the backward pass walks from the last block to the first, recomputing each block with a graph
+and pushing the loss gradient through it. The kept inputs also give each
 block's XᵀX on demand (block_hessians), for GPTQ-style compensation: measured on SmolLM2 at 3.2 bits, Hessians
 from the unquantized model's inputs did as well as GPTQ's usual re-run through the quantized blocks (perplexity
 30.1 against 30.6 on 8 windows) and cost one block pass instead of two.
@@ -22,8 +23,9 @@ from the unquantized model's inputs did as well as GPTQ's usual re-run through t
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import Callable, ContextManager
 
 import numpy as np
 import torch
@@ -54,6 +56,10 @@ class LayerStats:
                 raise ValueError("these statistics were collected without sensitivities")
             weights = weights * self.sensitivity[name]
         return weights
+
+
+def _in_memory(_index: int) -> ContextManager:
+    return nullcontext()  # the model holds every weight already
 
 
 class _Accumulator:
@@ -131,9 +137,11 @@ def _block_output(block, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
 
 
 def collect_layer_stats(model, arch: Architecture, calib: torch.Tensor, sensitivity: bool = True,
-                        keep_inputs: bool = False, progress: bool = True) -> LayerStats:
+                        keep_inputs: bool = False, progress: bool = True,
+                        block_weights: Callable[[int], ContextManager] = _in_memory) -> LayerStats:
     """h for every quantized Linear, and (sensitivity=True) its sensitivity, from calibration ids [samples, T].
-    keep_inputs keeps every block's inputs in the result, for block_hessians."""
+    keep_inputs keeps every block's inputs in the result, for block_hessians. block_weights(i) is entered around
+    every pass through block i (LoadedModel.block_weights: a streamed model reads the block's weights then)."""
     start = time.perf_counter()
     blocks = model.get_submodule(arch.blocks)
     energy, grad_energy = _Accumulator(), _Accumulator()
@@ -146,7 +154,8 @@ def collect_layer_stats(model, arch: Architecture, calib: torch.Tensor, sensitiv
             for i, block in enumerate(blocks):
                 handles = _input_hooks(block, f"{arch.blocks}.{i}", arch.linears, energy)
                 try:
-                    saved.append(_run_block(block, saved[-1], kwargs))
+                    with block_weights(i):
+                        saved.append(_run_block(block, saved[-1], kwargs))
                 finally:
                     _remove(handles)
                 bar.update()
@@ -159,7 +168,8 @@ def collect_layer_stats(model, arch: Architecture, calib: torch.Tensor, sensitiv
                         saved[i + 1] = None  # not needed any more
                     handles = _output_grad_hooks(blocks[i], f"{arch.blocks}.{i}", arch.linears, grad_energy)
                     try:
-                        grads = [_pull_back(blocks[i], x, g, kw) for x, g, kw in zip(saved[i], grads, kwargs)]
+                        with block_weights(i):
+                            grads = [_pull_back(blocks[i], x, g, kw) for x, g, kw in zip(saved[i], grads, kwargs)]
                     finally:
                         _remove(handles)
                     bar.update()
@@ -172,7 +182,8 @@ def collect_layer_stats(model, arch: Architecture, calib: torch.Tensor, sensitiv
 
 
 @torch.no_grad()
-def block_hessians(model, arch: Architecture, stats: LayerStats, index: int) -> dict[str, np.ndarray]:
+def block_hessians(model, arch: Architecture, stats: LayerStats, index: int,
+                   block_weights: Callable[[int], ContextManager] = _in_memory) -> dict[str, np.ndarray]:
     """H = 2·XᵀX/n of every quantized Linear of block `index`, from its kept (unquantized-model) inputs."""
     if stats.block_inputs is None:
         raise ValueError("these statistics were collected without keep_inputs")
@@ -180,7 +191,8 @@ def block_hessians(model, arch: Architecture, stats: LayerStats, index: int) -> 
     hessians, counts = {}, {}
     handles = _hessian_hooks(block, arch.linears, hessians, counts)
     try:
-        _run_block(block, stats.block_inputs[index], stats.block_kwargs)
+        with block_weights(index):
+            _run_block(block, stats.block_inputs[index], stats.block_kwargs)
     finally:
         _remove(handles)
     return {f"{arch.blocks}.{index}.{n}": (hessians[n] / counts[n]).numpy() for n in arch.linears}

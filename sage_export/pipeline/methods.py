@@ -34,9 +34,9 @@ class Method:
 
     @property
     def streams(self) -> bool:
-        """True when each matrix is quantized from its own weight alone (no calibration, no model-wide budget),
-        so the model can be read from its file one matrix at a time (load_model(stream=True))."""
-        return not self.needs_calibration and self.preset != "v2"
+        """True when the method can run on a streamed model (load_model(stream=True)): every method but the GPTQ
+        and BiLLM baselines, whose sequential driver writes dense weights back into the model."""
+        return self.name not in ("gptq", "billm")
 
     @property
     def label(self) -> str:

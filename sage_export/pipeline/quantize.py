@@ -82,7 +82,7 @@ def quantize_model(loaded: LoadedModel, method: Method, seed: int = 0, calib: to
     seeds = layer_seeds(loaded, seed)
     budget = None
     if loaded.streamed and not method.streams:
-        loaded.materialize()  # these run the unquantized model itself
+        loaded.materialize()  # these end with every weight dense in the model anyway
     with MatrixPool(jobs) as pool:
         if method.preset == "v2":
             from .sage_v2 import quantize_v2

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..materialize import apply_dequantized
-from ..models import LoadedModel, quantizable_linears, weight_array
+from ..materialize import apply_dequantized, install_packed
+from ..models import LoadedModel, quantizable_linears
 from ..format.sage_layout import stored_bytes
 from ..quant.budget import Allocation, BudgetError, Option, allocate, neighbours
 from ..quant.compensate import compensate_sage
@@ -92,7 +92,8 @@ def measure_v2(loaded: LoadedModel, recipe: SageRecipe, cfg: SageConfig, seeds: 
     stats = None
     if recipe.needs_calibration:
         stats = collect_layer_stats(loaded.model, loaded.architecture, calib, recipe.layer_sensitivity,
-                                    keep_inputs=recipe.compensate, progress=progress)
+                                    keep_inputs=recipe.compensate, progress=progress,
+                                    block_weights=loaded.block_weights)
         if not (recipe.activation_weighting or recipe.layer_sensitivity):
             stats.input_energy, stats.sensitivity = {}, None  # compensation only: no weighting anywhere else
     timings = {"statistics_s": round(time.perf_counter() - start, 1)}
@@ -102,7 +103,7 @@ def measure_v2(loaded: LoadedModel, recipe: SageRecipe, cfg: SageConfig, seeds: 
     weighted = stats is not None and (recipe.activation_weighting or recipe.layer_sensitivity)
     weights = {name: stats.column_weights(name, recipe.activation_weighting, recipe.layer_sensitivity)
                if weighted else None for name in linears}
-    items = ((weight_array(linear), cfg, recipe, seeds[name], weights[name]) for name, linear in linears.items())
+    items = ((loaded.weight(name), cfg, recipe, seeds[name], weights[name]) for name in linears)
     measured = list(tqdm(pool.map(_measure, items), total=len(linears), desc="quantize: measuring options",
                          unit="layer", disable=not progress))
     timings["options_s"] = round(time.perf_counter() - start, 1)
@@ -168,15 +169,23 @@ def finish_v2(loaded: LoadedModel, recipe: SageRecipe, cfg: SageConfig, seeds: d
     def items():
         # Block by block, so that at most one block's Hessians exist at a time.
         for i in range(len(loaded.model.get_submodule(loaded.architecture.blocks))):
-            hessians = block_hessians(loaded.model, loaded.architecture, stats, i) if recipe.compensate else {}
+            hessians = (block_hessians(loaded.model, loaded.architecture, stats, i, loaded.block_weights)
+                        if recipe.compensate else {})
             for name in linears:
                 if name.startswith(f"{loaded.architecture.blocks}.{i}."):
-                    yield _finish_item(plan, recipe, cfg, name, weight_array(linears[name]), hessians.get(name))
+                    yield _finish_item(plan, recipe, cfg, name, loaded.weight(name), hessians.get(name))
 
     desc = "quantize: ρ search + compensation" if recipe.compensate else "quantize: ρ search"
-    results = dict(zip(linears, tqdm(pool.map(_finish, items()), total=len(linears), desc=desc, unit="layer",
-                                     disable=not progress)))
-    apply_dequantized(loaded.model, results)
+    results = {}
+    for name, result in zip(linears, tqdm(pool.map(_finish, items()), total=len(linears), desc=desc,
+                                          unit="layer", disable=not progress)):
+        results[name] = result
+        if loaded.streamed:
+            # Packed as it arrives. Block i+1's Hessians were taken before its first result came back, so the
+            # blocks still to be finished run unquantized, as in memory.
+            install_packed(loaded.model, name, result)
+    if not loaded.streamed:
+        apply_dequantized(loaded.model, results)
     if stats is not None and not keep_measurements:
         stats.block_inputs = None  # free the kept activations
     timings["quantize_s"] = round(time.perf_counter() - start, 1)
