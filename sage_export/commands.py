@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 from pathlib import Path
@@ -94,6 +95,9 @@ def cmd_model(args) -> int:
     from .models import resolve_source
 
     method = method_from_args(args)
+    if args.stream == "yes" and not method.streams:
+        raise UserError(f"--stream yes: {method.name} cannot stream (its sequential driver writes dense weights "
+                        "back into the model); use --stream auto or no")
     eval_text, calib_text = check_texts(args, method.needs_calibration)
     do_onnx = args.command == "model" and not args.no_onnx
     if do_onnx and method.name != "sage":
@@ -144,8 +148,12 @@ def _run_stages(timer, args, source, method, eval_text, calib_text, out: Path, d
     from .pipeline.quantize import quantize_model
     from .report.build import bits_summary, layer_rows
 
+    stream = method.streams and choose_streaming(source, args.stream)
+    if stream and args.stream == "auto":
+        print("note: streaming the model (its float32 weights exceed 1/8 of this machine's memory; --stream no "
+              "to load it whole)")
     with timer.step("load"):
-        loaded = load_model(source, stream=method.streams and choose_streaming(source, args.stream))
+        loaded = load_model(source, stream=stream)
     if method.preset == "v2":
         from .pipeline.sage_v2 import check_budget
 
@@ -202,10 +210,19 @@ def export_and_check(loaded, qmodel, onnx_dir: Path, eval_text: Path | None, arg
 
     with timer.step("onnx_export"):
         onnx_dir.mkdir(parents=True, exist_ok=True)
-        packed = {name: r.packed() for name, r in qmodel.layers.items()}
-        result = export_quantized_onnx(loaded.model, loaded.architecture, packed, onnx_dir)
+        result = export_quantized_onnx(loaded.model, loaded.architecture,
+                                       {name: r.packed() for name, r in qmodel.layers.items()}, onnx_dir)
+
+    def release_torch():
+        # The last use of the PyTorch model and the quantized layers (the report's rows are taken already): the
+        # ORT session then holds the only copy of the packed weights.
+        loaded.model = None
+        qmodel.layers = {}
+        gc.collect()
+
     with timer.step("ort_check"):
-        checks = run_checks(result, loaded.model, loaded.tokenizer, eval_text=eval_text, ctx=min(args.ctx, 512))
+        checks = run_checks(result, loaded.model, loaded.tokenizer, eval_text=eval_text, ctx=min(args.ctx, 512),
+                            release_torch=release_torch)
     return {"export": result.to_dict(), "checks": checks}
 
 
@@ -250,13 +267,19 @@ def cmd_export(args) -> int:
 
     if not (Path(args.checkpoint) / "manifest.json").is_file():
         raise UserError(f"not a packed checkpoint (no manifest.json): {args.checkpoint}")
-    model, tokenizer, ckpt = load_quantized(args.checkpoint)
+    held = dict(zip(("model", "tokenizer", "checkpoint"), load_quantized(args.checkpoint)))
     from .models import architecture_for
 
-    arch = architecture_for(model.config.model_type)
+    arch = architecture_for(held["model"].config.model_type)
+
+    def release_torch():  # as in export_and_check: the session's copy of the packed weights is then the only one
+        held.clear()
+        gc.collect()
+
+    tokenizer = held["tokenizer"]
     with atomic_output_dir(args.out, args.force) as tmp:
-        result = export_quantized_onnx(model, arch, ckpt.packed_linears(), Path(tmp))
-        checks = run_checks(result, model, tokenizer, eval_text=None, ctx=512)
+        result = export_quantized_onnx(held["model"], arch, held["checkpoint"].packed_linears(), Path(tmp))
+        checks = run_checks(result, held["model"], tokenizer, eval_text=None, ctx=512, release_torch=release_torch)
         (Path(tmp) / "check_report.json").write_text(
             json.dumps({"export": result.to_dict(), "checks": checks}, indent=1, sort_keys=True, default=float))
     print(f"wrote {args.out}")

@@ -253,3 +253,30 @@ def test_atomic_write_text(tmp_path):
     atomic_write_text(tmp_path / "f.json", "two")
     assert (tmp_path / "f.json").read_text() == "two"
     assert leftovers(tmp_path) == ["f.json"]
+
+
+def test_streamed_writer_matches_safetensors_byte_for_byte(tmp_path):
+    """write_safetensors writes one tensor at a time; the file must be the library's, for every dtype, empty
+    and 0-d tensors, big-endian input and non-contiguous views, and the returned size and sha256 the file's."""
+    from sage_export.format.checkpoint import _SAFETENSORS_DTYPES, write_safetensors
+
+    rng = np.random.default_rng(5)
+    cases = [{}, {"only": np.arange(7, dtype=np.uint8)}]
+    for trial in range(6):
+        tensors = {}
+        for i, dtype in enumerate(rng.permutation(sorted(_SAFETENSORS_DTYPES))):
+            shape = [(), (0,), (3,), (2, 5), (4, 1, 3)][rng.integers(5)]
+            value = (rng.random(shape) < 0.5) if dtype == "bool" else (rng.standard_normal(shape) * 50)
+            tensors[f"t{trial}.{rng.integers(100)}_{i}"] = np.asarray(value).astype(dtype)
+        tensors["strided"] = np.arange(40, dtype=np.int32).reshape(5, 8)[:, ::3]
+        tensors["big_endian"] = np.arange(6, dtype=">f4")
+        cases.append(tensors)
+    for i, tensors in enumerate(cases):
+        path = tmp_path / f"{i}.safetensors"
+        spec = write_safetensors(path, tensors)
+        data = path.read_bytes()
+        assert data == save_safetensors({k: np.ascontiguousarray(v) for k, v in sorted(tensors.items())})
+        assert spec == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    with pytest.raises(ValueError, match="complex64 cannot be stored"):
+        write_safetensors(tmp_path / "x.safetensors", {"c": np.zeros(2, np.complex64)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{i}.safetensors" for i in range(len(cases)))

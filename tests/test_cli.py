@@ -258,7 +258,9 @@ def test_bad_quantizer_option(tiny_llama_dir, tmp_path):
     (["--method", "rtn", "--bits", "3"], "--code-bits"),
     (["--bits", "0"], "invalid quantizer options"),
     (["--bits", "0.6"], "below the smallest"),
-], ids=["paper-flag-on-v2", "budget-on-paper", "switch-on-paper", "bits-on-rtn", "zero-budget", "budget-too-low"])
+    (["--method", "gptq", "--stream", "yes"], "gptq cannot stream"),
+], ids=["paper-flag-on-v2", "budget-on-paper", "switch-on-paper", "bits-on-rtn", "zero-budget", "budget-too-low",
+        "stream-gptq"])
 def test_flags_that_do_not_go_together(tiny_llama_dir, tmp_path, flags, message):
     proc = run_cli("model", tiny_llama_dir, "--out", tmp_path / "o", *flags)
     assert_one_line_error(proc, message)

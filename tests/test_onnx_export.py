@@ -182,6 +182,29 @@ def test_run_checks_reports_every_figure(exported):
     json.dumps(checks)
 
 
+def test_run_checks_lets_the_caller_drop_the_torch_model_before_the_session(exported):
+    """With release_torch, PyTorch's side is computed first and nothing in run_checks keeps the model alive when
+    the callback runs, so the session's packed weights are the only copy in memory."""
+    import copy
+    import gc
+    import weakref
+
+    loaded, _, result = exported
+    held = {"model": copy.deepcopy(loaded.model)}
+    ref = weakref.ref(held["model"])
+    freed = []
+
+    def release():
+        held.clear()
+        gc.collect()
+        freed.append(ref() is None)
+
+    checks = run_checks(result, held["model"], loaded.tokenizer, eval_text=WIKI_TEST, ctx=32, n_windows=2, n_new=8,
+                        release_torch=release)
+    assert freed == [True]
+    assert checks["failures"] == [] and checks["perplexity"]["rel_diff"] < 1e-4
+
+
 def test_check_failures_name_each_missed_threshold():
     good = {"op": {"max_rel_err": {"float32": 1e-7, "float16": 0.0}},
             "logits": {"rel_l2": 1e-6, "argmax_agreement": 1.0}, "greedy": {"identical": True, "first_mismatch": None},

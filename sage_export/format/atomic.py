@@ -16,6 +16,7 @@ import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 
 def _check_writable_parent(final: Path) -> None:
@@ -100,19 +101,27 @@ def _move_into_place(temp: Path, final: Path) -> None:
     _remove(old)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write data to path via a hidden temporary file in the same directory and os.replace."""
+@contextmanager
+def atomic_file(path: Path) -> Iterator[BinaryIO]:
+    """A binary handle on a hidden temporary file in path's directory, os.replace'd onto path when the block
+    ends without error and removed when it raises."""
     path = Path(path)
     temp = path.parent / f".{path.name}.tmp-{secrets.token_hex(4)}"
     try:
         with open(temp, "xb") as handle:
-            handle.write(data)
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp, path)
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write data to path via a hidden temporary file in the same directory and os.replace."""
+    with atomic_file(path) as handle:
+        handle.write(data)
 
 
 def atomic_write_text(path: Path, text: str, encoding: str = "utf-8") -> None:

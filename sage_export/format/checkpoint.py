@@ -20,9 +20,8 @@ from typing import Any
 
 import numpy as np
 from safetensors.numpy import load as load_safetensors
-from safetensors.numpy import save as save_safetensors
 
-from .atomic import atomic_write_bytes, atomic_write_text
+from .atomic import atomic_file, atomic_write_text
 from .sage_layout import PackedLinear
 
 FORMAT_NAME = "sage-export-checkpoint"
@@ -92,9 +91,42 @@ def _dump_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=True, default=_json_default) + "\n"
 
 
-def _serialise(tensors: dict[str, np.ndarray]) -> bytes:
-    ordered = {key: np.ascontiguousarray(tensors[key]) for key in sorted(tensors)}
-    return save_safetensors(ordered, metadata=None)
+# safetensors' codes, and its writer's order: by dtype, larger codes first, then by name. The rank is the
+# position of the dtype in the library's Dtype enum (tests/test_checkpoint.py compares against its writer).
+_SAFETENSORS_DTYPES = {"bool": ("BOOL", 0), "uint8": ("U8", 4), "int8": ("I8", 5), "int16": ("I16", 9),
+                       "uint16": ("U16", 10), "float16": ("F16", 11), "int32": ("I32", 13), "uint32": ("U32", 14),
+                       "float32": ("F32", 15), "float64": ("F64", 16), "int64": ("I64", 17), "uint64": ("U64", 18)}
+
+
+def _little_endian(array: np.ndarray) -> np.ndarray:
+    return array.astype(array.dtype.newbyteorder("<"), copy=False)
+
+
+def write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Write a safetensors file (no metadata) one tensor at a time, byte for byte what safetensors' own writer
+    gives, without first building the whole file in memory (that held a second copy of every packed layer).
+    Atomic (atomic_file). Returns the file's {"bytes", "sha256"} for the manifest."""
+    tensors = {name: np.ascontiguousarray(array) for name, array in tensors.items()}  # 0-d ones become [1], as before
+    unknown = sorted({a.dtype.name for a in tensors.values()} - set(_SAFETENSORS_DTYPES))
+    if unknown:
+        raise ValueError(f"dtype {unknown[0]} cannot be stored in safetensors")
+    order = sorted(tensors, key=lambda name: (-_SAFETENSORS_DTYPES[tensors[name].dtype.name][1], name))
+    header, offset = {}, 0
+    for name in order:
+        array = tensors[name]
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[array.dtype.name][0], "shape": list(array.shape),
+                        "data_offsets": [offset, offset + array.nbytes]}
+        offset += array.nbytes
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
+    digest, size = hashlib.sha256(), 0
+    with atomic_file(path) as handle:
+        for chunk in (len(head).to_bytes(8, "little"), head, *(_little_endian(tensors[n]) for n in order)):
+            view = memoryview(chunk if isinstance(chunk, bytes) else chunk.reshape(-1).view(np.uint8))
+            handle.write(view)
+            digest.update(view)
+            size += view.nbytes
+    return {"bytes": size, "sha256": digest.hexdigest()}
 
 
 def _flatten_layers(layers: dict[str, LayerRecord]) -> dict[str, np.ndarray]:
@@ -114,7 +146,8 @@ def save_checkpoint(dir: Path, layers: dict[str, LayerRecord], float_tensors: di
     dir = Path(dir)
     dir.mkdir(parents=True, exist_ok=True)
     float_tensors = {name: np.asarray(array) for name, array in float_tensors.items()}
-    blobs = {PACKED_FILE: _serialise(_flatten_layers(layers)), FLOAT_FILE: _serialise(float_tensors)}
+    files = {PACKED_FILE: write_safetensors(dir / PACKED_FILE, _flatten_layers(layers)),
+             FLOAT_FILE: write_safetensors(dir / FLOAT_FILE, float_tensors)}
     manifest = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -125,10 +158,8 @@ def save_checkpoint(dir: Path, layers: dict[str, LayerRecord], float_tensors: di
             for name, record in layers.items()
         },
         "float_tensors": {name: _tensor_spec(array) for name, array in float_tensors.items()},
-        "files": {fname: {"bytes": len(blob), "sha256": _sha256(blob)} for fname, blob in blobs.items()},
+        "files": files,
     }
-    for fname, blob in blobs.items():
-        atomic_write_bytes(dir / fname, blob)
     atomic_write_text(dir / MANIFEST_FILE, _dump_json(manifest))
 
 

@@ -16,6 +16,7 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -163,11 +164,17 @@ def error_figures(got: np.ndarray, ref: np.ndarray) -> dict:
 
 
 @torch.no_grad()
-def compare_logits(session, torch_model, input_ids) -> dict:
-    """Prefill logits ORT vs torch on ids [batch, seq] (empty cache)."""
+def torch_logits(torch_model, input_ids) -> np.ndarray:
+    """Prefill logits of torch on ids [batch, seq], float32."""
+    ids = torch.from_numpy(np.asarray(input_ids, dtype=np.int64))
+    return torch_model(ids, use_cache=False).logits.float().numpy()
+
+
+def compare_logits(session, torch_model, input_ids, ref: np.ndarray | None = None) -> dict:
+    """Prefill logits ORT vs torch on ids [batch, seq] (empty cache); `ref`: torch's, when computed already."""
     ids = np.asarray(input_ids, dtype=np.int64)
+    ref = torch_logits(torch_model, ids) if ref is None else ref
     got = session.run(["logits"], decoder_feeds(session, ids))[0]
-    ref = torch_model(torch.from_numpy(ids), use_cache=False).logits.float().numpy()
     return {**error_figures(got, ref), "tokens": int(ids.size),
             "argmax_agreement": float((got.argmax(-1) == ref.argmax(-1)).mean())}
 
@@ -262,7 +269,7 @@ THRESHOLDS = {"op_rel_err_float32": 1e-5, "op_rel_err_float16": 1e-3, "logits_re
 
 def run_checks(result, torch_model, tokenizer, eval_text: Path | None = None, ctx: int = 512, n_windows: int = 2,
                n_new: int = 8, memory: bool = False, prompt_text: str = PROMPT,
-               constant_folding: bool = False) -> dict:
+               constant_folding: bool = False, release_torch: Callable[[], None] | None = None) -> dict:
     """Every figure for the report, and `failures`: the thresholds it missed (empty when it passed).
 
     The session does not fold constants by default: folding decodes every packed layer into a dense float32
@@ -270,17 +277,30 @@ def run_checks(result, torch_model, tokenizer, eval_text: Path | None = None, ct
     with the model; unfolded, each SageBinaryGemm decodes its own weight when it runs and frees it. The price is
     speed (about 2 s per decoded token for SmolLM2-135M on 2 cores, every packed layer decoded each call), so the
     comparison is kept short: a prompt, n_new greedy tokens through the KV cache, up to 256 tokens of logits,
-    `n_windows` windows."""
-    session = make_session(result.onnx_path, constant_folding=constant_folding)
+    `n_windows` windows.
+
+    PyTorch runs first and ONNX Runtime after. With release_torch, it is called in between, once this function
+    holds no reference to the torch model any more, so that the caller can drop the model and its packed layers:
+    otherwise those and the session's initializers are both in memory (LLaMA-2-7B shapes: +366 MB per layer in
+    this step against +134 MB in the quantize step, benchmarks/scale.md)."""
     prompt = tokenizer(prompt_text, add_special_tokens=False).input_ids
-    ort_tokens = greedy_generate_ort(session, prompt, n_new)
-    torch_tokens = greedy_generate_torch(torch_model, prompt, n_new)
     eval_ids = tokenize_text(tokenizer, read_eval_text(eval_text)) if eval_text is not None else None
     # Logits on up to 256 tokens of the evaluation text when there is one, else on the prompt.
-    logits_ids = np.asarray(prompt) if eval_ids is None else eval_ids[:256].numpy()
+    logits_ids = (np.asarray(prompt) if eval_ids is None else eval_ids[:256].numpy())[None]
+    name = Path(eval_text).name if eval_text is not None else ""
+    torch_tokens = greedy_generate_torch(torch_model, prompt, n_new)
+    ref_logits = torch_logits(torch_model, logits_ids)
+    torch_ppl = (perplexity(torch_model, eval_ids, ctx, n_windows, name, progress=False)
+                 if eval_ids is not None else None)
+    if release_torch is not None:
+        del torch_model
+        release_torch()
+
+    session = make_session(result.onnx_path, constant_folding=constant_folding)
+    ort_tokens = greedy_generate_ort(session, prompt, n_new)
     checks = {
         "op": check_op(),
-        "logits": compare_logits(session, torch_model, logits_ids[None]),
+        "logits": compare_logits(session, None, logits_ids, ref_logits),
         "greedy": {"n_new": n_new, "prompt": prompt_text, "identical": ort_tokens == torch_tokens,
                    "first_mismatch": next((i for i, (a, b) in enumerate(zip(ort_tokens, torch_tokens)) if a != b),
                                           None),
@@ -289,9 +309,7 @@ def run_checks(result, torch_model, tokenizer, eval_text: Path | None = None, ct
         "thresholds": THRESHOLDS,
     }
     if eval_ids is not None:
-        name = Path(eval_text).name
         ort_ppl = perplexity_ort(session, eval_ids, ctx, n_windows, name)
-        torch_ppl = perplexity(torch_model, eval_ids, ctx, n_windows, name, progress=False)
         checks["perplexity"] = {"ort": ort_ppl.to_dict(), "torch": torch_ppl.to_dict(),
                                 "rel_diff": abs(ort_ppl.ppl - torch_ppl.ppl) / torch_ppl.ppl}
     if memory:
