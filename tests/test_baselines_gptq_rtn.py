@@ -202,3 +202,24 @@ def test_act_order_processes_by_decreasing_hessian_diagonal():
     out = gptq_compensate(w, h, spy, blocksize=8, act_order=True)
     assert order == np.argsort(-np.diag(h), kind="stable").tolist()
     assert hessian_error(w, out, h) < hessian_error(w, np.round(w * 4) / 4, h)
+
+
+@pytest.mark.parametrize("k", [1, 7, 64, 301])
+def test_direct_inverse_factor_is_the_reference_route_and_the_scipy_copying_one_to_the_bit(k):
+    """inverse_hessian_cholesky_direct factorises one column-major copy in place (memory); its values must be
+    those of letting scipy copy at every step (the code before), bit for bit, and equal the reference up to
+    rounding. Dead columns included."""
+    import scipy.linalg
+
+    from sage_export.quant.gptq import _damped, inverse_hessian_cholesky_direct
+
+    h = correlated_hessian(k, seed=k) if k > 4 else np.diag(np.arange(1.0, k + 1))
+    if k > 4:
+        h[3, :] = h[:, 3] = 0.0
+    lower = scipy.linalg.cholesky(_damped(h, 0.01)[::-1, ::-1], lower=True)
+    before = np.ascontiguousarray(scipy.linalg.lapack.dtrtri(lower, lower=1)[0][::-1, ::-1])
+    h_copy = h.copy()
+    u = inverse_hessian_cholesky_direct(h, 0.01)
+    assert np.array_equal(u, before) and u.flags.c_contiguous
+    assert np.array_equal(h, h_copy)  # the input is left alone
+    np.testing.assert_allclose(u, inverse_hessian_cholesky(h, 0.01), rtol=1e-6, atol=1e-9 * np.abs(u).max())

@@ -31,6 +31,9 @@ CASES = {
     "paper": "quantize_sage, --preset paper (SPEC §2: Brent over ρ in [0.001, 0.1], graph G)",
     "v2-options": "sage_options, v2: G in {1,2,4,8,16} x 20 ρ, activation-weighted",
     "v2-search": "quantize_sage, v2: G = 4, Brent over ρ in [0.001, 0.02] with a bit price, activation-weighted",
+    "v2-finish": "v2-search then compensate_sage under H = XᵀX of 256 random correlated rows (a worker's whole "
+                 "job per matrix in the default run; H, K x K float64, is in memory before the call, as a "
+                 "worker receives it)",
 }
 
 CHILD = r"""
@@ -41,6 +44,7 @@ threadpool_limits(1)
 from sage_export.pipeline.methods import Method
 from sage_export.quant.config import RHO_GRID, V2_MATRIX
 from sage_export.quant.sage import quantize_sage, sage_options
+from sage_export.quant.compensate import compensate_sage
 
 def status(key):
     for line in open("/proc/self/status"):
@@ -51,6 +55,10 @@ case, n, k = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 rng = np.random.default_rng(0)
 w = (rng.standard_normal((n, k)) * rng.gamma(2.0, 0.5, (1, k)) * 0.02).astype(np.float32)
 h = rng.gamma(1.0, 1.0, k)
+if case == "v2-finish":
+    x = rng.standard_normal((256, k // 8)) @ rng.standard_normal((k // 8, k)) + rng.standard_normal((256, k))
+    hessian = 2 * x.T @ x / 256
+    del x
 base, start = status("VmRSS"), time.perf_counter()
 if case == "paper":
     quantize_sage(w, Method("sage", {"preset": "paper"}).sage_config(), 0)
@@ -58,7 +66,9 @@ elif case == "v2-options":
     sage_options(w, V2_MATRIX, (1, 2, 4, 8, 16), RHO_GRID, 0, h, propose=True)
 else:
     cfg = replace(V2_MATRIX, fixed_groups=4, rho_bounds=(0.001, 0.02), rho_price=1e-6, brent_xatol=0.019 / 32)
-    quantize_sage(w, cfg, 0, h)
+    result = quantize_sage(w, cfg, 0, h)
+    if case == "v2-finish":
+        compensate_sage(w, hessian, result)
 print((status("VmHWM") - base) / w.size, time.perf_counter() - start)
 """
 

@@ -126,9 +126,8 @@ def meta_names(model: torch.nn.Module, prefix: str, linears: tuple[str, ...]) ->
 
 @contextmanager
 def resident(model: torch.nn.Module, reader, names: list[str]):
-    """The named meta weights read (float32) into the model inside the block, back on the meta device after.
-    Autograd keeps what a graph saved alive until the graph is freed, so a backward pass through the block after
-    the block has exited still works."""
+    """The named meta weights read (float32) into the model inside the block, back on the meta device after (also
+    when the block raises)."""
     shapes = {name: model.get_parameter(name).shape for name in names}
     try:
         for name in names:

@@ -52,10 +52,14 @@ def _damped(h: np.ndarray, percdamp: float) -> np.ndarray:
 
     Damping keeps H invertible when calibration data do not span every direction (and is GPTQ's regulariser)."""
     h = h.copy()
-    dead = dead_columns(h)
-    h[dead, dead] = 1.0
-    h[np.diag_indices_from(h)] += percdamp * np.mean(np.diag(h))
+    np.fill_diagonal(h, _damped_diagonal(h, percdamp))
     return h
+
+
+def _damped_diagonal(h: np.ndarray, percdamp: float) -> np.ndarray:
+    diagonal = np.diag(h).copy()
+    diagonal[dead_columns(h)] = 1.0
+    return diagonal + percdamp * np.mean(diagonal)
 
 
 def inverse_hessian_cholesky(h: np.ndarray, percdamp: float) -> np.ndarray:
@@ -73,13 +77,20 @@ def inverse_hessian_cholesky_direct(h: np.ndarray, percdamp: float) -> np.ndarra
     """The same U without forming (H + λI)⁻¹: with J the order-reversing permutation and L the lower Cholesky
     factor of J·H·J, U = J·L⁻¹·J (since H⁻¹ = (J L⁻¹ J)ᵀ (J L⁻¹ J)). One factorisation and one triangular
     inverse instead of a factorisation, a full solve and a second factorisation: about 2.5× fewer flops, equal
-    up to rounding. The GPTQ/BiLLM baselines keep the reference route so their recorded numbers reproduce."""
-    h = _damped(h, percdamp)[::-1, ::-1]
+    up to rounding. The GPTQ/BiLLM baselines keep the reference route so their recorded numbers reproduce.
+
+    Memory: one K x K copy (J·H·J, in the column-major order LAPACK takes, damped in place) is factorised and
+    inverted in place, then copied once into the result. Letting scipy copy at each step held up to five copies at
+    once: 4.8 GB for LLaMA-2-7B's down_proj (K = 11008), in each worker. The values are the same to the bit."""
+    a = np.array(h[::-1, ::-1], order="F")  # J·H·J, always a copy (asfortranarray returns a 1 x 1 view)
+    np.fill_diagonal(a, _damped_diagonal(h, percdamp)[::-1])  # damped in H's order: the same mean, to the bit
     try:
-        lower = scipy.linalg.cholesky(h, lower=True)
+        lower = scipy.linalg.cholesky(a, lower=True, overwrite_a=True)
     except np.linalg.LinAlgError as exc:
         raise ValueError("Hessian is not positive definite even after damping; raise percdamp") from exc
-    inverse, info = scipy.linalg.lapack.dtrtri(lower, lower=1)
+    del a
+    inverse, info = scipy.linalg.lapack.dtrtri(lower, lower=1, overwrite_c=1)
+    del lower
     if info != 0:
         raise ValueError("Hessian is singular even after damping; raise percdamp")
     return np.ascontiguousarray(inverse[::-1, ::-1])

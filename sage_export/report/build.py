@@ -12,9 +12,9 @@ from ..format.accounting import true_bits
 from .plots import write_plots
 
 FLOAT_NOTE = "Embeddings, lm_head and norms stay in floating point (not counted in bits per weight)."
-STREAMED_NOTE = ("Streamed: the quantizable weights were read from the model file one matrix at a time and are "
-                 "held packed; PyTorch decodes each layer on every call, so the greedy sample below is one prompt "
-                 "of 16 tokens.")
+STREAMED_NOTE = ("Streamed: the quantizable weights stayed in the model file and were read one block or one "
+                 "matrix at a time where needed; the quantized layers are held packed and PyTorch decodes each on "
+                 "every call, so the greedy sample below is one prompt of 16 tokens.")
 
 
 def layer_rows(layers: dict[str, object]) -> list[dict]:
