@@ -121,5 +121,7 @@ def test_compensation_zeroes_dead_columns(data):
     h = h.copy()
     h[:, 5] = h[5, :] = 0.0
     base = quantize_sage(w, replace(V2_MATRIX, fixed_groups=2, fixed_rho=0.0), seed=0, col_weight=h_diag)
+    given = h.copy()
     comp = compensate_sage(w, h, base)
     assert comp.stats["compensated"] and np.isfinite(comp.dequantize()).all()
+    np.testing.assert_array_equal(h, given)  # read, not copied and not changed

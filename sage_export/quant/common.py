@@ -21,14 +21,15 @@ def check_weight(w: np.ndarray) -> np.ndarray:
     return w.astype(np.float64)
 
 
-def check_hessian(h: np.ndarray, k: int) -> np.ndarray:
-    """The Hessian as float64 [K, K]; ValueError for a wrong shape or non-finite entries."""
+def check_hessian(h: np.ndarray, k: int, copy: bool = True) -> np.ndarray:
+    """The Hessian as float64 [K, K] (copy=False: h itself when it is float64 already, for callers that only read
+    it); ValueError for a wrong shape or non-finite entries."""
     h = np.asarray(h)
     if h.shape != (k, k):
         raise ValueError(f"Hessian must be [{k}, {k}] for a weight with K={k}, got shape {h.shape}")
     if not np.all(np.isfinite(h)):
         raise ValueError("Hessian contains NaN or Inf")
-    return h.astype(np.float64)
+    return h.astype(np.float64, copy=copy)
 
 
 # Added to every column weight, relative to their mean: an input channel that never fired during calibration
