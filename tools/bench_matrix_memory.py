@@ -84,14 +84,15 @@ def run_case(code: Path, case: str, n: int, k: int) -> dict:
 
 def render(data: dict, out: Path) -> None:
     md = ["# Peak memory of quantizing one matrix", "",
-          f"{data['machine']}. Peak resident memory above the process's size before the call, per weight of the "
+          "Peak resident memory above the process's size before the call, per weight of the "
           "matrix (the float32 weight itself is 4 bytes), one BLAS thread as in a worker. Commands: "
           "`python tools/bench_matrix_memory.py [--code DIR --label L]`. Seconds are wall time, for orientation "
           "only. " + data.get("note", ""), "",
-          "| code | shape | case | bytes/weight | peak | seconds | date |", "|---|---|---|---|---|---|---|"]
+          "| code | shape | case | bytes/weight | peak | seconds | date | machine |",
+          "|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
         md.append(f"| {r['label']} ({r['code']}) | {r['shape']} | {r['case']} | **{r['bytes_per_weight']}** | "
-                  f"{r['peak_mb']:,} MB | {r['seconds']} | {r['date']} |")
+                  f"{r['peak_mb']:,} MB | {r['seconds']} | {r['date']} | {r.get('machine', data['machine'])} |")
     md += ["", "Cases: " + "; ".join(f"`{c}`: {d}" for c, d in CASES.items()) + "."]
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
 
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     version = code_version(args.code)
     for shape in args.shapes:
         for case in args.cases:
-            row = {"label": args.label, "code": version, "shape": shape, "case": case,
+            row = {"label": args.label, "code": version, "shape": shape, "case": case, "machine": data["machine"],
                    "date": dt.date.today().isoformat(), **run_case(args.code, case, *SHAPES[shape])}
             print(json.dumps(row), flush=True)
             data["rows"] = [r for r in data["rows"] if (r["label"], r["shape"], r["case"]) != (args.label, shape,
