@@ -3,7 +3,7 @@ read the same tensor, each Linear seeing its own input."""
 
 import torch
 
-from sage_export.pipeline.calibration import _hessian_hooks
+from sage_export.pipeline.calibration import _hessian_hooks, averaged_hessians
 
 
 class TwoBranch(torch.nn.Module):
@@ -16,7 +16,8 @@ class TwoBranch(torch.nn.Module):
         self.c = torch.nn.Linear(5, 4, bias=False)
 
     def forward(self, x):
-        return self.c(self.a(x)) + self.b(x).sum(-1, keepdim=True)
+        y, z = self.a(x), self.b(x)  # b right after a on the same tensor, as k_proj after q_proj
+        return self.c(y) + z.sum(-1, keepdim=True)
 
 
 def test_hessians_match_direct_sum_over_samples():
@@ -37,3 +38,9 @@ def test_hessians_match_direct_sum_over_samples():
     torch.testing.assert_close(store["c"], 2 * hs.T @ hs, rtol=1e-6, atol=1e-6)
     assert counts == {"a": 18, "b": 18, "c": 18}
     assert store["a"].dtype == torch.float64
+    # Shared, not copied: one accumulator for a and b, and their averages are one array too.
+    assert store["a"] is store["b"] and store["c"] is not store["a"]
+    expected = {name: (store[name] / counts[name]).numpy() for name in store}
+    averaged = averaged_hessians(store, counts)
+    assert averaged["a"] is averaged["b"]
+    assert all((averaged[name] == expected[name]).all() for name in expected)  # to the bit

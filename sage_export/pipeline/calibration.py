@@ -120,22 +120,39 @@ def _run_block(block, inputs: list[torch.Tensor], kwargs: list[dict]) -> list[to
 
 
 def _hessian_hooks(block, names: tuple[str, ...], store: dict[str, torch.Tensor], counts: dict[str, int]):
-    # Linears fed by the same tensor (q/k/v, gate/up) share one XᵀX per sample; holding the tensor in `last`
-    # keeps its identity valid. The product is float32, as in the GPTQ reference; the sum over samples is float64.
-    # Measured on SmolLM2 (32 x 2048 tokens, 2 CPU cores): GPTQ calibration took 446 s with float64 products, 345 s now.
-    last = {"x": None, "xtx": None, "rows": 0}
+    """Hooks summing 2·XᵀX over samples into store[name] (float64) and the rows into counts[name]. Linears fed by
+    the same tensor one after the other (q/k/v, gate/up) share one product per sample and one accumulator: store holds the same tensor
+    for them (a LLaMA-2-7B block's Hessians take 1.3 GB instead of 1.7, and nothing is copied per name). The
+    product is float32, as in the GPTQ reference; the sum over samples, in place, is float64. Measured on SmolLM2
+    (32 x 2048 tokens, 2 CPU cores): GPTQ calibration took 446 s with float64 products, 345 s now."""
+    last = {"x": None, "owner": None}  # holding the input tensor keeps its identity valid
 
     def make(name):
         def hook(_module, args, _out):
-            if last["x"] is not args[0]:
-                x = args[0].reshape(-1, args[0].shape[-1]).float()
-                last.update(x=args[0], xtx=(2.0 * x.T @ x).double(), rows=x.shape[0])
-            store[name] = store.get(name, 0) + last["xtx"]
-            counts[name] = counts.get(name, 0) + last["rows"]
+            if last["x"] is args[0]:  # the input `owner` was just fed: share its sum
+                store[name], counts[name] = store[last["owner"]], counts[last["owner"]]
+                return
+            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            xtx = (2.0 * x.T @ x).double()
+            last.update(x=args[0], owner=name)
+            if name in store:
+                store[name] += xtx
+            else:
+                store[name] = xtx
+            counts[name] = counts.get(name, 0) + x.shape[0]
 
         return hook
 
     return [block.get_submodule(n).register_forward_hook(make(n)) for n in names]
+
+
+def averaged_hessians(store: dict[str, torch.Tensor], counts: dict[str, int]) -> dict[str, np.ndarray]:
+    """{name: H = sum / rows} as NumPy views, each shared accumulator divided once, in place (no copy)."""
+    done: dict[int, np.ndarray] = {}
+    for name, total in store.items():
+        if id(total) not in done:
+            done[id(total)] = total.div_(counts[name]).numpy()
+    return {name: done[id(total)] for name, total in store.items()}
 
 
 @torch.no_grad()
@@ -158,9 +175,10 @@ def quantize_sequential(model, arch: Architecture, calib: torch.Tensor,
         finally:
             for h in handles:
                 h.remove()
-        items = [(f"{arch.blocks}.{i}.{name}", weight_array(block.get_submodule(name)),
-                  (hessians[name] / counts[name]).numpy()) for name in arch.linears]
-        del hessians
+        averaged = averaged_hessians(hessians, counts)
+        items = [(f"{arch.blocks}.{i}.{name}", weight_array(block.get_submodule(name)), averaged[name])
+                 for name in arch.linears]
+        del hessians, averaged
         for (qname, _, _), name, result in zip(items, arch.linears, quantize_block(items)):
             results[qname] = result
             apply_layer(block.get_submodule(name), result)

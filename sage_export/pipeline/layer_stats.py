@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..models.architectures import Architecture
-from .calibration import _block0_inputs, _hessian_hooks, _run_block
+from .calibration import _block0_inputs, _hessian_hooks, _run_block, averaged_hessians
 
 
 @dataclass
@@ -195,7 +195,7 @@ def block_hessians(model, arch: Architecture, stats: LayerStats, index: int,
             _run_block(block, stats.block_inputs[index], stats.block_kwargs)
     finally:
         _remove(handles)
-    return {f"{arch.blocks}.{index}.{n}": (hessians[n] / counts[n]).numpy() for n in arch.linears}
+    return {f"{arch.blocks}.{index}.{n}": h for n, h in averaged_hessians(hessians, counts).items()}
 
 
 def _pull_back(block, x: torch.Tensor, grad_out: torch.Tensor, kwargs: dict) -> torch.Tensor:
