@@ -7,11 +7,11 @@
     python tools/bench_scale.py --render-only                    # table and plot from benchmarks/scale.json
 
 Each shape is written as a Hugging Face directory (float16 safetensors, random normal weights with std 0.02, unit
-norms, a small byte-level BPE tokenizer), then run through the real command in its own process:
-`python -m sage_export.cli model DIR --out OUT --preset PRESET --stream yes` (these models are small enough for
-`--stream auto` to keep them in memory; a real 7B model streams under auto). The command's report gives each stage's seconds
-and peak memory (process + workers, sampled every 0.2 s); /usr/bin/time gives the whole run's wall time and the
-main process's peak. A run that fails (out of memory included) is recorded with its exit status and last line.
+norms, a small byte-level BPE tokenizer), then run through the real command in its own process: `python -m
+sage_export.cli model DIR --out OUT --preset PRESET --stream yes` (these models are small enough for `--stream auto`
+to keep them in memory; a real 7B model streams under auto). The command's report gives each stage's seconds and
+peak memory (process + workers, sampled every 0.2 s); /usr/bin/time gives the whole run's wall time and the main
+process's peak. A run that fails (out of memory included) is recorded with its exit status and last line.
 
 The weights are random, so perplexity and text mean nothing here: this measures time and memory only. LLaMA-2-7B
 is run at 2 and 4 layers of its real layer shapes; the 32-layer figures in the table are a straight line through

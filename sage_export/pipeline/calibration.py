@@ -121,10 +121,11 @@ def _run_block(block, inputs: list[torch.Tensor], kwargs: list[dict]) -> list[to
 
 def _hessian_hooks(block, names: tuple[str, ...], store: dict[str, torch.Tensor], counts: dict[str, int]):
     """Hooks summing 2·XᵀX over samples into store[name] (float64) and the rows into counts[name]. Linears fed by
-    the same tensor one after the other (q/k/v, gate/up) share one product per sample and one accumulator: store holds the same tensor
-    for them (a LLaMA-2-7B block's Hessians take 1.3 GB instead of 1.7, and nothing is copied per name). The
-    product is float32, as in the GPTQ reference; the sum over samples, in place, is float64. Measured on SmolLM2
-    (32 x 2048 tokens, 2 CPU cores): GPTQ calibration took 446 s with float64 products, 345 s now."""
+    the same tensor one after the other (q/k/v, gate/up) share one product per sample and one accumulator: store
+    holds the same tensor for them (a LLaMA-2-7B block's Hessians take 1.3 GB instead of 1.7, and nothing is
+    copied per name). The product is float32, as in the GPTQ reference; the sum over samples, in place, is
+    float64. Measured on SmolLM2 (32 x 2048 tokens, 2 CPU cores): GPTQ calibration took 446 s with float64
+    products, 345 s now."""
     last = {"x": None, "owner": None}  # holding the input tensor keeps its identity valid
 
     def make(name):

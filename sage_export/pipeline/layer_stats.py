@@ -195,7 +195,8 @@ def block_hessians(model, arch: Architecture, stats: LayerStats, index: int,
             _run_block(block, stats.block_inputs[index], stats.block_kwargs)
     finally:
         _remove(handles)
-    return {f"{arch.blocks}.{index}.{n}": h for n, h in averaged_hessians(hessians, counts).items()}
+    averaged = averaged_hessians(hessians, counts)
+    return {f"{arch.blocks}.{index}.{n}": h for n, h in averaged.items()}
 
 
 def _pull_back(block, x: torch.Tensor, grad_out: torch.Tensor, kwargs: dict) -> torch.Tensor:
