@@ -68,10 +68,13 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _little_endian(array: np.ndarray) -> np.ndarray:
+    return array.astype(array.dtype.newbyteorder("<"), copy=False)
+
+
 def _tensor_bytes(array: np.ndarray) -> bytes:
     """The bytes a tensor checksum covers: C order, little-endian (what safetensors stores)."""
-    array = np.ascontiguousarray(array)
-    return array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+    return _little_endian(np.ascontiguousarray(array)).tobytes()
 
 
 def _tensor_spec(array: np.ndarray) -> dict[str, Any]:
@@ -96,10 +99,6 @@ def _dump_json(obj: Any) -> str:
 _SAFETENSORS_DTYPES = {"bool": ("BOOL", 0), "uint8": ("U8", 4), "int8": ("I8", 5), "int16": ("I16", 9),
                        "uint16": ("U16", 10), "float16": ("F16", 11), "int32": ("I32", 13), "uint32": ("U32", 14),
                        "float32": ("F32", 15), "float64": ("F64", 16), "int64": ("I64", 17), "uint64": ("U64", 18)}
-
-
-def _little_endian(array: np.ndarray) -> np.ndarray:
-    return array.astype(array.dtype.newbyteorder("<"), copy=False)
 
 
 def write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> dict[str, Any]:

@@ -75,7 +75,7 @@ class LoadedModel:
             return nullcontext()
         from .streaming import resident_while_running
 
-        return resident_while_running(self.model, self.architecture.blocks, self.architecture.linears, self.reader)
+        return resident_while_running(self.model.get_submodule(self.architecture.blocks), self.block_weights)
 
     def materialize(self) -> None:
         """Load every streamed weight into the model (methods that run the unquantized model need them all)."""
@@ -154,6 +154,12 @@ def check_finite(model) -> None:
             raise ModelLoadError(f"weights contain NaN or Inf: {name}")
 
 
+def _one_line(exc: Exception) -> str:
+    """An exception from a library as one line: its type and its message's first line."""
+    msg = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {msg}"
+
+
 def load_model(source: ModelSource | str | os.PathLike | None, dtype: str = "float32",
                stream: bool = False) -> LoadedModel:
     """The model and its tokenizer. With stream=True the quantizable Linear weights stay in the source file and
@@ -177,8 +183,7 @@ def load_model(source: ModelSource | str | os.PathLike | None, dtype: str = "flo
     except ModelLoadError:
         raise
     except Exception as exc:  # corrupt safetensors / GGUF surface as many exception types
-        msg = str(exc).splitlines()[0] if str(exc) else ""
-        raise ModelLoadError(f"cannot load model from {source.folder}: {type(exc).__name__}: {msg}") from None
+        raise ModelLoadError(f"cannot load model from {source.folder}: {_one_line(exc)}") from None
     model.eval()
     check_finite(model)
     loaded = LoadedModel(model, tokenizer, source, reader)
@@ -220,8 +225,7 @@ def choose_streaming(source: ModelSource, mode: str) -> bool:
     try:
         params = parameter_count(source)
     except Exception as exc:  # a config transformers cannot read: one line, as load_model would say it
-        raise ModelLoadError(f"cannot read the model's config in {source.folder}: {type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+        raise ModelLoadError(f"cannot read the model's config in {source.folder}: {_one_line(exc)}") from None
     return 4 * params > STREAM_MEMORY_SHARE * physical_memory_bytes()
 
 

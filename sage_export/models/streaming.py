@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Callable, ContextManager
 
 import numpy as np
 import torch
@@ -139,15 +140,16 @@ def resident(model: torch.nn.Module, reader, names: list[str]):
 
 
 @contextmanager
-def resident_while_running(model: torch.nn.Module, blocks: str, linears: tuple[str, ...], reader):
-    """Inside the block, each decoder block's streamed weights are read when the block is called and freed when
-    it returns: a whole-model forward pass holds one block's weights at a time (and reads them all each pass)."""
+def resident_while_running(blocks: torch.nn.ModuleList, block_weights: Callable[[int], ContextManager]):
+    """Inside the block, block_weights(i) is entered when decoder block i is called and left when it returns
+    (LoadedModel.block_weights: its streamed weights read, then freed): a whole-model forward pass holds one
+    block's weights at a time (and reads them all each pass)."""
     stacks: dict[int, ExitStack] = {}
 
     def enter(index):
         def hook(_module, _args):
             stacks[index] = ExitStack()
-            stacks[index].enter_context(resident(model, reader, meta_names(model, f"{blocks}.{index}", linears)))
+            stacks[index].enter_context(block_weights(index))
         return hook
 
     def leave(index):
@@ -157,7 +159,7 @@ def resident_while_running(model: torch.nn.Module, blocks: str, linears: tuple[s
 
     handles = []
     try:
-        for i, block in enumerate(model.get_submodule(blocks)):
+        for i, block in enumerate(blocks):
             handles += [block.register_forward_pre_hook(enter(i)), block.register_forward_hook(leave(i))]
         yield
     finally:
