@@ -207,8 +207,8 @@ def parameter_count(source: ModelSource) -> int:
 
 
 # `--stream auto` streams a model whose float32 parameters would take more than this share of the machine's
-# memory. A default run in memory peaks near 6x its float32 model (SmolLM2-135M: 3.1 GB against 0.54 GB), so
-# 1/8 keeps that peak under about 3/4 of memory; smaller models stay in memory, where they run faster (a
+# memory. A default run in memory peaks near 5x its float32 model (SmolLM2-135M: 2.8 GB against 0.54 GB,
+# benchmarks/default_run.md), so 1/8 keeps that peak under about 2/3 of memory; smaller models stay in memory, where they run faster (a
 # streamed model decodes every packed layer on each call and reads every weight on each sampling step).
 STREAM_MEMORY_SHARE = 1 / 8
 
