@@ -1,12 +1,18 @@
 #!/usr/bin/env python3
-"""Decode speed at batch 1: float16 Hugging Face model vs the same model with SageLinear kernels.
+"""Decode speed at batch 1: float16 against SAGE kernels.
+
+On a GPU (default) the decode step is the model's linear layers at batch 1, in the order a decoder runs them
+(q, k, v, o, gate, up, down per block, then lm_head in float16 for both variants), replayed from one CUDA graph;
+attention over the KV cache, norms and the embedding lookup are left out (said in the table). SAGE weights are
+random packed layers made on the GPU at about 3.2 true bits (G = 4, 0.5 % salient): speed does not depend on
+their values. `--hf` times the Hugging Face model instead (eager, with its KV cache; on CPU it is the smoke run).
 
 Reports tokens/s and achieved GB/s of weight bytes read per token (every quantized layer in its stored form plus
 the float16 tensors a decode step reads: norms and lm_head; the KV cache is left out, and said so). Weights of the
 SAGE variant are random packed layers of the model's shapes: decode speed does not depend on their values.
 Results go to benchmarks/decode.json + decode.md with device, date and command.
 
-    python tools/bench_decode.py --model llama7b smollm2           # on a GPU
+    python tools/bench_decode.py --model llama7b                   # on a GPU: linear stack, CUDA graphs
     python tools/bench_decode.py --device cpu --model tiny --tokens 4 --out /tmp/d.json   # smoke run, CPU
 """
 
@@ -100,6 +106,110 @@ def decode_tokens_per_s(model, device: str, prompt_len: int, n_tokens: int, warm
     return n_tokens / elapsed
 
 
+def random_packed_cuda(n: int, k: int, groups: int, fraction: float, gen: torch.Generator) -> dict:
+    """A valid packed layer (contract v1) made on the GPU in milliseconds: random bits and codes (G a power of
+    two, so every code is valid), `fraction` salient weights per row at evenly spaced, randomly offset columns."""
+    dev = "cuda"
+    kb, planes = (k + 7) // 8, max(0, (groups - 1).bit_length())
+    per_row = max(0, round(fraction * k))
+    stride = k // per_row if per_row else 1
+    offsets = torch.randint(0, stride, (n, 1), generator=gen, device=dev)
+    cols = (torch.arange(per_row, device=dev) * stride + offsets).to(torch.int32).reshape(-1)
+    return {"sign_bits": torch.randint(-128, 128, (n, kb), generator=gen, device=dev, dtype=torch.int8),
+            "group_codes": torch.randint(-128, 128, (planes, n, kb), generator=gen, device=dev, dtype=torch.int8),
+            "group_scales": (torch.rand(groups, generator=gen, device=dev) * 0.02 + 0.001).half(),
+            "salient_rowptr": (torch.arange(n + 1, device=dev) * per_row).to(torch.int32),
+            "salient_cols": cols,
+            "salient_q": torch.randint(-7, 8, (n * per_row,), generator=gen, device=dev, dtype=torch.int8),
+            "salient_scale": (torch.rand(n, generator=gen, device=dev) * 0.01 + 0.001).half(),
+            "n": n, "k": k, "groups": groups}
+
+
+def sage_launch_args(layer: dict, x: torch.Tensor, y: torch.Tensor):
+    from sage_export.runtime import kernels
+
+    return kernels.SageGemmArgs(
+        x=x.data_ptr(), sign_bits=layer["sign_bits"].data_ptr(), group_codes=layer["group_codes"].data_ptr(),
+        group_scales=layer["group_scales"].data_ptr(), salient_rowptr=layer["salient_rowptr"].data_ptr(),
+        salient_cols=layer["salient_cols"].data_ptr(), salient_q=layer["salient_q"].data_ptr(),
+        salient_scale=layer["salient_scale"].data_ptr(), bias=0, y=y.data_ptr(), m=x.shape[0],
+        nnz=layer["salient_cols"].numel(), k=layer["k"], n=layer["n"], n_groups=layer["groups"], salient_bits=4,
+        x_dtype=kernels.DTYPE_FLOAT16, bias_dtype=kernels.DTYPE_FLOAT16, path=kernels.PATH_AUTO, reserved=0)
+
+
+def layer_bytes(layer: dict) -> int:
+    return sum(t.numel() * t.element_size() for t in layer.values() if isinstance(t, torch.Tensor))
+
+
+def linear_stack_rows(name: str, groups: int, fraction: float, tokens: int) -> list[dict]:
+    """Tokens/s of the linear layers of one decode step (batch 1), float16 against SAGE, each from a CUDA graph."""
+    from sage_export.runtime import kernels
+
+    cfg = SHAPES[name]
+    h, inter, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    kv = h * cfg["num_key_value_heads"] // cfg["num_attention_heads"]
+    block = [(h, h), (kv, h), (kv, h), (h, h), (inter, h), (inter, h), (h, inter)]  # (N, K) q k v o gate up down
+    shapes = block * cfg["num_hidden_layers"]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x_h = torch.randn(1, h, device="cuda", dtype=torch.float16)
+    x_i = torch.randn(1, inter, device="cuda", dtype=torch.float16)
+    outs = {n: torch.empty(1, n, device="cuda", dtype=torch.float16) for n in {h, kv, inter}}
+    lm_head = torch.randn(vocab, h, device="cuda", dtype=torch.float16) * 0.02
+    logits = torch.empty(1, vocab, device="cuda", dtype=torch.float16)
+    rows = []
+    for variant in ("fp16", f"sage G={groups}, {fraction:.1%} salient"):
+        if variant == "fp16":
+            weights = [torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02 for n, k in shapes]
+            calls = [lambda w=w, n=n, k=k: torch.mm(x_h if k == h else x_i, w.t(), out=outs[n])
+                     for w, (n, k) in zip(weights, shapes)]
+            quant_bytes = sum(w.numel() * 2 for w in weights)
+            true_bits = 16.0
+        else:
+            weights = [random_packed_cuda(n, k, groups, fraction, gen) for n, k in shapes]
+            launches = [sage_launch_args(w, x_h if k == h else x_i, outs[n]) for w, (n, k) in zip(weights, shapes)]
+            calls = [lambda a=a: kernels.launch(a, torch.cuda.current_stream().cuda_stream) for a in launches]
+            quant_bytes = sum(layer_bytes(w) for w in weights)
+            true_bits = 8 * quant_bytes / sum(n * k for n, k in shapes)
+        calls.append(lambda: torch.mm(x_h, lm_head.t(), out=logits))
+        step_us = graph_time_us(calls, tokens)
+        nbytes = quant_bytes + lm_head.numel() * 2
+        rows.append({"model": name, "variant": variant, "tokens_per_s": 1e6 / step_us, "step_us": step_us,
+                     "bytes_per_token": nbytes, "gb_per_s": nbytes / step_us / 1e3,
+                     "true_bits_linears": true_bits, "timing": "linear layers only, CUDA graph"})
+        rows[-1]["speedup"] = rows[-1]["tokens_per_s"] / rows[0]["tokens_per_s"]
+        print(rows[-1], flush=True)
+        del weights, calls
+        torch.cuda.empty_cache()
+    return rows
+
+
+def graph_time_us(calls: list, tokens: int) -> float:
+    """Median time of one replay of a CUDA graph holding one decode step (all calls in order)."""
+    import statistics
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for call in calls:  # warm-up outside capture (library handles, lazy module loading)
+            call()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    graph.replay()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(tokens):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) * 1000.0)
+    return statistics.median(samples)
+
+
 def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
@@ -107,10 +217,13 @@ def device_name(device: str) -> str:
 
 
 def render_md(doc: dict) -> str:
+    how = ("Linear layers of one decode step at batch 1 (q, k, v, o, gate, up, down per block, then lm_head in "
+           "float16 for both), replayed from one CUDA graph: attention over the KV cache, norms and the embedding "
+           "lookup are NOT included." if doc.get("mode") == "linear-stack" else
+           "Greedy decode with KV cache after a prompt (Hugging Face model, eager).")
     out = ["# Decode speed, batch 1", "", f"{doc['device']}, {doc['date']}. Command: `{doc['command']}`", "",
-           "Greedy decode with KV cache after a prompt; GB/s = weight bytes read per token × tokens/s (KV cache "
-           "not counted). SAGE rows use random packed weights of the model's shapes (speed does not depend on "
-           "values).", "",
+           how + " GB/s = weight bytes read per token × tokens/s (KV cache not counted). SAGE rows use random "
+           "packed weights of the model's shapes (speed does not depend on values).", "",
            "| model | variant | tokens/s | weight MB/token | GB/s | speedup |", "|---|---|---|---|---|---|"]
     for r in doc["rows"]:
         out.append(f"| {r['model']} | {r['variant']} | {r['tokens_per_s']:.1f} | {r['bytes_per_token'] / 1e6:.1f} | "
@@ -120,9 +233,11 @@ def render_md(doc: dict) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", nargs="+", default=["llama7b", "smollm2"], choices=["llama7b", "smollm2", "tiny"])
+    p.add_argument("--model", nargs="+", default=["llama7b"], choices=["llama7b", "smollm2", "tiny"])
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    p.add_argument("--groups", type=int, default=2)
+    p.add_argument("--groups", type=int, default=4)
+    p.add_argument("--salient-fraction", type=float, default=0.005)
+    p.add_argument("--hf", action="store_true", help="time the Hugging Face model (eager) instead of the linear stack")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "decode.json")
@@ -131,7 +246,8 @@ def main() -> int:
         print("bench_decode: no CUDA device; use --device cpu for a smoke run", file=sys.stderr)
         return 2
     rows = []
-    for name in args.model:
+    mode = "hf" if args.hf or args.device == "cpu" else "linear-stack"
+    for name in args.model if mode == "hf" else []:
         base = None
         dense = "fp16" if args.device == "cuda" else "fp32"
         for variant in (dense, f"sage G={args.groups}"):
@@ -145,7 +261,9 @@ def main() -> int:
                          "gb_per_s": nbytes * tps / 1e9, "speedup": tps / base})
             print(rows[-1], flush=True)
             del model
-    doc = {"device": device_name(args.device), "date": dt.date.today().isoformat(),
+    for name in args.model if mode == "linear-stack" else []:
+        rows += linear_stack_rows(name, args.groups, args.salient_fraction, args.tokens)
+    doc = {"mode": mode, "device": device_name(args.device), "date": dt.date.today().isoformat(),
            "command": "python tools/bench_decode.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
            "prompt_len": args.prompt_len, "tokens": args.tokens, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)

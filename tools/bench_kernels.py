@@ -41,7 +41,11 @@ from sage_export.runtime import kernels  # noqa: E402
 from sage_export.runtime.sage_linear import SageLinear  # noqa: E402
 from sage_export.runtime.synthetic import random_packed_linear, reference_error_ratio  # noqa: E402
 
-LLAMA2_7B_SHAPES = {"q/k/v/o": (4096, 4096), "gate/up": (11008, 4096), "down": (4096, 11008)}  # name: (N, K)
+# name: (N, K) of the layers of three real models; the decode path is judged on LLaMA-2-7B's.
+MODEL_SHAPES = {
+    "llama2-7b q/k/v/o": (4096, 4096), "llama2-7b gate/up": (11008, 4096), "llama2-7b down": (4096, 11008),
+    "qwen2-0.5b q/o": (896, 896), "qwen2-0.5b gate/up": (4864, 896), "qwen2-0.5b down": (896, 4864),
+    "smollm2 q/o": (576, 576), "smollm2 gate/up": (1536, 576), "smollm2 down": (576, 1536)}
 QUICK_SHAPES = {"tiny-a": (64, 96), "tiny-b": (96, 64)}
 # (m, k, n, groups): odd K, several K tiles, both sides of the GEMV/tiled switch.
 CORRECTNESS_PROBLEMS = [(1, 1003, 200, 3), (5, 1003, 200, 4), (16, 4096, 96, 2), (70, 1024, 130, 1),
@@ -62,6 +66,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cpu-reference", action="store_true", help="time the CPU reference path instead")
     ap.add_argument("--quick", action="store_true", help="tiny shapes and few iterations (smoke test)")
+    ap.add_argument("--shapes", default="", help="comma-separated substrings of the shape names to keep")
+    ap.add_argument("--correctness-only", action="store_true",
+                    help="only the correctness pass of every path (small shapes; tools/gpu_check.sh runs it under "
+                         "compute-sanitizer)")
+    ap.add_argument("--profile-one", action="store_true",
+                    help="launch the batch-1 decode kernel at the LLaMA-2-7B gate/up shape a few times and exit "
+                         "(for ncu)")
     args = ap.parse_args(argv)
     args.batches = [int(v) for v in args.batches.split(",")]
     args.groups = [int(v) for v in args.groups.split(",")]
@@ -191,17 +202,39 @@ def bench_shape(name: str, n: int, k: int, groups: int, args: argparse.Namespace
     return rows
 
 
-def run_gpu(args: argparse.Namespace) -> dict:
+def selected_shapes(args: argparse.Namespace) -> dict:
+    shapes = QUICK_SHAPES if args.quick else MODEL_SHAPES
+    keep = [s for s in args.shapes.split(",") if s]
+    return {name: nk for name, nk in shapes.items() if not keep or any(s in name for s in keep)}
+
+
+def profile_one(args: argparse.Namespace) -> None:
+    """A few launches of the batch-1 decode path for a profiler to catch (ncu --launch-skip/--launch-count)."""
+    p = random_packed_linear(11008, 4096, 4, salient_fraction=args.salient_fraction, seed=args.seed)
+    layer = SageLinear(p).cuda()
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.float16)
+    for _ in range(8):
+        layer.forward_cuda(x)
+    torch.cuda.synchronize()
+
+
+def run_gpu(args: argparse.Namespace, save: Callable[[dict], None]) -> dict:
+    """Fills the report step by step and saves it after each step, so a kill keeps what was measured."""
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA device: use --cpu-reference for the CPU reference path")
     if not kernels.available():
         raise SystemExit(f"kernel library unavailable: {kernels.unavailable_reason()}")
     torch.manual_seed(args.seed)
-    shapes = QUICK_SHAPES if args.quick else LLAMA2_7B_SHAPES
-    report = {"mode": "gpu", "label": GPU_LABEL, "machine": gpu_machine(), "correctness": correctness_pass(args.seed)}
+    report = {"mode": "gpu", "label": GPU_LABEL, "machine": gpu_machine(), "results": []}
+    report["correctness"] = correctness_pass(args.seed)
+    save(report)
+    if args.correctness_only:
+        return report
     report["copy_bandwidth_gb_s"] = copy_bandwidth_gb_s(args.repeats)
-    report["results"] = [row for name, (n, k) in shapes.items() for g in args.groups
-                         for row in bench_shape(name, n, k, g, args, report["copy_bandwidth_gb_s"])]
+    for name, (n, k) in selected_shapes(args).items():
+        for g in args.groups:
+            report["results"] += bench_shape(name, n, k, g, args, report["copy_bandwidth_gb_s"])
+            save(report)
     return report
 
 
@@ -218,10 +251,13 @@ def cpu_time_us(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(samples)
 
 
-def run_cpu_reference(args: argparse.Namespace) -> dict:
-    shapes = QUICK_SHAPES if args.quick else LLAMA2_7B_SHAPES
+def run_cpu_reference(args: argparse.Namespace, save: Callable[[dict], None]) -> dict:
     rows = []
-    for name, (n, k) in shapes.items():
+    report = {"mode": "cpu-reference", "label": CPU_LABEL,
+              "machine": {"cpu": platform.processor() or platform.machine(), "host": platform.node(),
+                          "torch": torch.__version__, "threads": torch.get_num_threads()},
+              "results": rows}
+    for name, (n, k) in selected_shapes(args).items():
         for groups in args.groups:
             p = random_packed_linear(n, k, groups, salient_fraction=args.salient_fraction,
                                      salient_bits=args.salient_bits, seed=args.seed)
@@ -239,10 +275,8 @@ def run_cpu_reference(args: argparse.Namespace) -> dict:
                     "numpy_reference_us": cpu_time_us(lambda: sage_binary_gemm_packed(x.numpy(), p), args.repeats),
                     "dense_fp32_matmul_us": cpu_time_us(lambda: x @ dense.T, args.repeats),
                     **layer_accounting(p)})
-    return {"mode": "cpu-reference", "label": CPU_LABEL,
-            "machine": {"cpu": platform.processor() or platform.machine(), "host": platform.node(),
-                        "torch": torch.__version__, "threads": torch.get_num_threads()},
-            "results": rows}
+                save(report)
+    return report
 
 
 # ------------------------------------------------------------------------------------------------ output
@@ -255,10 +289,10 @@ def markdown(report: dict) -> str:
              "- machine: " + ", ".join(f"{k}={v}" for k, v in report["machine"].items()),
              f"- settings: {json.dumps(report['settings'])}"]
     if gpu:
-        failed = [c for c in report["correctness"] if not c["passed"]]
-        lines += [f"- correctness vs NumPy reference: {len(report['correctness']) - len(failed)}/"
-                  f"{len(report['correctness'])} passed" + (f"; FAILED: {failed}" if failed else ""),
-                  f"- device-to-device copy bandwidth (read + write): {report['copy_bandwidth_gb_s']:.0f} GB/s",
+        failed = [c for c in report.get("correctness", []) if not c["passed"]]
+        lines += [f"- correctness vs NumPy reference: {len(report.get('correctness', [])) - len(failed)}/"
+                  f"{len(report.get('correctness', []))} passed" + (f"; FAILED: {failed}" if failed else ""),
+                  f"- device-to-device copy bandwidth (read + write): {report.get('copy_bandwidth_gb_s', 0):.0f} GB/s",
                   "- time: median of graph replays, weights cycled through > 2x L2 (read from DRAM); GB/s counts "
                   "packed weight bytes + float16 activations in and out", "",
                   "| layer | N x K | G | batch | path (kernel) | time us | GB/s | of copy BW | cuBLAS fp16 us | "
@@ -285,18 +319,28 @@ def markdown(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    report = run_cpu_reference(args) if args.cpu_reference else run_gpu(args)
-    report = {"kind": "sage-kernel-benchmark",
+    if args.profile_one:
+        profile_one(args)
+        return 0
+    header = {"kind": "sage-kernel-benchmark",
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "command": " ".join([Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)]),
               "settings": {"batches": args.batches, "groups": args.groups, "salient_fraction": args.salient_fraction,
                            "salient_bits": args.salient_bits, "iters": args.iters, "repeats": args.repeats,
-                           "seed": args.seed, "quick": args.quick},
-              **report}
-    stem = "kernels" if report["mode"] == "gpu" else "kernels_cpu_reference"
+                           "seed": args.seed, "quick": args.quick}}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / f"{stem}.md").write_text(markdown(report))
+
+    def save(partial: dict) -> None:
+        doc = {**header, **partial}
+        stem = "kernels" if doc["mode"] == "gpu" else "kernels_cpu_reference"
+        for path, text in ((args.out / f"{stem}.json", json.dumps(doc, indent=2) + "\n"),
+                           (args.out / f"{stem}.md", markdown(doc))):
+            tmp = path.with_suffix(path.suffix + ".tmp")
+            tmp.write_text(text)
+            tmp.replace(path)  # a kill between two saves leaves the previous complete file
+
+    report = {**header, **(run_cpu_reference(args, save) if args.cpu_reference else run_gpu(args, save))}
+    save(report)
     print(markdown(report))
     failed = [c for c in report.get("correctness", []) if not c["passed"]]
     bad_cpu = [r for r in report["results"] if r.get("error_to_tolerance_vs_numpy", 0.0) > 1.0]

@@ -6,6 +6,7 @@
 # Env:   CUDA_ARCHS  CMake CUDA architectures (default "75;80;86;87;89;90")
 #        JOBS        parallel compile jobs (default 2)
 #        TRT_INCLUDE_DIR  TensorRT headers to use instead of fetching them into tools/.trt_headers
+#        EXTRA_CMAKE  more CMake arguments, e.g. -DSAGE_BUILD_EMULATOR=OFF (tools/gpu_check.sh)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -20,7 +21,7 @@ if [[ -z "${TRT_INCLUDE_DIR:-}" ]]; then
 fi
 
 cmake -S "$ROOT/plugins" -B "$BUILD_DIR" -DCMAKE_BUILD_TYPE=Release "-DCMAKE_CUDA_ARCHITECTURES=$ARCHS" \
-    "-DTRT_INCLUDE_DIR=$TRT_INCLUDE_DIR"
+    "-DTRT_INCLUDE_DIR=$TRT_INCLUDE_DIR" ${EXTRA_CMAKE:-}
 cmake --build "$BUILD_DIR" -j "$JOBS"
 echo "built in $BUILD_DIR:"
 ls -1 "$BUILD_DIR" | grep -E '\.so$|^sage_' || true
