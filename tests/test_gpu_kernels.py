@@ -141,3 +141,56 @@ def test_launch_errors_raise() -> None:
     with pytest.raises(kernels.KernelLibraryError):
         kernels.launch(args, torch.cuda.current_stream().cuda_stream)
     assert np.isfinite(layer(x).cpu().numpy()).all()
+
+
+# GEMV3: float16 X, G <= 8, K a multiple of 8; SageLinear prepares its layout on the first CUDA launch.
+GEMV3 = kernels.PATH_GEMV3
+MODEL_SHAPES = [(576, 576), (1536, 576), (576, 1536), (896, 896), (4864, 896), (896, 4864), (4096, 4096),
+                (11008, 4096), (4096, 11008)]  # (N, K) of SmolLM2-135M, Qwen2-0.5B, LLaMA-2-7B
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 9, 12, 16, 20, (3, 5)])
+def test_gemv3_batches(m) -> None:
+    _check(m, 1152, 100, 3, torch.float16, path=GEMV3, bias=True, seed=13)
+
+
+@pytest.mark.parametrize("groups", range(1, 9))
+def test_gemv3_groups(groups: int) -> None:
+    _check(4, 520, 70, groups, torch.float16, path=GEMV3, seed=groups)
+
+
+@pytest.mark.parametrize("n, k", MODEL_SHAPES)
+def test_gemv3_model_shapes(n: int, k: int) -> None:
+    _check(1, k, n, 4, torch.float16, path=GEMV3, seed=n + k)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0])
+def test_gemv3_no_or_only_salient_weights(fraction: float) -> None:
+    _check(6, 136, 40, 2, torch.float16, path=GEMV3, fraction=fraction, seed=3)
+
+
+def test_gemv3_non_canonical_packing() -> None:
+    _check(4, 296, 50, 8, torch.float16, path=GEMV3, fraction=0.1, scrambled=True, seed=11)
+
+
+def test_auto_picks_gemv3_where_it_runs() -> None:
+    layer = SageLinear(random_packed_linear(64, 256, 4, seed=2)).cuda()
+    for dtype, m, expected in ((torch.float16, 1, GEMV3), (torch.float16, 16, GEMV3), (torch.float16, 17, TILED),
+                               (torch.float32, 1, GEMV)):
+        x = torch.randn(m, 256, device="cuda", dtype=dtype)
+        args = layer.launch_args(x, torch.empty(m, 64, device="cuda", dtype=dtype), None)
+        assert kernels.choose_path(args) == expected, (dtype, m)
+    prepared = layer.prepared_layout(torch.device("cuda"))
+    assert prepared is not None and prepared is layer.prepared_layout(torch.device("cuda"))  # made once
+    layer.cpu().cuda()
+    assert layer.prepared_layout(torch.device("cuda")) is not prepared  # re-made after a move
+
+
+def test_gemv3_refuses_an_unaligned_input() -> None:
+    layer = SageLinear(random_packed_linear(40, 1152, 4, seed=9)).cuda()
+    x = _shifted(torch.randn(2, 1152, device="cuda", dtype=torch.float16))
+    args = layer.launch_args(x, torch.empty(2, 40, device="cuda", dtype=torch.float16), None, GEMV3)
+    with pytest.raises(kernels.KernelLibraryError):
+        kernels.launch(args, torch.cuda.current_stream().cuda_stream)
+    assert kernels.choose_path(layer.launch_args(x, torch.empty(2, 40, device="cuda", dtype=torch.float16),
+                                                 None)) == GEMV  # AUTO falls back

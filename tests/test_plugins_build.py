@@ -77,7 +77,7 @@ def test_ctypes_binding_matches_the_library(build_dir: Path, monkeypatch: pytest
     monkeypatch.setenv(kernels.ENV_VAR, str(build_dir / "libsage_kernels.so"))
     try:
         assert kernels.reload(), kernels.unavailable_reason()
-        assert kernels.auto_path(1) == kernels.PATH_GEMV  # not GEMV2 until a GPU has measured it
+        assert kernels.auto_path(1) == kernels.PATH_GEMV  # without a prepared layout (GEMV3 needs one)
         assert kernels.auto_path(kernels.GEMV_MAX_M + 1) == kernels.PATH_TILED
         # Invalid arguments are rejected before any CUDA call, so this runs without a GPU.
         bad = kernels.SageGemmArgs(m=1, k=8, n=4, n_groups=0, salient_bits=4)
@@ -91,8 +91,20 @@ def test_ctypes_binding_matches_the_library(build_dir: Path, monkeypatch: pytest
         kernels.launch(empty, 0)
         empty.path = kernels.PATH_GEMV2
         kernels.launch(empty, 0)
+        # Sizes of the GEMV3 layout, and the cases it cannot take (no GPU needed: nothing is launched).
+        empty.path = kernels.PATH_AUTO
+        assert kernels.choose_path(empty) == kernels.PATH_GEMV  # no prepared layout
+        probe = kernels.SageGemmArgs.from_buffer_copy(empty)
+        probe.k, probe.n, probe.n_groups, probe.group_codes = 4096, 4096, 4, dummy
+        assert kernels.prepared_bytes(probe) == 4096 * 4096 * 3 // 8  # the bits, no padding at this shape
+        for field, value in (("n_groups", 9), ("k", 65536), ("k", 4100)):
+            wrong = kernels.SageGemmArgs.from_buffer_copy(probe)
+            setattr(wrong, field, value)
+            assert kernels.prepared_bytes(wrong) == 0, (field, value)
+        with pytest.raises(kernels.KernelLibraryError, match="error 1"):
+            kernels.prepare(probe, 0)  # no buffer to write into
         for field, value in (("k", kernels.MAX_FEATURES + 1), ("nnz", -1), ("nnz", 2**31), ("nnz", 1),
-                             ("path", kernels.PATH_GEMV2 + 1)):
+                             ("path", kernels.PATH_GEMV3 + 1)):
             wrong = kernels.SageGemmArgs.from_buffer_copy(empty)
             setattr(wrong, field, value)  # nnz = 1 without salient_cols / salient_q arrays
             with pytest.raises(kernels.KernelLibraryError, match="error 1"):
@@ -121,6 +133,7 @@ def _emulate(build_dir: Path, tmp_path: Path) -> subprocess.CompletedProcess:
 
 
 AUTO, GEMV, TILED, GEMV2 = kernels.PATH_AUTO, kernels.PATH_GEMV, kernels.PATH_TILED, kernels.PATH_GEMV2
+GEMV3 = kernels.PATH_GEMV3
 
 
 def _also_on_gemv2(cases: dict[str, tuple]) -> dict[str, tuple]:
@@ -150,6 +163,20 @@ EMULATED_CASES = _also_on_gemv2(EMULATED_CASES) | {
     "gemv2-m1-k11008-n64": (1, 11008, 64, 4, np.float16, True, GEMV2, False, 0.03, False),
     "gemv2-m2-k4099-g16-noncanonical": (2, 4099, 33, 16, np.float32, True, GEMV2, False, 0.05, True),
 }
+# GEMV3 (float16 X, G <= 8, K a multiple of 8): every G from 1 to 8, the K of SmolLM2 (576: the last 128-column
+# piece ends inside), Qwen2-0.5B (896, 4864) and LLaMA-2-7B (4096, 11008), K not a multiple of 16 or 64, batches
+# 1..16 and two passes, nnz = 0, non-canonical bits under the salient entries, odd N (a partial 16-row tile).
+EMULATED_CASES |= {
+    f"gemv3-m{m}-k{k}-n{n}-g{g}" + ("-noncanonical" if scrambled else "") + ("-nnz0" if fraction == 0 else ""):
+        (m, k, n, g, np.float16, bias, GEMV3, False, fraction, scrambled)
+    for m, k, n, g, bias, fraction, scrambled in [
+        (1, 576, 40, 1, True, 0.05, False), (3, 576, 33, 2, False, 0.05, True), (1, 896, 17, 3, True, 0.03, False),
+        (8, 4864, 16, 4, False, 0.03, False), (1, 4096, 64, 5, True, 0.03, True), (2, 11008, 24, 6, True, 0.01, False),
+        (16, 520, 40, 7, True, 0.05, False), (9, 1000, 31, 8, False, 0.05, True), (5, 1152, 40, 2, True, 0.0, False),
+        (20, 264, 20, 4, True, 0.05, False)]
+}
+# Every salient width b from 2 to 8 on GEMV3 (the stored q only spans a wider range).
+SALIENT_BITS_CASES = [(b, 1 + b % 4, 8 * (40 + 11 * b)) for b in range(2, 9)]  # (b, batch, K)
 
 
 @pytest.mark.parametrize("case", EMULATED_CASES)
@@ -228,7 +255,34 @@ CORRUPT_SHAPES = {
     "gemv2-f32": (3, 300, 70, 3, np.float32, GEMV2),
     "gemv2-f16-vector-loads": (2, 1152, 40, 4, np.float16, GEMV2),
     "gemv2-f32-three-tiles": (2, 9000, 40, 2, np.float32, GEMV2),  # the CSR cursor crosses K tiles
+    "gemv3-f16": (3, 1152, 40, 4, np.float16, GEMV3),
+    "gemv3-f16-tail-piece": (2, 296, 70, 8, np.float16, GEMV3),
 }
+
+
+@pytest.mark.parametrize(("bits", "m", "k"), SALIENT_BITS_CASES)
+def test_emulated_gemv3_every_salient_width(build_dir: Path, tmp_path: Path, bits: int, m: int, k: int) -> None:
+    p = random_packed_linear(24, k, 4, salient_fraction=0.05, salient_bits=bits, seed=bits)
+    assert np.abs(p.salient_q).max() == 2 ** (bits - 1) - 1  # the full range of b bits is exercised
+    x = np.random.default_rng(bits).standard_normal((m, k)).astype(np.float16)
+    _write_problem(tmp_path / "problem.bin", x, p, None, GEMV3, False)
+    result = _emulate(build_dir, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert reference_error_ratio(np.fromfile(tmp_path / "y.bin", dtype=np.float16).reshape(m, 24), x, p) <= 1.0
+
+
+@pytest.mark.parametrize(("why", "k", "groups", "dtype", "misalign"), [
+    ("float32 X", 64, 2, np.float32, False), ("G = 9", 64, 9, np.float16, False),
+    ("G = 16", 64, 16, np.float16, False), ("K % 8 != 0", 60, 2, np.float16, False),
+    ("X not 16-byte aligned", 64, 2, np.float16, True)])
+def test_emulated_gemv3_refuses_what_it_cannot_run(build_dir: Path, tmp_path: Path, why: str, k: int, groups: int,
+                                                   dtype: type, misalign: bool) -> None:
+    # Asked for by name, GEMV3 refuses (AUTO falls back to GEMV/tiled instead): nothing is written.
+    p = random_packed_linear(16, k, groups, salient_fraction=0.05, seed=1)
+    _write_problem(tmp_path / "problem.bin", np.ones((1, k), dtype=dtype), p, None, GEMV3, misalign)
+    result = _emulate(build_dir, tmp_path)
+    assert result.returncode != 0, why
+    assert not (tmp_path / "y.bin").exists()
 
 
 @pytest.mark.parametrize("kind", ["rowptr", "cols", "both"])

@@ -137,6 +137,16 @@ def sage_launch_args(layer: dict, x: torch.Tensor, y: torch.Tensor):
         x_dtype=kernels.DTYPE_FLOAT16, bias_dtype=kernels.DTYPE_FLOAT16, path=kernels.PATH_AUTO, reserved=0)
 
 
+def prepare_layout(args) -> torch.Tensor:
+    """The GEMV3 layout of one layer's weights, pointed to by args (kept alive by the caller)."""
+    from sage_export.runtime import kernels
+
+    buf = torch.empty(kernels.prepared_bytes(args), dtype=torch.uint8, device="cuda")
+    args.prepared, args.prepared_bytes = buf.data_ptr(), buf.numel()
+    kernels.prepare(args, torch.cuda.current_stream().cuda_stream)
+    return buf
+
+
 def layer_bytes(layer: dict) -> int:
     return sum(t.numel() * t.element_size() for t in layer.values() if isinstance(t, torch.Tensor))
 
@@ -157,7 +167,9 @@ def linear_stack_rows(name: str, groups: int, fraction: float, tokens: int) -> l
     lm_head = torch.randn(vocab, h, device="cuda", dtype=torch.float16) * 0.02
     logits = torch.empty(1, vocab, device="cuda", dtype=torch.float16)
     rows = []
-    for variant in ("fp16", f"sage G={groups}, {fraction:.1%} salient"):
+    for variant in ("fp16", f"sage G={groups}, {fraction:.1%} salient, gemv3",
+                    f"sage G={groups}, {fraction:.1%} salient, gemv (no prepared layout)"):
+        prepared: list[torch.Tensor] = []  # the GEMV3 layouts, alive while the graph runs
         if variant == "fp16":
             weights = [torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02 for n, k in shapes]
             calls = [lambda w=w, n=n, k=k: torch.mm(x_h if k == h else x_i, w.t(), out=outs[n])
@@ -167,6 +179,11 @@ def linear_stack_rows(name: str, groups: int, fraction: float, tokens: int) -> l
         else:
             weights = [random_packed_cuda(n, k, groups, fraction, gen) for n, k in shapes]
             launches = [sage_launch_args(w, x_h if k == h else x_i, outs[n]) for w, (n, k) in zip(weights, shapes)]
+            if "gemv3" in variant:
+                prepared = [prepare_layout(a) for a in launches]  # once per layer, as SageLinear does
+            else:
+                for a in launches:
+                    a.path = kernels.PATH_GEMV
             calls = [lambda a=a: kernels.launch(a, torch.cuda.current_stream().cuda_stream) for a in launches]
             quant_bytes = sum(layer_bytes(w) for w in weights)
             true_bits = 8 * quant_bytes / sum(n * k for n, k in shapes)
@@ -178,7 +195,7 @@ def linear_stack_rows(name: str, groups: int, fraction: float, tokens: int) -> l
                      "true_bits_linears": true_bits, "timing": "linear layers only, CUDA graph"})
         rows[-1]["speedup"] = rows[-1]["tokens_per_s"] / rows[0]["tokens_per_s"]
         print(rows[-1], flush=True)
-        del weights, calls
+        del weights, calls, prepared
         torch.cuda.empty_cache()
     return rows
 

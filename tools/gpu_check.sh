@@ -73,10 +73,10 @@ if command -v compute-sanitizer > /dev/null; then
         --log-file "$RESULTS/sanitizer.log" "$PY" tools/bench_kernels.py --correctness-only --out "$RESULTS/sanitized"
 fi
 step correctness 150 "$PY" -m pytest -q -x -p no:cacheprovider -m gpu tests/test_gpu_kernels.py
-step kernels 240 "$PY" tools/bench_kernels.py --groups 1,4 --iters 20 --repeats 5 --out "$RESULTS"
+step kernels 240 "$PY" tools/bench_kernels.py --groups 2,4,8 --iters 20 --repeats 5 --out "$RESULTS"
 step decode 200 "$PY" tools/bench_decode.py --model llama7b --tokens 64 --out "$RESULTS/decode.json"
 if command -v ncu > /dev/null; then
-    step ncu 120 ncu --clock-control none --kernel-name regex:gemv --launch-count 1 --launch-skip 4 \
+    step ncu 120 ncu --clock-control none --kernel-name regex:gemv3_kernel --launch-count 1 --launch-skip 4 \
         --metrics dram__throughput.avg.pct_of_peak_sustained_elapsed,dram__bytes_read.sum,gpu__time_duration.sum \
         --log-file "$RESULTS/ncu.txt" "$PY" tools/bench_kernels.py --profile-one
 fi

@@ -16,8 +16,9 @@
 extern "C" {
 #endif
 
-/* 2: nnz added after m (the kernels clamp the CSR arrays to it). */
-#define SAGE_GEMM_ABI_VERSION 2
+/* 2: nnz added after m (the kernels clamp the CSR arrays to it).
+ * 3: prepared / prepared_bytes (the GEMV3 weight layout, made once by sage_gemm_prepare). */
+#define SAGE_GEMM_ABI_VERSION 3
 /* Group indices are decoded with a lookup table of 2*SAGE_MAX_GROUPS entries (at most 4 code planes). */
 #define SAGE_MAX_GROUPS 16
 /* SAGE_PATH_AUTO runs the GEMV kernel up to this many activation rows and the tiled kernel above it. */
@@ -35,13 +36,15 @@ extern "C" {
 
 typedef enum SageDType { SAGE_DTYPE_FLOAT32 = 0, SAGE_DTYPE_FLOAT16 = 1 } SageDType;
 
-/* SAGE_PATH_AUTO picks SAGE_PATH_GEMV, never SAGE_PATH_GEMV2, for small M: no GPU has run GEMV2 yet, so it is not
- * known to be faster. Switch once tools/gpu_check.sh has measured both paths (benchmarks/kernels.md). */
+/* SAGE_PATH_AUTO: GEMV3 for M <= SAGE_GEMV_MAX_M when it can run (prepared layout given, float16 X, G <= 8,
+ * K <= 65535, a GPU of compute capability 8.0 or later); otherwise GEMV for M <= SAGE_GEMV_MAX_M and tiled above.
+ * sage_gemm_choose_path says which one a launch would take. */
 typedef enum SagePath {
-    SAGE_PATH_AUTO = 0,  /* GEMV for M <= SAGE_GEMV_MAX_M, tiled otherwise */
+    SAGE_PATH_AUTO = 0,  /* see above */
     SAGE_PATH_GEMV = 1,  /* decode kernel: batches of up to 8 rows per pass, any M */
     SAGE_PATH_TILED = 2, /* prefill kernel: 64x64 output tiles (WMMA for float16, SIMT for float32) */
-    SAGE_PATH_GEMV2 = 3  /* decode kernel built for bandwidth (no LUT, 8 output rows per block), any M */
+    SAGE_PATH_GEMV2 = 3, /* decode kernel, no LUT, 8 output rows per block, any M */
+    SAGE_PATH_GEMV3 = 4  /* decode kernel built for bandwidth: prepared layout, tensor cores (docs/plugin.md) */
 } SagePath;
 
 /* Pointers, then the 64-bit integers, then the 32-bit ones: every field is naturally aligned and there is no
@@ -57,8 +60,10 @@ typedef struct SageGemmArgs {
     const uint16_t* salient_scale; /* float16 bits [N] */
     const void* bias;              /* [N] in bias_dtype (the op contract: float32; float16 also accepted), or NULL */
     void* y;                       /* [M, N] in x_dtype, row-major */
+    const void* prepared;          /* GEMV3 layout of these weights (sage_gemm_prepare), or NULL */
     int64_t m;                     /* activation rows (product of X's leading dims); 0 is a no-op */
     int64_t nnz;                   /* salient entries: the length of salient_cols and salient_q, 0..INT32_MAX */
+    int64_t prepared_bytes;        /* size of the buffer behind `prepared` (0 when NULL) */
     int32_t k;                     /* in_features, 1..SAGE_MAX_FEATURES */
     int32_t n;                     /* out_features, 1..SAGE_MAX_FEATURES */
     int32_t n_groups;              /* G, 1..SAGE_MAX_GROUPS */
@@ -84,8 +89,20 @@ static inline int32_t sage_gemm_planes(int32_t n_groups) {
  * and an entry whose column lies outside [0, K) is skipped. Valid data is unaffected. */
 SAGE_API int sage_gemm_launch(const SageGemmArgs* args, cudaStream_t stream);
 
-/* The path SAGE_PATH_AUTO takes for m activation rows. */
+/* The path SAGE_PATH_AUTO takes for m activation rows when GEMV3 cannot run (no prepared layout, ...). */
 SAGE_API int sage_gemm_auto_path(int64_t m);
+
+/* The path a launch with these arguments would take (resolves SAGE_PATH_AUTO), or -1 for invalid arguments. */
+SAGE_API int sage_gemm_choose_path(const SageGemmArgs* args);
+
+/* Bytes of the GEMV3 layout of these weights, or 0 when GEMV3 cannot take them (G > 8, K > 65535) or the
+ * arguments are invalid. x, y and m are not looked at. */
+SAGE_API int64_t sage_gemm_prepared_bytes(const SageGemmArgs* args);
+
+/* Writes the GEMV3 layout of the weights into args->prepared (args->prepared_bytes must be at least
+ * sage_gemm_prepared_bytes) on `stream`. Done once per set of weights; the launches then read it instead of the
+ * contract's bit planes (they still read the CSR row pointers and the scales). */
+SAGE_API int sage_gemm_prepare(const SageGemmArgs* args, cudaStream_t stream);
 
 /* Text of a code returned by sage_gemm_launch. */
 SAGE_API const char* sage_gemm_error_string(int code);

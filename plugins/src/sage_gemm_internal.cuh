@@ -110,5 +110,10 @@ struct StreamLauncher {
 template <typename T> cudaError_t launch_gemv(const Problem& p, cudaStream_t stream);
 template <typename T> cudaError_t launch_gemv2(const Problem& p, cudaStream_t stream);
 template <typename T> cudaError_t launch_tiled(const Problem& p, cudaStream_t stream);
+cudaError_t launch_gemv3(const Problem& p, const uint32_t* prepared, cudaStream_t stream);
+cudaError_t prepare_gemv3(const Problem& p, uint32_t* prepared, cudaStream_t stream);
+int64_t gemv3_prepared_bytes(const Problem& p);  // 0 when GEMV3 cannot take the problem
+bool gemv3_launchable(const Problem& p, bool half_x);  // the layout fits, X is float16 and 16-byte aligned
+bool gemv3_device_ok();                           // compute capability 8.0 or later (mma.sync m16n8k16)
 
 }  // namespace sage

@@ -13,18 +13,23 @@ bool valid_sizes(const SageGemmArgs* a) {
            a->salient_bits >= 2 && a->salient_bits <= 8;
 }
 
-bool valid_pointers(const SageGemmArgs* a) {
+// The weights' pointers: what sage_gemm_prepare reads.
+bool valid_weight_pointers(const SageGemmArgs* a) {
     const bool salient = a->nnz == 0 || (a->salient_cols != nullptr && a->salient_q != nullptr);
-    return a->x != nullptr && a->sign_bits != nullptr && a->group_scales != nullptr &&
-           a->salient_rowptr != nullptr && a->salient_scale != nullptr && a->y != nullptr && salient &&
-           (a->group_codes != nullptr || sage_gemm_planes(a->n_groups) == 0);
+    return a->sign_bits != nullptr && a->group_scales != nullptr && a->salient_rowptr != nullptr &&
+           a->salient_scale != nullptr && salient && (a->group_codes != nullptr || sage_gemm_planes(a->n_groups) == 0);
+}
+
+bool valid_weights(const SageGemmArgs* a) {
+    return a != nullptr && valid_sizes(a) && valid_weight_pointers(a) && a->reserved == 0 &&
+           a->prepared_bytes >= 0 && (a->prepared != nullptr || a->prepared_bytes == 0);
 }
 
 bool valid_args(const SageGemmArgs* a) {
-    if (a == nullptr) return false;
+    if (!valid_weights(a)) return false;
     const bool kinds = valid_dtype(a->x_dtype) && (a->bias == nullptr || valid_dtype(a->bias_dtype)) &&
-                       a->path >= SAGE_PATH_AUTO && a->path <= SAGE_PATH_GEMV2 && a->reserved == 0;
-    return valid_sizes(a) && kinds && valid_pointers(a);
+                       a->path >= SAGE_PATH_AUTO && a->path <= SAGE_PATH_GEMV3;
+    return kinds && a->x != nullptr && a->y != nullptr;
 }
 
 sage::Problem make_problem(const SageGemmArgs& a) {
@@ -50,21 +55,56 @@ sage::Problem make_problem(const SageGemmArgs& a) {
     return p;
 }
 
+// GEMV3 can run these arguments: its layout was prepared (and is big enough), float16 X, G <= 8, K <= 65535, and
+// the device has mma.sync m16n8k16.
+bool gemv3_runs(const SageGemmArgs& a, const sage::Problem& p) {
+    const int64_t need = sage::gemv3_prepared_bytes(p);
+    return a.prepared != nullptr && need > 0 && a.prepared_bytes >= need &&
+           sage::gemv3_launchable(p, a.x_dtype == SAGE_DTYPE_FLOAT16) && sage::gemv3_device_ok();
+}
+
+int resolve_path(const SageGemmArgs& a, const sage::Problem& p) {
+    if (a.path != SAGE_PATH_AUTO) return a.path;
+    if (a.m <= SAGE_GEMV_MAX_M && gemv3_runs(a, p)) return SAGE_PATH_GEMV3;
+    return a.m <= SAGE_GEMV_MAX_M ? SAGE_PATH_GEMV : SAGE_PATH_TILED;
+}
+
 }  // namespace
 
 extern "C" {
 
-// GEMV2 is not chosen automatically until a GPU has measured it (see SagePath in sage_gemm_api.h).
 SAGE_API int sage_gemm_auto_path(int64_t m) { return m <= SAGE_GEMV_MAX_M ? SAGE_PATH_GEMV : SAGE_PATH_TILED; }
+
+SAGE_API int sage_gemm_choose_path(const SageGemmArgs* args) {
+    if (!valid_args(args)) return -1;
+    return resolve_path(*args, make_problem(*args));
+}
+
+SAGE_API int64_t sage_gemm_prepared_bytes(const SageGemmArgs* args) {
+    if (!valid_weights(args)) return 0;
+    return sage::gemv3_prepared_bytes(make_problem(*args));
+}
+
+SAGE_API int sage_gemm_prepare(const SageGemmArgs* args, cudaStream_t stream) {
+    if (!valid_weights(args)) return cudaErrorInvalidValue;
+    const sage::Problem p = make_problem(*args);
+    const int64_t need = sage::gemv3_prepared_bytes(p);
+    if (need == 0 || args->prepared == nullptr || args->prepared_bytes < need) return cudaErrorInvalidValue;
+    return static_cast<int>(sage::prepare_gemv3(p, static_cast<uint32_t*>(const_cast<void*>(args->prepared)), stream));
+}
 
 SAGE_API int sage_gemm_launch(const SageGemmArgs* args, cudaStream_t stream) {
     if (!valid_args(args)) return cudaErrorInvalidValue;
     if (args->m == 0) return cudaSuccess;
     const sage::Problem p = make_problem(*args);
-    const int path = args->path == SAGE_PATH_AUTO ? sage_gemm_auto_path(args->m) : args->path;
+    const int path = resolve_path(*args, p);
     const bool half = args->x_dtype == SAGE_DTYPE_FLOAT16;
     cudaError_t status;
-    if (path == SAGE_PATH_GEMV) {
+    if (path == SAGE_PATH_GEMV3) {
+        // Forced without what it needs: refuse rather than read a layout that is not there.
+        if (!gemv3_runs(*args, p)) return cudaErrorInvalidValue;
+        status = sage::launch_gemv3(p, static_cast<const uint32_t*>(args->prepared), stream);
+    } else if (path == SAGE_PATH_GEMV) {
         status = half ? sage::launch_gemv<__half>(p, stream) : sage::launch_gemv<float>(p, stream);
     } else if (path == SAGE_PATH_GEMV2) {
         status = half ? sage::launch_gemv2<__half>(p, stream) : sage::launch_gemv2<float>(p, stream);

@@ -1,6 +1,8 @@
 #include "sage_trt_plugin.h"
 
+#include <algorithm>
 #include <exception>
+#include <iterator>
 
 #include "sage_trt_log.h"
 
@@ -115,7 +117,8 @@ int32_t SageGemmPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorD
         log_message(ILogger::Severity::kERROR, "SageBinaryGemm: enqueue before the input shapes were known");
         return -1;
     }
-    SageGemmArgs const args = launch_args(mAttrs, inputDesc, inputs, outputs[0], mNbInputs);
+    SageGemmArgs args = launch_args(mAttrs, inputDesc, inputs, outputs[0], mNbInputs);
+    if (!use_prepared_layout(args, stream)) return -1;
     int const status = sage_gemm_launch(&args, stream);
     if (status != 0) {
         try {
@@ -125,6 +128,41 @@ int32_t SageGemmPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorD
         }
     }
     return status;
+}
+
+SageGemmPlugin::~SageGemmPlugin() {
+    if (mPrepared != nullptr) cudaFree(mPrepared);
+}
+
+bool SageGemmPlugin::use_prepared_layout(SageGemmArgs& args, cudaStream_t stream) noexcept {
+    int64_t const need = sage_gemm_prepared_bytes(&args);
+    if (need == 0) return true;  // GEMV3 cannot take this layer: the launch picks another path
+    void const* from[5] = {args.sign_bits, args.group_codes, args.group_scales, args.salient_cols, args.salient_q};
+    bool const same = mPrepared != nullptr && mPreparedBytes >= need &&
+                      std::equal(std::begin(from), std::end(from), std::begin(mPreparedFrom));
+    if (!same) {
+        if (mPreparedBytes < need) {
+            if (mPrepared != nullptr) cudaFree(mPrepared);
+            mPrepared = nullptr;
+            mPreparedBytes = 0;
+            if (cudaMalloc(&mPrepared, static_cast<size_t>(need)) != cudaSuccess) {
+                mPrepared = nullptr;
+                log_message(ILogger::Severity::kERROR, "SageBinaryGemm: cannot allocate its GEMV3 weight layout");
+                return false;
+            }
+            mPreparedBytes = need;
+        }
+        args.prepared = mPrepared;
+        args.prepared_bytes = mPreparedBytes;
+        if (sage_gemm_prepare(&args, stream) != 0) {
+            log_message(ILogger::Severity::kERROR, "SageBinaryGemm: preparing the GEMV3 weight layout failed");
+            return false;
+        }
+        std::copy(std::begin(from), std::end(from), std::begin(mPreparedFrom));
+    }
+    args.prepared = mPrepared;
+    args.prepared_bytes = mPreparedBytes;
+    return true;
 }
 
 nvinfer1::IPluginV3* SageGemmPlugin::attachToContext(nvinfer1::IPluginResourceContext* /*context*/) noexcept {

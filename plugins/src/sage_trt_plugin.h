@@ -17,7 +17,7 @@ public:
     explicit SageGemmPlugin(SageGemmAttrs const& attrs);
     SageGemmPlugin(SageGemmPlugin const& other);
     SageGemmPlugin& operator=(SageGemmPlugin const&) = delete;
-    ~SageGemmPlugin() override = default;
+    ~SageGemmPlugin() override;
 
     // IPluginV3
     nvinfer1::IPluginCapability* getCapabilityInterface(nvinfer1::PluginCapabilityType type) noexcept override;
@@ -54,8 +54,17 @@ private:
     // configurePlugin/onShapeChange share this: shapes against the attributes, then remember nbInputs.
     int32_t accept_inputs(nvinfer1::Dims const* dims, int32_t nb_inputs) noexcept;
 
+    // Makes (or re-makes, when the weights moved) the GEMV3 layout and points args at it; false on a CUDA error.
+    bool use_prepared_layout(SageGemmArgs& args, cudaStream_t stream) noexcept;
+
     SageGemmAttrs mAttrs;
-    int32_t mNbInputs = 0;  // 0 until configurePlugin/onShapeChange saw the inputs (8, or 9 with bias)
+    int32_t mNbInputs = 0;
+    // The GEMV3 layout of the weights, made on the first enqueue that sees them (the weights of an engine are
+    // constants at fixed addresses) and again only when their addresses change, e.g. during tactic timing.
+    // Owned by this plugin object; a clone starts without one.
+    void* mPrepared = nullptr;
+    int64_t mPreparedBytes = 0;
+    void const* mPreparedFrom[5] = {};  // sign_bits, group_codes, group_scales, salient_cols, salient_q  // 0 until configurePlugin/onShapeChange saw the inputs (8, or 9 with bias)
     std::vector<nvinfer1::PluginField> mFields;
     nvinfer1::PluginFieldCollection mFieldCollection{};
 };

@@ -5,12 +5,14 @@
 // per-block shared memory. It checks semantics, not speed, and knows only the intrinsics the kernels use.
 #pragma once
 
+#define SAGE_CUDA_EMULATOR 1
 #define __device__
 #define __global__
 #define __host__
 #define __shared__ static
 #define __launch_bounds__(...)
 
+#include <array>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -26,12 +28,13 @@
 namespace emu {
 
 struct Block {
-    explicit Block(unsigned threads) : all(threads), shuffle(threads) {
+    explicit Block(unsigned threads) : all(threads), shuffle(threads), mma(threads) {
         for (unsigned w = 0; w < threads / 32; ++w) warps.push_back(std::make_unique<std::barrier<>>(32));
     }
     std::barrier<> all;
     std::vector<std::unique_ptr<std::barrier<>>> warps;
     std::vector<uint32_t> shuffle;  // one 32-bit slot per thread: shuffles move floats and integers by their bits
+    std::vector<std::array<uint32_t, 6>> mma;  // one MMA's operand registers per thread (a0..a3, b0, b1)
 };
 
 inline thread_local uint3 thread_idx;
@@ -121,6 +124,56 @@ inline unsigned __ballot_sync(unsigned /*mask*/, int predicate) {
 }
 
 inline int __ffs(int x) { return __builtin_ffs(x); }
+
+namespace emu {
+
+// PTX prmt.b32, default mode: result byte i is byte (c >> 4i) & 7 of {b, a} (a = bytes 0..3), or the sign of that
+// byte replicated when bit 3 of the nibble is set.
+inline uint32_t prmt(uint32_t a, uint32_t b, uint32_t c) {
+    const uint64_t bytes = static_cast<uint64_t>(b) << 32 | a;
+    uint32_t d = 0;
+    for (int i = 0; i < 4; ++i) {
+        const unsigned sel = (c >> (4 * i)) & 0xF;
+        uint32_t v = (bytes >> (8 * (sel & 7))) & 0xFF;
+        if (sel & 8) v = (v & 0x80) ? 0xFF : 0x00;
+        d |= v << (8 * i);
+    }
+    return d;
+}
+
+inline float half_bits_to_float(uint32_t bits) {
+    __half_raw raw;
+    raw.x = static_cast<unsigned short>(bits & 0xFFFF);
+    return __half2float(__half(raw));
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 over the warp, with the PTX ISA's fragment layouts: lane
+// 4g + t holds A rows g and g + 8 at columns 2t, 2t + 1 (a0: row g, a1: row g + 8) and 2t + 8, 2t + 9 (a2, a3);
+// B column g at rows 2t, 2t + 1 (b0) and 2t + 8, 2t + 9 (b1); D rows g, g + 8 at columns 2t, 2t + 1.
+inline void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    Block& blk = *current_block;
+    const unsigned tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    blk.mma[tid] = {a[0], a[1], a[2], a[3], b0, b1};
+    blk.warps[warp]->arrive_and_wait();
+    auto A = [&](int r, int k) {
+        const auto& regs = blk.mma[warp * 32 + (r % 8) * 4 + (k % 8) / 2];
+        return half_bits_to_float(regs[(r >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0)] >> (16 * (k % 2)));
+    };
+    auto B = [&](int k, int c) {
+        const auto& regs = blk.mma[warp * 32 + c * 4 + (k % 8) / 2];
+        return half_bits_to_float(regs[4 + (k >= 8 ? 1 : 0)] >> (16 * (k % 2)));
+    };
+    const int g = static_cast<int>(lane / 4), t = static_cast<int>(lane % 4);
+    for (int e = 0; e < 4; ++e) {
+        const int r = g + (e >= 2 ? 8 : 0), c = 2 * t + (e % 2);
+        float s = d[e];
+        for (int k = 0; k < 16; ++k) s += A(r, k) * B(k, c);
+        d[e] = s;
+    }
+    blk.warps[warp]->arrive_and_wait();
+}
+
+}  // namespace emu
 
 template <typename T>
 inline T __ldg(const T* ptr) {

@@ -410,7 +410,12 @@ void test_kernel_launch_checks(void* lib) {
     bad = a;
     bad.path = SAGE_PATH_GEMV2;
     CHECK(launch(&bad, nullptr) == cudaSuccess);
-    bad.path = SAGE_PATH_GEMV2 + 1;
+    bad.path = SAGE_PATH_GEMV3;  // an empty batch, so nothing is read even without a prepared layout
+    CHECK(launch(&bad, nullptr) == cudaSuccess);
+    bad.path = SAGE_PATH_GEMV3 + 1;
+    CHECK(launch(&bad, nullptr) == cudaErrorInvalidValue);
+    bad = a;
+    bad.prepared_bytes = 64;  // a size without a buffer
     CHECK(launch(&bad, nullptr) == cudaErrorInvalidValue);
     bad = a;
     bad.k = 0;

@@ -14,7 +14,7 @@ from pathlib import Path
 
 ENV_VAR = "SAGE_KERNELS_LIB"
 LIBRARY_NAME = "libsage_kernels.so"
-ABI_VERSION = 2  # SAGE_GEMM_ABI_VERSION
+ABI_VERSION = 3  # SAGE_GEMM_ABI_VERSION
 MAX_GROUPS = 16  # SAGE_MAX_GROUPS
 GEMV_MAX_M = 16  # SAGE_GEMV_MAX_M
 MAX_FEATURES = 1 << 30  # SAGE_MAX_FEATURES: largest K and N the launch accepts
@@ -24,8 +24,9 @@ DTYPE_FLOAT16 = 1
 PATH_AUTO = 0
 PATH_GEMV = 1
 PATH_TILED = 2
-PATH_GEMV2 = 3  # bandwidth-oriented decode kernel; PATH_AUTO does not pick it until a GPU has measured it
-PATH_NAMES = {PATH_AUTO: "auto", PATH_GEMV: "gemv", PATH_TILED: "tiled", PATH_GEMV2: "gemv2"}
+PATH_GEMV2 = 3  # decode kernel without a lookup table
+PATH_GEMV3 = 4  # decode kernel built for bandwidth: reads the prepared layout (prepare()), tensor cores, float16 X
+PATH_NAMES = {PATH_AUTO: "auto", PATH_GEMV: "gemv", PATH_TILED: "tiled", PATH_GEMV2: "gemv2", PATH_GEMV3: "gemv3"}
 
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -44,8 +45,10 @@ class SageGemmArgs(ctypes.Structure):
         ("salient_scale", ctypes.c_void_p),
         ("bias", ctypes.c_void_p),
         ("y", ctypes.c_void_p),
+        ("prepared", ctypes.c_void_p),
         ("m", ctypes.c_int64),
         ("nnz", ctypes.c_int64),
+        ("prepared_bytes", ctypes.c_int64),
         ("k", ctypes.c_int32),
         ("n", ctypes.c_int32),
         ("n_groups", ctypes.c_int32),
@@ -86,6 +89,12 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     lib.sage_gemm_error_string.restype = ctypes.c_char_p
     lib.sage_gemm_auto_path.argtypes = [ctypes.c_int64]
     lib.sage_gemm_auto_path.restype = ctypes.c_int
+    lib.sage_gemm_choose_path.argtypes = [ctypes.POINTER(SageGemmArgs)]
+    lib.sage_gemm_choose_path.restype = ctypes.c_int
+    lib.sage_gemm_prepared_bytes.argtypes = [ctypes.POINTER(SageGemmArgs)]
+    lib.sage_gemm_prepared_bytes.restype = ctypes.c_int64
+    lib.sage_gemm_prepare.argtypes = [ctypes.POINTER(SageGemmArgs), ctypes.c_void_p]
+    lib.sage_gemm_prepare.restype = ctypes.c_int
     lib.sage_gemm_abi_version.restype = ctypes.c_int
     lib.sage_gemm_args_size.restype = ctypes.c_size_t
     if lib.sage_gemm_abi_version() != ABI_VERSION or lib.sage_gemm_args_size() != ctypes.sizeof(SageGemmArgs):
@@ -122,10 +131,27 @@ def auto_path(m: int) -> int:
     return int(load().sage_gemm_auto_path(m))
 
 
+def choose_path(args: SageGemmArgs) -> int:
+    """The path a launch with these arguments takes (PATH_AUTO resolved); -1 for invalid arguments."""
+    return int(load().sage_gemm_choose_path(ctypes.byref(args)))
+
+
+def prepared_bytes(args: SageGemmArgs) -> int:
+    """Bytes of the GEMV3 layout of the weights in `args`, 0 when GEMV3 cannot take them."""
+    return int(load().sage_gemm_prepared_bytes(ctypes.byref(args)))
+
+
+def prepare(args: SageGemmArgs, stream: int) -> None:
+    """Write the GEMV3 layout of the weights into args.prepared (args.prepared_bytes long) on `stream`."""
+    _check(load().sage_gemm_prepare(ctypes.byref(args), ctypes.c_void_p(stream)), "sage_gemm_prepare")
+
+
+def _check(code: int, what: str) -> None:
+    if code != 0:
+        message = load().sage_gemm_error_string(code).decode(errors="replace")
+        raise KernelLibraryError(f"{what} failed with CUDA error {code}: {message}")
+
+
 def launch(args: SageGemmArgs, stream: int) -> None:
     """Validate and enqueue one product on the CUDA stream handle `stream` (0: the legacy default stream)."""
-    lib = load()
-    code = lib.sage_gemm_launch(ctypes.byref(args), ctypes.c_void_p(stream))
-    if code != 0:
-        message = lib.sage_gemm_error_string(code).decode(errors="replace")
-        raise KernelLibraryError(f"sage_gemm_launch failed with CUDA error {code}: {message}")
+    _check(load().sage_gemm_launch(ctypes.byref(args), ctypes.c_void_p(stream)), "sage_gemm_launch")

@@ -44,6 +44,9 @@ class SageLinear(nn.Module):
             if bias.shape != (self.out_features,):
                 raise ValueError(f"bias: expected shape ({self.out_features},), got {tuple(bias.shape)}")
         self.register_buffer("bias", bias)
+        # The GEMV3 layout of the weights on the device they were prepared on: derived state, made once on the
+        # first CUDA call (not a buffer: it is not saved, and .to() must not carry a stale copy).
+        self._prepared: torch.Tensor | None = None
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, n_groups={self.n_groups}, "
@@ -88,8 +91,8 @@ class SageLinear(nn.Module):
         bias = None
         if self.bias is not None:
             bias = self.bias.to(device=x.device, dtype=compute_dtype).contiguous()
-        args = self.launch_args(x2, y, bias, path)
         with torch.cuda.device(x.device):
+            args = self.launch_args(x2, y, bias, path)
             kernels.launch(args, torch.cuda.current_stream(x.device).cuda_stream)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
@@ -117,15 +120,46 @@ class SageLinear(nn.Module):
         for name in (*_INT_BUFFERS, "group_scales_bits", "salient_scale_bits"):
             if getattr(self, name).device != x2.device:
                 raise ValueError(f"SageLinear buffers are on {getattr(self, name).device}, input on {x2.device}")
+        args = self._weight_args(x2, y, bias, path)
+        # GEMV3 takes float16 activations only: a float32 caller never pays for the layout.
+        prepared = self.prepared_layout(x2.device) if x2.dtype == torch.float16 else None
+        if prepared is not None:
+            args.prepared, args.prepared_bytes = prepared.data_ptr(), prepared.numel()
+        return args
+
+    def prepared_layout(self, device: torch.device) -> torch.Tensor | None:
+        """The GEMV3 layout of this layer's weights on `device` (a CUDA device), made on the first call and kept;
+        None when GEMV3 cannot take the layer (G > 8, K > 65535 or not a multiple of 8)."""
+        if self._prepared is not None and self._prepared.device == device:
+            return self._prepared
+        probe = self._weight_args(None, None, None, kernels.PATH_AUTO)
+        size = kernels.prepared_bytes(probe)
+        if size == 0:
+            return None
+        with torch.cuda.device(device):
+            prepared = torch.empty(size, dtype=torch.uint8, device=device)
+            probe.prepared, probe.prepared_bytes = prepared.data_ptr(), size
+            kernels.prepare(probe, torch.cuda.current_stream(device).cuda_stream)
+        self._prepared = prepared
+        return prepared
+
+    def _apply(self, fn, recurse=True):  # .to(), .cuda(), .half(): the prepared layout is re-made where needed
+        self._prepared = None
+        return super()._apply(fn, recurse)
+
+    def _weight_args(self, x2: torch.Tensor | None, y: torch.Tensor | None, bias: torch.Tensor | None,
+                     path: int) -> kernels.SageGemmArgs:
+        dtype = _KERNEL_DTYPES[x2.dtype] if x2 is not None else kernels.DTYPE_FLOAT16
         return kernels.SageGemmArgs(
-            x=x2.data_ptr(), sign_bits=self.sign_bits.data_ptr(), group_codes=self.group_codes.data_ptr(),
+            x=0 if x2 is None else x2.data_ptr(), sign_bits=self.sign_bits.data_ptr(),
+            group_codes=self.group_codes.data_ptr(),
             group_scales=self.group_scales_bits.data_ptr(), salient_rowptr=self.salient_rowptr.data_ptr(),
             salient_cols=self.salient_cols.data_ptr(), salient_q=self.salient_q.data_ptr(),
             salient_scale=self.salient_scale_bits.data_ptr(), bias=0 if bias is None else bias.data_ptr(),
-            y=y.data_ptr(),
-            m=x2.shape[0], nnz=self.salient_cols.numel(), k=self.in_features, n=self.out_features,
-            n_groups=self.n_groups, salient_bits=self.salient_bits, x_dtype=_KERNEL_DTYPES[x2.dtype],
-            bias_dtype=_KERNEL_DTYPES[x2.dtype], path=path, reserved=0)
+            y=0 if y is None else y.data_ptr(), prepared=0, prepared_bytes=0,
+            m=0 if x2 is None else x2.shape[0], nnz=self.salient_cols.numel(), k=self.in_features,
+            n=self.out_features, n_groups=self.n_groups, salient_bits=self.salient_bits, x_dtype=dtype,
+            bias_dtype=dtype, path=path, reserved=0)
 
 
 def _unpack_bits(packed: torch.Tensor, k: int) -> torch.Tensor:
