@@ -301,34 +301,60 @@ __device__ __forceinline__ void consume_step(float (&acc)[NB][4], const Chunk<P>
     }
 }
 
-// Salient corrections of the tile: 16 lanes per row, each summing every 16th entry of the row, reduced by shuffles
-// within the 16 (fixed order). Returns the row's sums in lane 0 of each 16-lane group.
+// Salient entries of one row seen by one of its 16 lanes: entries begin + lane16 + 16u. The first
+// kSalientPerLane words are loaded before the dense loop (their latency hides behind it), the rest, if any, after.
+struct SalientLane {
+    SalientRange range;
+    uint32_t first[kSalientPerLane];
+};
+
+__device__ __forceinline__ SalientLane salient_prefetch(const Problem& p, const uint32_t* salient, int row) {
+    SalientLane s;
+    s.range = row < p.n ? salient_range(p, row) : SalientRange{0, 0};
+    const int e0 = s.range.begin + static_cast<int>(threadIdx.x % 16);
+#pragma unroll
+    for (int u = 0; u < kSalientPerLane; ++u) {
+        const int e = e0 + 16 * u;
+        s.first[u] = e < s.range.end ? salient[e] : 0xFFFFFFFFu;  // independent loads, all in flight
+    }
+    return s;
+}
+
+template <int NB>
+__device__ __forceinline__ void add_salient_words(float (&sum)[8 * NB], const Problem& p, const uint32_t* words,
+                                                  int64_t m0, int mt, float scale, float alpha0) {
+    const __half* x = static_cast<const __half*>(p.x);
+#pragma unroll
+    for (int u = 0; u < kSalientPerLane; ++u) {
+        const int col = static_cast<int>(words[u] & 0xFFFF);
+        if (col >= p.k) continue;  // no entry, or a column outside [0, K) in the CSR
+        const float corr = salient_correction(scale, static_cast<int8_t>(words[u] >> 16), alpha0);
+#pragma unroll
+        for (int m = 0; m < 8 * NB; ++m) {
+            if (m < mt) sum[m] += corr * __half2float(x[(m0 + m) * static_cast<int64_t>(p.k) + col]);
+        }
+    }
+}
+
+// The row's salient corrections (s·q − α_0)·x summed over its entries, reduced over its 16 lanes by shuffles in a
+// fixed order; lane 0 of each 16-lane group ends with the row's sums.
 template <int NB>
 __device__ __forceinline__ void salient_sums(float (&sum)[8 * NB], const Problem& p, const uint32_t* salient,
-                                             int row, int64_t m0, int mt, float alpha0) {
+                                             const SalientLane& s, int row, int64_t m0, int mt, float alpha0) {
 #pragma unroll
     for (int m = 0; m < 8 * NB; ++m) sum[m] = 0.0f;
     if (row < p.n) {
-        const SalientRange range = salient_range(p, row);
         const float scale = __half2float(p.salient_scale[row]);
-        const __half* x = static_cast<const __half*>(p.x);
-        for (int e0 = range.begin + static_cast<int>(threadIdx.x % 16); e0 < range.end; e0 += 16 * kSalientPerLane) {
+        add_salient_words<NB>(sum, p, s.first, m0, mt, scale, alpha0);
+        for (int e0 = s.range.begin + static_cast<int>(threadIdx.x % 16) + 16 * kSalientPerLane; e0 < s.range.end;
+             e0 += 16 * kSalientPerLane) {
             uint32_t words[kSalientPerLane];
 #pragma unroll
             for (int u = 0; u < kSalientPerLane; ++u) {
                 const int e = e0 + 16 * u;
-                words[u] = e < range.end ? salient[e] : 0xFFFFFFFFu;  // independent loads, all in flight
+                words[u] = e < s.range.end ? salient[e] : 0xFFFFFFFFu;
             }
-#pragma unroll
-            for (int u = 0; u < kSalientPerLane; ++u) {
-                const int col = static_cast<int>(words[u] & 0xFFFF);
-                if (col >= p.k) continue;
-                const float corr = salient_correction(scale, static_cast<int8_t>(words[u] >> 16), alpha0);
-#pragma unroll
-                for (int m = 0; m < 8 * NB; ++m) {
-                    if (m < mt) sum[m] += corr * __half2float(x[(m0 + m) * static_cast<int64_t>(p.k) + col]);
-                }
-            }
+            add_salient_words<NB>(sum, p, words, m0, mt, scale, alpha0);
         }
     }
 #pragma unroll
@@ -339,7 +365,8 @@ __device__ __forceinline__ void salient_sums(float (&sum)[8 * NB], const Problem
 }
 
 template <int P, int NB, bool kTail>
-__global__ void __launch_bounds__(kThreads, 2) gemv3_kernel(Problem p, Layout l, const uint32_t* prepared) {
+__global__ void __launch_bounds__(kThreads, NB == 1 ? 2 : 1)  // two blocks per SM at batch <= 8; no spills at 16
+    gemv3_kernel(Problem p, Layout l, const uint32_t* prepared) {
     constexpr int MB = 8 * NB;
     __shared__ float partial[kWarps][kRowsPerTile][MB];
     __shared__ float salient_part[kRowsPerTile][MB];
@@ -352,20 +379,15 @@ __global__ void __launch_bounds__(kThreads, 2) gemv3_kernel(Problem p, Layout l,
     const __half* x = static_cast<const __half*>(p.x) + m0 * static_cast<int64_t>(p.k);
     const Table table = make_table(p, P);
 
-    // The first step's weights are requested before anything else, then the salient entries, whose latency they
-    // cover.
+    // Requested before anything else: the first step's weights, then the first salient entries of the tile's rows.
+    // Both are consumed late (the salient ones after the dense loop), so their latencies overlap.
     const int pieces_left = (p.k + kPieceCols - 1) / kPieceCols;  // pieces of 128 columns holding data
     Chunk<P> next;
     int step = warp;
     load_chunk<P>(next, dense, l, tile, step, lane, step < l.steps && step * 4 + t < pieces_left);
-
-    float sums[MB];
-    const float alpha0 = __half2float(p.scales[0]);
-    salient_sums<NB>(sums, p, prepared + l.dense_words, tile * kRowsPerTile + threadIdx.x / 16, m0, mt, alpha0);
-    if (threadIdx.x % 16 == 0) {
-#pragma unroll
-        for (int m = 0; m < MB; ++m) salient_part[threadIdx.x / 16][m] = sums[m];
-    }
+    const uint32_t* salient = prepared + l.dense_words;
+    const int salient_row = tile * kRowsPerTile + threadIdx.x / 16;
+    const SalientLane sal = salient_prefetch(p, salient, salient_row);
 
     float acc[NB][4] = {};
 #pragma unroll 1
@@ -376,6 +398,12 @@ __global__ void __launch_bounds__(kThreads, 2) gemv3_kernel(Problem p, Layout l,
         consume_step<P, NB, kTail>(acc, cur, table, x, mt, p.k, step * kStepCols + t * kPieceCols, g);
     }
 
+    float sums[MB];
+    salient_sums<NB>(sums, p, salient, sal, salient_row, m0, mt, __half2float(p.scales[0]));
+    if (threadIdx.x % 16 == 0) {
+#pragma unroll
+        for (int m = 0; m < MB; ++m) salient_part[threadIdx.x / 16][m] = sums[m];
+    }
 #pragma unroll
     for (int nb = 0; nb < NB; ++nb) {
         partial[warp][g][nb * 8 + 2 * t] = acc[nb][0];

@@ -130,6 +130,9 @@ class SageLinear(nn.Module):
     def prepared_layout(self, device: torch.device) -> torch.Tensor | None:
         """The GEMV3 layout of this layer's weights on `device` (a CUDA device), made on the first call and kept;
         None when GEMV3 cannot take the layer (G > 8, K > 65535 or not a multiple of 8)."""
+        device = torch.device(device)
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         if self._prepared is not None and self._prepared.device == device:
             return self._prepared
         probe = self._weight_args(None, None, None, kernels.PATH_AUTO)
