@@ -70,10 +70,12 @@ fi
 [[ -x "$BUILD/sage_plugin_host_test" ]] && step host_test 60 "$BUILD/sage_plugin_host_test"
 if command -v compute-sanitizer > /dev/null; then
     step sanitizer 120 compute-sanitizer --tool memcheck --leak-check no --error-exitcode 9 \
-        --log-file "$RESULTS/sanitizer.log" "$PY" tools/bench_kernels.py --correctness-only --out "$RESULTS/sanitized"
+        --log-file "$RESULTS/sanitizer.log" "$PY" tools/bench_kernels.py --correctness-only --out /tmp/sanitized
 fi
 step correctness 150 "$PY" -m pytest -q --maxfail=5 -p no:cacheprovider -m gpu tests/test_gpu_kernels.py
 step kernels 240 "$PY" tools/bench_kernels.py --groups 2,4,8 --iters 20 --repeats 5 --out "$RESULTS"
+step kernels_low_salient 90 "$PY" tools/bench_kernels.py --shapes llama2-7b --groups 4 --batches 1,4 \
+    --salient-fraction 0.005 --iters 20 --repeats 5 --out "$RESULTS/low_salient"
 step decode 200 "$PY" tools/bench_decode.py --model llama7b --tokens 64 --out "$RESULTS/decode.json"
 if command -v ncu > /dev/null; then
     step ncu 120 ncu --clock-control none --kernel-name regex:gemv3_kernel --launch-count 1 --launch-skip 4 \

@@ -320,19 +320,33 @@ __device__ __forceinline__ SalientLane salient_prefetch(const Problem& p, const 
     return s;
 }
 
+// Branch-free, so that every gather of the round is in flight at once: an empty slot (or a column outside
+// [0, K)) reads column 0 and adds it times 0.
 template <int NB>
 __device__ __forceinline__ void add_salient_words(float (&sum)[8 * NB], const Problem& p, const uint32_t* words,
                                                   int64_t m0, int mt, float scale, float alpha0) {
-    const __half* x = static_cast<const __half*>(p.x);
+    const __half* x = static_cast<const __half*>(p.x) + m0 * static_cast<int64_t>(p.k);
+    float corr[kSalientPerLane];
+    int col[kSalientPerLane];
 #pragma unroll
     for (int u = 0; u < kSalientPerLane; ++u) {
-        const int col = static_cast<int>(words[u] & 0xFFFF);
-        if (col >= p.k) continue;  // no entry, or a column outside [0, K) in the CSR
-        const float corr = salient_correction(scale, static_cast<int8_t>(words[u] >> 16), alpha0);
+        const int c = static_cast<int>(words[u] & 0xFFFF);
+        const bool valid = c < p.k;
+        col[u] = valid ? c : 0;
+        corr[u] = valid ? salient_correction(scale, static_cast<int8_t>(words[u] >> 16), alpha0) : 0.0f;
+    }
+    float xv[kSalientPerLane][8 * NB];
+#pragma unroll
+    for (int u = 0; u < kSalientPerLane; ++u) {
 #pragma unroll
         for (int m = 0; m < 8 * NB; ++m) {
-            if (m < mt) sum[m] += corr * __half2float(x[(m0 + m) * static_cast<int64_t>(p.k) + col]);
+            xv[u][m] = m < mt ? __half2float(x[m * static_cast<int64_t>(p.k) + col[u]]) : 0.0f;
         }
+    }
+#pragma unroll
+    for (int u = 0; u < kSalientPerLane; ++u) {
+#pragma unroll
+        for (int m = 0; m < 8 * NB; ++m) sum[m] += corr[u] * xv[u][m];
     }
 }
 
