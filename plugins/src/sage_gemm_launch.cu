@@ -16,8 +16,9 @@ bool valid_sizes(const SageGemmArgs* a) {
 // The weights' pointers: what sage_gemm_prepare reads.
 bool valid_weight_pointers(const SageGemmArgs* a) {
     const bool salient = a->nnz == 0 || (a->salient_cols != nullptr && a->salient_q != nullptr);
+    const bool codes = a->group_codes != nullptr || sage_gemm_planes(a->n_groups) == 0;
     return a->sign_bits != nullptr && a->group_scales != nullptr && a->salient_rowptr != nullptr &&
-           a->salient_scale != nullptr && salient && (a->group_codes != nullptr || sage_gemm_planes(a->n_groups) == 0);
+           a->salient_scale != nullptr && salient && codes;
 }
 
 bool valid_weights(const SageGemmArgs* a) {

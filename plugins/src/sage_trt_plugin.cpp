@@ -135,9 +135,11 @@ SageGemmPlugin::~SageGemmPlugin() {
 }
 
 bool SageGemmPlugin::use_prepared_layout(SageGemmArgs& args, cudaStream_t stream) noexcept {
-    int64_t const need = sage_gemm_prepared_bytes(&args);
-    if (need == 0) return true;  // GEMV3 cannot take this layer: the launch picks another path
-    void const* from[5] = {args.sign_bits, args.group_codes, args.group_scales, args.salient_cols, args.salient_q};
+    // GEMV3 takes float16 X only, and not every layer: otherwise the launch picks another path.
+    int64_t const need = args.x_dtype == SAGE_DTYPE_FLOAT16 ? sage_gemm_prepared_bytes(&args) : 0;
+    if (need == 0) return true;
+    // What sage_gemm_prepare reads (the scales are read by the kernel itself on every launch).
+    void const* from[5] = {args.sign_bits, args.group_codes, args.salient_rowptr, args.salient_cols, args.salient_q};
     bool const same = mPrepared != nullptr && mPreparedBytes >= need &&
                       std::equal(std::begin(from), std::end(from), std::begin(mPreparedFrom));
     if (!same) {

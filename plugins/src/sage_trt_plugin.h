@@ -64,7 +64,10 @@ private:
     // Owned by this plugin object; a clone starts without one.
     void* mPrepared = nullptr;
     int64_t mPreparedBytes = 0;
-    void const* mPreparedFrom[5] = {};  // sign_bits, group_codes, group_scales, salient_cols, salient_q  // 0 until configurePlugin/onShapeChange saw the inputs (8, or 9 with bias)
+    // Where the weights were when it was made: sign_bits, group_codes, salient_rowptr, salient_cols, salient_q.
+    // Same addresses, same weights: the plugin does not support refitting them in place. The first enqueue (which
+    // allocates) must not be inside a CUDA graph capture; TensorRT's warm-up runs come before one.
+    void const* mPreparedFrom[5] = {};  // 0 until configurePlugin/onShapeChange saw the inputs (8, or 9 with bias)
     std::vector<nvinfer1::PluginField> mFields;
     nvinfer1::PluginFieldCollection mFieldCollection{};
 };
