@@ -15,8 +15,8 @@ def test_bench_decode_smoke_on_cpu(tmp_path):
     doc = json.loads(out.read_text())
     assert "smoke run" in doc["device"]
     variants = [r["variant"] for r in doc["rows"]]
-    assert variants == ["fp32", "sage G=2"]
+    assert variants == ["fp32", "sage G=4"]  # G = 4: the 3.2-bit point the GPU rows use
     dense, sage = doc["rows"]
     assert sage["bytes_per_token"] < dense["bytes_per_token"]  # packed layers read fewer bytes
     assert all(r["tokens_per_s"] > 0 for r in doc["rows"])
-    assert "| tiny | sage G=2 |" in out.with_suffix(".md").read_text()
+    assert "| tiny | sage G=4 |" in out.with_suffix(".md").read_text()
