@@ -10,8 +10,9 @@
 //   8 columns (NB = 2 blocks of 8 for M <= 16).
 // * The decode turns bits into float16 weights with byte permutes: per 4 weights one PRMT picks their low bytes
 //   and one their high bytes out of a table of the 8 group scales held in 4 registers, one LOP3 flips the sign
-//   bits, two PRMTs interleave low and high bytes into two half2. About 1.6 to 1.8 instructions per weight for
-//   G = 2..8, 1 for G = 1 (tools/kernel_cost.py measures it on the SASS).
+//   bits, two PRMTs interleave low and high bytes into two half2. The whole steady-state loop (decode, MMAs,
+//   loads) is 2.2 to 2.3 SASS instructions per weight for G = 2..8 and 1.35 for G = 1 at batch <= 8
+//   (benchmarks/kernel_cost.md).
 // * Salient entries: prepared as one 32-bit word each (16-bit column, 8-bit q), their bits in the prepared buffer
 //   cleared to "+α_0", so each adds (s·q − α_0)·x. Their loads are issued right after the first weight loads.
 // * A block = 8 warps = 16 output rows; its warps split K (steps of 512 columns) and are reduced in shared memory in
