@@ -34,7 +34,7 @@ constexpr int kRowsPerTile = 16;             // one MMA's M
 constexpr int kPieceCols = 128;              // columns one lane owns per step
 constexpr int kStepCols = 4 * kPieceCols;    // the 4 lanes of a quad side by side
 constexpr int kMaxK = 65535;                 // salient columns are stored in 16 bits
-constexpr int kMaxPlanes = 3;                // G <= 8
+constexpr int kMaxCodePlanes = 3;            // G <= 8 (the other kernels take 4: G <= 16)
 constexpr int kMaxM = 16;                    // activation rows per pass (two MMA column blocks)
 constexpr int kSalientPerLane = 4;           // salient entries a lane keeps in registers per round
 
@@ -110,7 +110,7 @@ __global__ void prepare_dense_kernel(Problem p, Layout l, uint32_t* out) {
     if (id >= static_cast<int64_t>(l.tiles) * kRowsPerTile * groups_per_row) return;
     const int row = static_cast<int>(id / groups_per_row);
     const int col0 = static_cast<int>(id % groups_per_row) * 32;
-    uint32_t words[1 + kMaxPlanes] = {0, 0, 0, 0};
+    uint32_t words[1 + kMaxCodePlanes] = {0, 0, 0, 0};
     const int64_t plane_stride = static_cast<int64_t>(p.n) * p.kb;
     for (int c = 0; c < 32; ++c) {
         const int col = col0 + c;
@@ -442,7 +442,7 @@ __global__ void __launch_bounds__(kThreads, NB == 1 ? 2 : 1)  // two blocks per 
 
 // What the layout can hold: G <= 8, K <= 65535 (16-bit salient columns), K a multiple of 8 (16-byte activation
 // loads).
-inline bool eligible(const Problem& p) { return p.planes <= kMaxPlanes && p.k <= kMaxK && p.k % 8 == 0; }
+inline bool eligible(const Problem& p) { return p.planes <= kMaxCodePlanes && p.k <= kMaxK && p.k % 8 == 0; }
 
 // What a launch also needs: float16 activations on a 16-byte boundary.
 inline bool launchable(const Problem& p, bool half_x) {
