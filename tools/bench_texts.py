@@ -159,8 +159,11 @@ def render_md(doc: dict) -> str:
                 "| layer | N×K | matrices | share of weights | G used (matrices) | true bits: mean | min | max "
                 "| mean ρ |",
                 "|---|---|---|---|---|---|---|---|---|"]
-        for kind, t in r["layers_by_type"].items():
-            g = ", ".join(f"G={k}: {v}" for k, v in t["G"].items())
+        order = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        kinds = sorted(r["layers_by_type"], key=lambda k: (order.index(k) if k in order else len(order), k))
+        for kind in kinds:  # the JSON keeps its keys sorted: the model's order is restored here
+            t = r["layers_by_type"][kind]
+            g = ", ".join(f"G={k}: {v}" for k, v in sorted(t["G"].items(), key=lambda kv: int(kv[0])))
             rho = f"{t['rho_mean']:.4f}" if "rho_mean" in t else "—"
             out.append(f"| {kind} | {t['shape'][0]}×{t['shape'][1]} | {t['n']} | {100 * t['weight_share']:.1f} % | "
                        f"{g} | {t['true_bits_mean']:.3f} | {t['true_bits_min']:.3f} | {t['true_bits_max']:.3f} | "
