@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO))
 
 from sage_export.models import quantizable_linears  # noqa: E402
 from sage_export.models.architectures import LLAMA  # noqa: E402
-from sage_export.runtime.sage_linear import replace_linears  # noqa: E402
+from sage_export.runtime.sage_linear import prepared_buffer, replace_linears  # noqa: E402
 from sage_export.runtime.synthetic import random_packed_linear  # noqa: E402
 
 SHAPES = {  # LlamaConfig overrides of the benchmarked models
@@ -137,16 +137,6 @@ def sage_launch_args(layer: dict, x: torch.Tensor, y: torch.Tensor):
         x_dtype=kernels.DTYPE_FLOAT16, bias_dtype=kernels.DTYPE_FLOAT16, path=kernels.PATH_AUTO, reserved=0)
 
 
-def prepare_layout(args) -> torch.Tensor:
-    """The GEMV3 layout of one layer's weights, pointed to by args (kept alive by the caller)."""
-    from sage_export.runtime import kernels
-
-    buf = torch.empty(kernels.prepared_bytes(args), dtype=torch.uint8, device="cuda")
-    args.prepared, args.prepared_bytes = buf.data_ptr(), buf.numel()
-    kernels.prepare(args, torch.cuda.current_stream().cuda_stream)
-    return buf
-
-
 def layer_bytes(layer: dict) -> int:
     return sum(t.numel() * t.element_size() for t in layer.values() if isinstance(t, torch.Tensor))
 
@@ -180,7 +170,9 @@ def linear_stack_rows(name: str, groups: int, fraction: float, tokens: int) -> l
             weights = [random_packed_cuda(n, k, groups, fraction, gen) for n, k in shapes]
             launches = [sage_launch_args(w, x_h if k == h else x_i, outs[n]) for w, (n, k) in zip(weights, shapes)]
             if "gemv3" in variant:
-                prepared = [prepare_layout(a) for a in launches]  # once per layer, as SageLinear does
+                prepared = [prepared_buffer(a, torch.device("cuda")) for a in launches]  # once per layer
+                if any(b is None for b in prepared):  # the row would silently time another kernel
+                    raise SystemExit(f"bench_decode: GEMV3 cannot take these layers (G = {groups})")
             else:
                 for a in launches:
                     a.path = kernels.PATH_GEMV

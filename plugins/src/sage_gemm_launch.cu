@@ -102,8 +102,8 @@ SAGE_API int sage_gemm_launch(const SageGemmArgs* args, cudaStream_t stream) {
     const bool half = args->x_dtype == SAGE_DTYPE_FLOAT16;
     cudaError_t status;
     if (path == SAGE_PATH_GEMV3) {
-        // Forced without what it needs: refuse rather than read a layout that is not there.
-        if (!gemv3_runs(*args, p)) return cudaErrorInvalidValue;
+        // Forced without what it needs: refuse rather than read a layout that is not there (AUTO checked already).
+        if (args->path == SAGE_PATH_GEMV3 && !gemv3_runs(*args, p)) return cudaErrorInvalidValue;
         status = sage::launch_gemv3(p, static_cast<const uint32_t*>(args->prepared), stream);
     } else if (path == SAGE_PATH_GEMV) {
         status = half ? sage::launch_gemv<__half>(p, stream) : sage::launch_gemv<float>(p, stream);

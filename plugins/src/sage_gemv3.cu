@@ -11,9 +11,7 @@ cudaError_t prepare_gemv3(const Problem& p, uint32_t* prepared, cudaStream_t str
     return gemv3::prepare(p, prepared, StreamLauncher{stream});
 }
 
-int64_t gemv3_prepared_bytes(const Problem& p) {
-    return gemv3::eligible(p) ? gemv3::prepared_bytes(p) : 0;
-}
+int64_t gemv3_prepared_bytes(const Problem& p) { return gemv3::prepared_bytes(p); }
 
 bool gemv3_launchable(const Problem& p, bool half_x) { return gemv3::launchable(p, half_x); }
 

@@ -55,31 +55,29 @@ __host__ __device__ inline Layout layout_of(int n, int k, int planes) {
     return l;
 }
 
-// Where weight (row, col) lives: the first word of its 32-column group for that row, and its place in the group.
+// Where weight (row, col) lives: its lane's chunk for that row half and step, its 32-column group's first word in
+// that chunk, and its place in the group.
 struct Place {
-    int64_t group_word;  // index of the group's first 32-bit word
-    int set;             // 8-column set within the group, 0..3
-    int i;               // column within the set, 0..7
+    int64_t lane_word;  // index of the lane's chunk word 0
+    int w0;             // chunk word of the group's first word: group * (1 + P)
+    int set;            // 8-column set within the group, 0..3
+    int i;              // column within the set, 0..7
 };
 
 __host__ __device__ inline Place place_of(const Layout& l, int row, int col) {
     const int tile = row / kRowsPerTile, r = row % kRowsPerTile;
     const int half = r / 8, g = r % 8;
     const int step = col / kStepCols, t = (col % kStepCols) / kPieceCols, group = (col % kPieceCols) / 32;
-    const int lane = 4 * g + t;
-    const int w = group * (1 + l.planes);  // word of the lane's chunk; chunk word w sits in uint4 w/4, field w%4
     const int64_t block = ((static_cast<int64_t>(tile) * l.steps + step) * 2 + half) * (1 + l.planes);
-    Place p;
-    p.group_word = block * 128 + lane * 4;  // + (w / 4) * 128 + (w % 4) for chunk word w
-    p.set = (col % 32) / 8;
-    p.i = col % 8;
-    p.group_word += static_cast<int64_t>(w / 4) * 128 + (w % 4);
-    return p;
+    return {block * 128 + (4 * g + t) * 4, group * (1 + l.planes), (col % 32) / 8, col % 8};
 }
 
-// Chunk word w of a lane, relative to its word 0: the group's words are consecutive chunk words, which straddle
-// uint4 boundaries when 1 + P does not divide 4.
-__host__ __device__ inline int64_t chunk_offset(int w0, int w) { return (w / 4 - w0 / 4) * 128 + (w % 4 - w0 % 4); }
+// Index of group word k (0..P) of a place: chunk word w0 + k sits in uint4 (w0 + k) / 4, field (w0 + k) % 4 (a
+// group's words straddle uint4 boundaries when 1 + P does not divide 4).
+__host__ __device__ inline int64_t word_index(const Place& at, int k) {
+    const int w = at.w0 + k;
+    return at.lane_word + static_cast<int64_t>(w / 4) * 128 + w % 4;
+}
 
 // Bits of one weight in the group's words. Code words (P = 1, 2) hold a code bit of weight i of set j at
 // 4i + j (P = 1) or 4i + 2(j % 2) + b in word j / 2 (P = 2); the sign word (last) holds weight i of set j at
@@ -125,8 +123,7 @@ __global__ void prepare_dense_kernel(Problem p, Layout l, uint32_t* out) {
         }
     }
     const Place at = place_of(l, row, col0);
-    const int w0 = (col0 % kPieceCols) / 32 * (1 + l.planes);
-    for (int w = 0; w <= l.planes; ++w) out[at.group_word + chunk_offset(w0, w0 + w)] = words[w];
+    for (int w = 0; w <= l.planes; ++w) out[word_index(at, w)] = words[w];
 }
 
 // One thread per row: every valid salient entry becomes one word (column | q << 16) and its bits in the dense part
@@ -151,12 +148,11 @@ __global__ void prepare_salient_rows_kernel(Problem p, Layout l, uint32_t* out) 
         if (!column_in_range(p, col)) continue;
         salient[e] = static_cast<uint32_t>(col) | (static_cast<uint32_t>(static_cast<uint8_t>(p.q[e])) << 16);
         const Place at = place_of(l, row, col);
-        const int w0 = (col % kPieceCols) / 32 * (1 + l.planes);
         const BitRef s = sign_ref(l.planes, at.set, at.i);
-        out[at.group_word + chunk_offset(w0, w0 + s.word)] &= ~(1u << s.bit);
+        out[word_index(at, s.word)] &= ~(1u << s.bit);
         for (int b = 0; b < l.planes; ++b) {
             const BitRef r = code_ref(l.planes, at.set, at.i, b);
-            out[at.group_word + chunk_offset(w0, w0 + r.word)] &= ~(1u << r.bit);
+            out[word_index(at, r.word)] &= ~(1u << r.bit);
         }
     }
 }
@@ -449,7 +445,9 @@ inline bool launchable(const Problem& p, bool half_x) {
     return eligible(p) && half_x && reinterpret_cast<uintptr_t>(p.x) % 16 == 0;
 }
 
+// Bytes of the prepared buffer; 0 when the layout cannot hold the problem.
 inline int64_t prepared_bytes(const Problem& p) {
+    if (!eligible(p)) return 0;
     const Layout l = layout_of(p.n, p.k, p.planes);
     return (l.dense_words + p.nnz) * 4;  // the dense part is a multiple of 16 bytes: uint4 loads stay aligned
 }

@@ -135,16 +135,8 @@ class SageLinear(nn.Module):
             device = torch.device("cuda", torch.cuda.current_device())
         if self._prepared is not None and self._prepared.device == device:
             return self._prepared
-        probe = self._weight_args(None, None, None, kernels.PATH_AUTO)
-        size = kernels.prepared_bytes(probe)
-        if size == 0:
-            return None
-        with torch.cuda.device(device):
-            prepared = torch.empty(size, dtype=torch.uint8, device=device)
-            probe.prepared, probe.prepared_bytes = prepared.data_ptr(), size
-            kernels.prepare(probe, torch.cuda.current_stream(device).cuda_stream)
-        self._prepared = prepared
-        return prepared
+        self._prepared = prepared_buffer(self._weight_args(None, None, None, kernels.PATH_AUTO), device)
+        return self._prepared
 
     def _apply(self, fn, recurse=True):  # .to(), .cuda(), .half(): the prepared layout is re-made where needed
         self._prepared = None
@@ -163,6 +155,19 @@ class SageLinear(nn.Module):
             m=0 if x2 is None else x2.shape[0], nnz=self.salient_cols.numel(), k=self.in_features,
             n=self.out_features, n_groups=self.n_groups, salient_bits=self.salient_bits, x_dtype=dtype,
             bias_dtype=dtype, path=path, reserved=0)
+
+
+def prepared_buffer(args: kernels.SageGemmArgs, device: torch.device) -> torch.Tensor | None:
+    """Allocate the GEMV3 layout of the weights in `args` on `device`, write it (on the current stream) and point
+    args.prepared at it; None when GEMV3 cannot take them. The caller keeps the tensor alive."""
+    size = kernels.prepared_bytes(args)
+    if size == 0:
+        return None
+    with torch.cuda.device(device):
+        buf = torch.empty(size, dtype=torch.uint8, device=device)
+        args.prepared, args.prepared_bytes = buf.data_ptr(), size
+        kernels.prepare(args, torch.cuda.current_stream(device).cuda_stream)
+    return buf
 
 
 def _unpack_bits(packed: torch.Tensor, k: int) -> torch.Tensor:
