@@ -290,6 +290,12 @@ def cmd_eval(args) -> int:
     _existing_file(args.eval_text, "eval text")
     if args.eval_text is None:
         raise UserError("eval needs --eval-text FILE")
+    from .onnx.generate import evaluate_onnx, onnx_artifact
+
+    onnx_path = onnx_artifact(args.artifact)
+    if onnx_path is not None:  # an exported model: ONNX Runtime computes the logits
+        print(json.dumps(evaluate_onnx(onnx_path, args.eval_text, args.ctx, args.eval_windows), indent=1))
+        return 0
     path = Path(args.artifact) if args.artifact else None
     if path is not None and (path / "checkpoint" / "manifest.json").is_file():
         path = path / "checkpoint"
@@ -326,7 +332,7 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from .onnx.generate import find_onnx, find_tokenizer_dir, stream_text, stream_tokens
+    from .onnx.generate import GenerationTiming, find_onnx, find_tokenizer_dir, stream_text, stream_tokens
 
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
@@ -342,12 +348,15 @@ def cmd_generate(args) -> int:
     prompt = tokenizer(args.prompt, add_special_tokens=False).input_ids
     if not prompt:
         raise UserError("--prompt is empty after tokenization")
+    timing = GenerationTiming()
     session = make_session(onnx_path, constant_folding=args.fold_constants)
+    timing.session_made()
     print(args.prompt, end="", flush=True)
     tokens = stream_tokens(session, prompt, args.max_new_tokens, tokenizer.eos_token_id, args.temperature, args.seed)
-    for piece in stream_text(tokenizer, tokens):
+    for piece in stream_text(tokenizer, timing.wrap(tokens)):
         print(piece, end="", flush=True)
     print()
+    print(timing.summary(session.sage_runtime), file=sys.stderr)
     return 0
 
 

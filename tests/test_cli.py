@@ -125,7 +125,8 @@ def test_ort_check_thresholds_hold_on_the_default_run(tiny_run):
     assert checks["failures"] == [] and checks["greedy"]["identical"]
     assert checks["logits"]["rel_l2"] <= checks["thresholds"]["logits_rel_l2"]
     assert checks["perplexity"]["rel_diff"] <= checks["thresholds"]["perplexity_rel_diff"]
-    assert checks["session"].endswith("constant folding off")
+    # The native op when it is built (tools/install.sh), else the function body, unfolded.
+    assert checks["session"].endswith("constant folding off") or checks["sage_runtime"] == "custom_op"
 
 
 def test_generate_streams_what_the_ort_check_generated(tiny_run, capsys):

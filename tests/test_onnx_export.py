@@ -176,7 +176,8 @@ def test_run_checks_reports_every_figure(exported):
     assert checks["greedy"]["identical"] and checks["logits"]["rel_l2"] < 1e-3
     assert checks["perplexity"]["rel_diff"] < 1e-4
     assert checks["op"]["max_rel_err"]["float32"] < 1e-5
-    assert checks["session"].endswith("constant folding off")  # bounded memory by default
+    # bounded memory by default: the native op when it is built, else the function body unfolded
+    assert checks["session"].endswith("constant folding off") or checks["sage_runtime"] == "custom_op"
     for way in ("constant_folding", "no_constant_folding"):
         assert checks["memory"][way]["session_load_delta_mb"] > 0
     json.dumps(checks)

@@ -1,14 +1,16 @@
 """Text from an exported model through ONNX Runtime, one decoder call per token with the KV cache fed back: what
-`sage-export generate` streams. The same decoder calls as the ORT check (ort_check.decoder_feeds)."""
+`sage-export generate` streams. The same decoder calls as the ORT check (ort_check.decoder_feeds). Also the
+perplexity of an exported model (`sage-export eval` of an ONNX artifact)."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
-from .ort_check import decoder_feeds
+from .ort_check import decoder_feeds, make_session, perplexity_ort
 
 
 def find_onnx(artifact: Path) -> Path:
@@ -19,6 +21,20 @@ def find_onnx(artifact: Path) -> Path:
         if candidate.is_file() and candidate.suffix == ".onnx":
             return candidate
     raise FileNotFoundError(f"no exported model in {artifact} (looked for onnx/model.onnx and model.onnx)")
+
+
+def onnx_artifact(artifact: Path | None) -> Path | None:
+    """The model.onnx that `sage-export eval` should run through ONNX Runtime: the artifact when it is an .onnx
+    file or an `export` output directory (model.onnx, no packed checkpoint), else None (a checkpoint or a float
+    model, evaluated with PyTorch)."""
+    if artifact is None:
+        return None
+    artifact = Path(artifact)
+    if artifact.is_file() and artifact.suffix == ".onnx":
+        return artifact
+    if (artifact / "model.onnx").is_file() and not (artifact / "manifest.json").is_file():
+        return artifact / "model.onnx"
+    return None
 
 
 def find_tokenizer_dir(artifact: Path, onnx_path: Path) -> Path:
@@ -66,3 +82,48 @@ def stream_text(tokenizer, tokens: Iterator[int]) -> Iterator[str]:
             continue
         yield text[len(shown):]
         shown = text
+
+
+class GenerationTiming:
+    """Wall-clock figures of one generation: session start, time to the first token (prefill), decode rate."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.session_ready = self.first = self.last = None
+        self.count = 0
+
+    def session_made(self) -> None:
+        self.session_ready = time.perf_counter()
+
+    def wrap(self, tokens: Iterator[int]) -> Iterator[int]:
+        for token in tokens:
+            self.last = time.perf_counter()
+            self.first = self.first or self.last
+            self.count += 1
+            yield token
+
+    def summary(self, runtime: str) -> str:
+        ready = self.session_ready or self.t0
+        parts = [f"session start {ready - self.t0:.2f} s"]
+        if self.first is not None:
+            parts.append(f"prefill and first token {self.first - ready:.2f} s")
+        if self.count > 1:
+            rate = (self.count - 1) / max(self.last - self.first, 1e-9)
+            parts.append(f"{self.count - 1} more tokens at {rate:.1f} tokens/s")
+        return f"[{'; '.join(parts)}; SageBinaryGemm by the {runtime}]"
+
+
+def evaluate_onnx(onnx_path: Path, eval_text: Path, ctx: int, n_windows: int | None,
+                  tokenizer_dir: Path | None = None) -> dict:
+    """Perplexity of an exported model through ONNX Runtime (same windows and formula as eval.perplexity), with
+    the runtime that computed SageBinaryGemm."""
+    from transformers import AutoTokenizer
+
+    from ..eval.perplexity import read_eval_text, tokenize_text
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir or find_tokenizer_dir(onnx_path.parent, onnx_path)))
+    ids = tokenize_text(tokenizer, read_eval_text(eval_text))
+    session = make_session(onnx_path)
+    result = perplexity_ort(session, ids, ctx, n_windows, Path(eval_text).name).to_dict()
+    result["runtime"] = f"ONNX Runtime CPU, SageBinaryGemm by the {session.sage_runtime}"
+    return result

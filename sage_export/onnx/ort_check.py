@@ -28,22 +28,35 @@ from ..eval.perplexity import PerplexityResult, perplexity, read_eval_text, toke
 from ..format.bits import n_planes
 from ..format.sage_layout import PackedLinear, pack_sage, salient_q_limit
 from ..malloc import map_large_allocations
+from ..runtime import ort_op
 from .function import MIN_OPSET, add_function, sage_node
 from .reference import sage_binary_gemm_packed
 
 # ----------------------------------------------------------------------------------------------- sessions
 
 
-def make_session(path: Path | str | bytes, constant_folding: bool = True, threads: int | None = None):
-    """A CPU session. With constant_folding=False the dequantization inside SageBinaryGemm runs on every call
+def make_session(path: Path | str | bytes, constant_folding: bool = True, threads: int | None = None,
+                 custom_op: bool | None = None):
+    """A CPU session; `session.sage_runtime` says what runs SageBinaryGemm in it.
+
+    custom_op=None (the default) uses the native library (runtime/ort_op.py) when it is built, else the function
+    body, saying so once; True requires the library, False forces the function body. With the library, each
+    SageBinaryGemm reads its packed bits directly and nothing dense is ever decoded, so the session always folds
+    constants (only the float parts fold, e.g. lm_head's float32 copy) and keeps ORT's arena, whatever
+    `constant_folding` says.
+
+    With the function body and constant_folding=False, the dequantization inside SageBinaryGemm runs on every call
     instead of being folded into dense float32 weights at load time (less memory, slower)."""
     options = ort.SessionOptions()
     # No busy-waiting between calls: these sessions share the process and its cores with torch.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         options.intra_op_num_threads = threads
-    disabled = [] if constant_folding else ["ConstantFolding"]
-    if not constant_folding:
+    if custom_op and not ort_op.available():
+        raise RuntimeError(f"the SageBinaryGemm library is required but not available: {ort_op.describe()}")
+    native = ort_op.register(options) if custom_op is not False else False
+    fold = constant_folding or native
+    if not fold:
         # Unfolded, every SageBinaryGemm decodes a dense float32 weight on every call. With ORT's memory arena and
         # memory patterns those buffers are kept: measured on chains of 4096 x 11008 layers, 1.5 GB kept at one
         # layer and 3.5 GB at four, so a session grew with the model; with both off, 0.08-0.16 GB at any depth,
@@ -52,7 +65,11 @@ def make_session(path: Path | str | bytes, constant_folding: bool = True, thread
         options.enable_cpu_mem_arena = False
         map_large_allocations()  # without the arena, freed buffers are glibc's: have them returned (malloc.py)
     source = path if isinstance(path, bytes) else str(path)
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
+    session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"],
+                                   disabled_optimizers=[] if fold else ["ConstantFolding"])
+    session.sage_runtime = (ort_op.describe() if native else
+                            f"{ort_op.FUNCTION_BODY}, constant folding {'on' if fold else 'off'}")
+    return session
 
 
 # ----------------------------------------------------------------------------------------------- op level
@@ -238,7 +255,7 @@ def measure_session_memory(path: Path, constant_folding: bool) -> dict:
     loaded = _rss_bytes()
     session.run(["logits"], decoder_feeds(session, np.arange(1, 9, dtype=np.int64)[None]))
     ran = _rss_bytes()
-    return {"constant_folding": constant_folding, "rss_base_mb": base / 2**20,
+    return {"constant_folding": constant_folding, "sage_runtime": session.sage_runtime, "rss_base_mb": base / 2**20,
             "session_load_delta_mb": (loaded - base) / 2**20, "after_run_delta_mb": (ran - base) / 2**20}
 
 
@@ -272,12 +289,13 @@ def run_checks(result, torch_model, tokenizer, eval_text: Path | None = None, ct
                constant_folding: bool = False, release_torch: Callable[[], None] | None = None) -> dict:
     """Every figure for the report, and `failures`: the thresholds it missed (empty when it passed).
 
-    The session does not fold constants by default: folding decodes every packed layer into a dense float32
-    initializer at load time (for SmolLM2-135M, +4,994 MB measured against +295 MB without), so memory would grow
-    with the model; unfolded, each SageBinaryGemm decodes its own weight when it runs and frees it. The price is
-    speed (about 2 s per decoded token for SmolLM2-135M on 2 cores, every packed layer decoded each call), so the
-    comparison is kept short: a prompt, n_new greedy tokens through the KV cache, up to 256 tokens of logits,
-    `n_windows` windows.
+    With the native library built (runtime/ort_op.py), SageBinaryGemm reads the packed bits directly and the
+    session is fast and small. Without it, the function body runs, and the session does not fold constants by
+    default: folding decodes every packed layer into a dense float32 initializer at load time (for SmolLM2-135M,
+    +4,994 MB measured against +295 MB without), so memory would grow with the model; unfolded, each
+    SageBinaryGemm decodes its own weight when it runs and frees it. The price is speed (about 2 s per decoded token
+    for SmolLM2-135M on 2 cores, every packed layer decoded each call), so the comparison is kept short: a prompt,
+    n_new greedy tokens through the KV cache, up to 256 tokens of logits, `n_windows` windows.
 
     PyTorch runs first and ONNX Runtime after. With release_torch, it is called in between, once this function
     holds no reference to the torch model any more, so that the caller can drop the model and its packed layers:
@@ -305,7 +323,8 @@ def run_checks(result, torch_model, tokenizer, eval_text: Path | None = None, ct
                    "first_mismatch": next((i for i, (a, b) in enumerate(zip(ort_tokens, torch_tokens)) if a != b),
                                           None),
                    "text_ort": tokenizer.decode(ort_tokens)},
-        "session": f"ONNX Runtime CPU, constant folding {'on' if constant_folding else 'off'}",
+        "session": f"ONNX Runtime CPU, SageBinaryGemm by the {session.sage_runtime}",
+        "sage_runtime": "custom_op" if session.sage_runtime.startswith("custom op") else "function_body",
         "thresholds": THRESHOLDS,
     }
     if eval_ids is not None:

@@ -1,7 +1,8 @@
 """SageLinear: a torch module that computes a packed SAGE layer (docs/sage_binary_gemm.md).
 
 On CUDA tensors it calls the CUDA kernels through ctypes (runtime/kernels.py) on the current stream, reading the
-packed bits directly. Elsewhere, or without the kernel library, it decodes Ŵ with torch ops exactly as
+packed bits directly. On CPU tensors it calls the native CPU kernel of the ONNX Runtime custom op the same way
+(runtime/ort_op.py), when it is built and no gradient is needed. Elsewhere it decodes Ŵ with torch ops exactly as
 format.sage_layout.dequantize does and multiplies in float32: the same numbers as the NumPy reference
 (onnx.reference.sage_binary_gemm_packed), only faster.
 """
@@ -13,7 +14,7 @@ import torch
 from torch import nn
 
 from ..format.sage_layout import PackedLinear, decode
-from . import kernels
+from . import kernels, ort_op
 
 _INT_BUFFERS = ("sign_bits", "group_codes", "salient_rowptr", "salient_cols", "salient_q")
 _KERNEL_DTYPES = {torch.float16: kernels.DTYPE_FLOAT16, torch.float32: kernels.DTYPE_FLOAT32}
@@ -70,7 +71,29 @@ class SageLinear(nn.Module):
             raise ValueError(f"expected last dimension {self.in_features}, got shape {tuple(x.shape)}")
         if x.is_cuda and kernels.available():
             return self.forward_cuda(x)
+        # The native CPU kernel has no backward: with a gradient to compute, decode Ŵ with torch ops instead.
+        if x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled()) and ort_op.available():
+            return self.forward_cpu(x)
         return self.forward_reference(x)
+
+    def forward_cpu(self, x: torch.Tensor) -> torch.Tensor:
+        """The native CPU kernel (libsage_ort.so, runtime/ort_op.py) straight from the packed buffers: no dense Ŵ
+        is made. float16/float32 run as they are; other float dtypes (bfloat16) through a float32 copy."""
+        compute_dtype = x.dtype if x.dtype in (torch.float16, torch.float32) else torch.float32
+        x2 = x.detach().reshape(-1, self.in_features).to(compute_dtype).contiguous()
+        y = torch.empty(x2.shape[0], self.out_features, dtype=compute_dtype)
+        bias = None if self.bias is None else self.bias.detach().to(torch.float32).contiguous()
+        pointers = {name: getattr(self, name).data_ptr() for name in _INT_BUFFERS}
+        pointers.update({name: getattr(self, name + "_bits").data_ptr() for name in ("group_scales", "salient_scale")})
+        args = ort_op.make_args(x2.data_ptr(), y.data_ptr(), x2.shape[0], str(compute_dtype).removeprefix("torch."),
+                                pointers, self.salient_cols.numel(), self._attrs(),
+                                0 if bias is None else bias.data_ptr())
+        ort_op.cpu_gemm(args)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def _attrs(self) -> dict[str, int]:
+        return {"in_features": self.in_features, "out_features": self.out_features, "n_groups": self.n_groups,
+                "salient_bits": self.salient_bits}
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """Decode Ŵ (float32) and multiply in float32, on x's device; output in x's dtype."""
