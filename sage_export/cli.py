@@ -56,6 +56,22 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-windows", type=int, help="evaluate only the first N windows (default: all)")
 
 
+def _add_engine_options(p: argparse.ArgumentParser, required: bool) -> None:
+    from .trt.targets import HARDWARE_COMPAT, TARGETS
+
+    g = p.add_argument_group("TensorRT engine")
+    g.add_argument("--target", choices=list(TARGETS), required=required,
+                   help="edge: Jetson Orin sm_87, batch 1, context 2048, CUDA 12 plugin; l40: sm_89, batch up to 16, "
+                        "context 4096; native: this machine's GPU, batch 1, context 2048" +
+                        ("" if required else " (default with --trt: native)"))
+    g.add_argument("--hardware-compat", choices=list(HARDWARE_COMPAT),
+                   help="TensorRT hardware compatibility level (default none; which levels a target allows: "
+                        "docs/engines.md)")
+    g.add_argument("--timing-cache", type=Path,
+                   help="start from this timing cache of an earlier build (each build writes timing.cache beside "
+                        "its engine)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sage-export", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -65,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out", type=Path, required=True, help="output directory (must not exist unless --force)")
     m.add_argument("--force", action="store_true", help="replace an existing output directory")
     m.add_argument("--trt", action="store_true", help="also build a TensorRT engine with the SageBinaryGemm plugin")
+    _add_engine_options(m, required=False)
     m.add_argument("--no-onnx", action="store_true", help="stop after the packed checkpoint and report")
     m.add_argument("--float-dtype", default="float16", choices=["float16", "float32"],
                    help="stored dtype of the unquantized tensors (embeddings, norms; default float16)")
@@ -83,6 +100,22 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("checkpoint", type=Path)
     e.add_argument("--out", type=Path, required=True)
     e.add_argument("--force", action="store_true")
+
+    rw = sub.add_parser("rewrite", help="ONNX from another exporter (torch.onnx, Optimum) + packed checkpoint → "
+                                        "the same graph with SageBinaryGemm nodes + ORT check")
+    rw.add_argument("onnx", type=Path, help="the exported model.onnx (external data beside it is read in place)")
+    rw.add_argument("checkpoint", type=Path, help="packed checkpoint of the same model (sage-export quantize)")
+    rw.add_argument("--out", type=Path, required=True)
+    rw.add_argument("--force", action="store_true")
+    rw.add_argument("--name-map", type=Path,
+                    help="JSON {checkpoint layer: ONNX weight initializer or MatMul/Gemm node name}, for layers "
+                         "that matching by content cannot decide")
+
+    en = sub.add_parser("engine", help="TensorRT engine of an exported ONNX for a deployment target")
+    en.add_argument("onnx", type=Path, help="output directory of `model`, `export` or `rewrite`, or a model.onnx")
+    en.add_argument("--out", type=Path, required=True, help="engine directory (model.engine, its .json, timing.cache)")
+    en.add_argument("--force", action="store_true")
+    _add_engine_options(en, required=True)
 
     ev = sub.add_parser("eval", help="perplexity of a packed checkpoint or a float model")
     ev.add_argument("artifact", nargs="?", help="checkpoint directory, HF directory or .gguf (default: SmolLM2)")

@@ -106,9 +106,9 @@ def cmd_model(args) -> int:
     if getattr(args, "trt", False):
         if method.name != "sage" or args.no_onnx:
             raise UserError("--trt needs --method sage and the ONNX export")
-        from .trt.engine import require_tensorrt
-
-        require_tensorrt()
+        args.engine_plan = plan_engine(args)
+    elif getattr(args, "target", None) or getattr(args, "hardware_compat", None):
+        raise UserError("--target and --hardware-compat need --trt")
     source = resolve_source(args.model)
     with atomic_output_dir(args.out, args.force) as tmp:
         report = run_pipeline(args, source, method, eval_text, calib_text, Path(tmp), do_onnx)
@@ -193,7 +193,7 @@ def _run_stages(timer, args, source, method, eval_text, calib_text, out: Path, d
         rep["onnx"] = export_and_check(loaded, qmodel, out / "onnx", eval_text, args, timer)
     if getattr(args, "trt", False):
         with timer.step("tensorrt"):
-            rep["trt"] = build_trt(out, rep)
+            rep["trt"] = build_trt(out, args.engine_plan)
     return rep
 
 
@@ -226,10 +226,25 @@ def export_and_check(loaded, qmodel, onnx_dir: Path, eval_text: Path | None, arg
     return {"export": result.to_dict(), "checks": checks}
 
 
-def build_trt(out: Path, rep: dict) -> dict:
-    from .trt.engine import build_engine_for_export
+def plan_engine(args) -> dict:
+    """What an engine build needs, checked before any work: TensorRT first (one line where it is missing), then
+    the target, its hardware compatibility level, a timing cache to start from, and a plugin build that suits the
+    target (found or built now, not after the quantization)."""
+    from .trt.engine import require_tensorrt
+    from .trt.plugin import plugin_for_target
+    from .trt.targets import get_target
 
-    return build_engine_for_export(out / "onnx", out / "engine", rep)
+    require_tensorrt()
+    target = get_target(getattr(args, "target", None) or "native")
+    hardware = target.hardware_level(getattr(args, "hardware_compat", None))
+    seed = _existing_file(getattr(args, "timing_cache", None), "timing cache")
+    return {"target": target, "hardware": hardware, "timing_cache_seed": seed, "plugin": plugin_for_target(target)}
+
+
+def build_trt(out: Path, plan: dict) -> dict:
+    from .trt.engine import EngineRequest, build_and_compare
+
+    return build_and_compare(EngineRequest(out / "onnx" / "model.onnx", out / "engine", **plan))
 
 
 def file_sizes(out: Path) -> dict:
@@ -284,6 +299,61 @@ def cmd_export(args) -> int:
             json.dumps({"export": result.to_dict(), "checks": checks}, indent=1, sort_keys=True, default=float))
     print(f"wrote {args.out}")
     return check_verdict(checks, args.out)
+
+
+def cmd_rewrite(args) -> int:
+    """An ONNX from another exporter -> the same graph with SageBinaryGemm nodes (onnx/rewrite.py), checked in
+    ONNX Runtime against the checkpoint's PyTorch model."""
+    from .format.atomic import atomic_output_dir
+    from .format.checkpoint import load_checkpoint
+    from .onnx.rewrite import (check_feedable, check_rewritten, load_structure, plan_rewrite, read_name_map,
+                               write_rewrite)
+    from .pipeline.artifact import load_quantized
+
+    _existing_file(args.onnx, "ONNX model")
+    if not (Path(args.checkpoint) / "manifest.json").is_file():
+        raise UserError(f"not a packed checkpoint (no manifest.json): {args.checkpoint}")
+    name_map = read_name_map(args.name_map)
+    source = load_structure(args.onnx)
+    logits_name = check_feedable(source)
+    if Path(args.out).exists() and not args.force:
+        raise FileExistsError(f"{Path(args.out).absolute()} already exists; pass --force to overwrite it")
+    ckpt = load_checkpoint(args.checkpoint)
+    others = sorted(n for n, r in ckpt.layers.items() if r.method != "sage")
+    if others:
+        raise UserError(f"only SAGE layers become SageBinaryGemm nodes; {others[0]} is {ckpt.layers[others[0]].method}")
+    if not ckpt.layers:
+        raise UserError(f"the checkpoint {args.checkpoint} holds no quantized layer")
+    packed = ckpt.packed_linears()
+    del ckpt
+    plan = plan_rewrite(args.onnx, packed, name_map, source)
+    for m in plan.matches:
+        print(f"{m.layer} -> {m.site.label}: by {m.how}, cosine {m.cosine:.3f}")
+    with atomic_output_dir(args.out, args.force) as tmp:
+        result = write_rewrite(plan, packed, Path(tmp))
+        del plan, packed, source  # the check loads the checkpoint's model; the rewrite's copies are not needed any more
+        gc.collect()
+        model, tokenizer, _ = load_quantized(args.checkpoint)
+        checks = check_rewritten(result, logits_name, model, tokenizer)
+        (Path(tmp) / "check_report.json").write_text(
+            json.dumps({"rewrite": result.to_dict(), "checks": checks}, indent=1, sort_keys=True, default=float))
+    print(f"wrote {args.out}: {result.n_sage_nodes} SageBinaryGemm nodes")
+    return check_verdict(checks, args.out)
+
+
+def cmd_engine(args) -> int:
+    """A TensorRT engine of an exported ONNX (model, export or rewrite output) for a deployment target."""
+    from .format.atomic import atomic_output_dir
+    from .onnx.generate import find_onnx
+    from .trt.engine import EngineRequest, build_and_compare
+
+    plan = plan_engine(args)
+    onnx_path = find_onnx(args.onnx).absolute()
+    with atomic_output_dir(args.out, args.force) as tmp:
+        info = build_and_compare(EngineRequest(onnx_path, Path(tmp), **plan))
+    print(f"wrote {args.out}: engine for {info['target']['name']} ({info['target']['device']}), "
+          f"{info['plugin_layers']} plugin layers, profiles {', '.join(info['profile_order'])}")
+    return 0
 
 
 def cmd_eval(args) -> int:
@@ -362,5 +432,5 @@ def cmd_generate(args) -> int:
 
 def run(args) -> int:
     handlers = {"model": cmd_model, "quantize": cmd_model, "export": cmd_export, "eval": cmd_eval,
-                "inspect": cmd_inspect, "generate": cmd_generate}
+                "inspect": cmd_inspect, "generate": cmd_generate, "rewrite": cmd_rewrite, "engine": cmd_engine}
     return handlers[args.command](args)
