@@ -4,7 +4,8 @@ import itertools
 
 import pytest
 
-from sage_export.quant.budget import BudgetError, Option, allocate, cheapest, fill, neighbours
+from sage_export.quant.budget import BudgetError, Option, allocate, cheapest, fill, floored, neighbours
+from sage_export.quant.config import SageRecipe
 
 
 def table(seed: int, n_weights: int = 1000) -> list[Option]:
@@ -82,3 +83,29 @@ def test_neighbours_bracket_a_grid_value():
     assert neighbours(grid, 0.01) == (0.001, 0.05)
     assert neighbours(grid, 0.0) == (0.0, 0.001)
     assert neighbours(grid, 0.05) == (0.01, 0.05)
+
+
+@pytest.mark.parametrize("min_bits", [1.5, 2.2, 3.0])
+def test_floored_tables_keep_no_option_below_the_floor(min_bits):
+    sizes = [1000] * len(TABLES)
+    kept = floored(TABLES, sizes, min_bits)
+    for table_, full in zip(kept, TABLES):
+        assert table_ and set(table_) <= set(full)
+        assert all(8 * o.nbytes >= min_bits * 1000 for o in table_)
+        assert len(table_) == sum(8 * o.nbytes >= min_bits * 1000 for o in full)
+    a = allocate(kept, N_WEIGHTS, 3.3)
+    assert min(8 * o.nbytes / 1000 for o in a.choices) >= min_bits and a.true_bits <= 3.3
+
+
+def test_a_floor_above_every_option_keeps_the_largest():
+    kept = floored(TABLES, [1000] * len(TABLES), 100.0)
+    assert [t for t in kept] == [[max(t, key=lambda o: (o.nbytes, -o.error))] for t in TABLES]
+
+
+@pytest.mark.parametrize("field,value", [("sensitivity_power", -0.1), ("sensitivity_power", 3), ("floor_gap", -1),
+                                         ("floor_gap", "x"), ("refine_rho", 1)])
+def test_recipe_refuses_bad_new_fields(field, value):
+    from dataclasses import replace
+
+    with pytest.raises(ValueError, match=field):
+        replace(SageRecipe(), **{field: value}).validate()

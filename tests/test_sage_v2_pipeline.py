@@ -2,6 +2,7 @@
 and a budget of B true bits lands within ±0.02 of B with every stored byte counted."""
 
 import copy
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -81,3 +82,75 @@ def test_budget_lands_within_two_hundredths(loaded, measured, target):
     assert groups <= {1, 2, 4, 8, 16}
     assert all("graph_groups" in r.stats and "budget_groups" in r.stats for r in results.values())
     QuantizedModel(method, results, 0, 0.0)  # the harness's container accepts them
+
+
+def finished(loaded, seeds, m, **recipe_fields):
+    """finish_v2 on a copy of the model with the default v2 recipe changed by recipe_fields."""
+    method = Method("sage", {"preset": "v2"})
+    recipe = replace(method.sage_recipe(), **recipe_fields)
+    work = copy.copy(loaded)
+    work.model = copy.deepcopy(loaded.model)
+    with MatrixPool(1) as pool:
+        return finish_v2(work, recipe, method.sage_config(), seeds, m, pool, progress=False, keep_measurements=True)
+
+
+def test_budget_is_a_cap_with_refinement_off(loaded, measured):
+    """refine_rho=False keeps every matrix at the option the budget chose, so the achieved bits are the planned
+    ones: at most the budget and, with fill, at least the budget − 0.02."""
+    seeds, m = measured
+    for target in (2.5, 3.2):
+        results, summary = finished(loaded, seeds, m, bits=target, refine_rho=False)
+        bits = bits_summary(layer_rows(results))["true_bits"]
+        assert bits == pytest.approx(summary["planned_bits"], abs=1e-12)
+        assert target - 0.02 <= bits <= target, (target, bits)
+
+
+def test_compensation_lowers_the_output_error_of_a_layer(loaded, measured):
+    """Compensation must change the stored values and lower ‖X(W − Ŵ)ᵀ‖ on the calibration inputs of a first-block
+    layer (whose inputs quantization cannot change)."""
+    seeds, m = measured
+    name = "model.layers.0.mlp.down_proj"
+    ids, _ = calibration_tokens(loaded, None, 8, 32, seed=0, progress=False)
+    captured = []
+    handle = loaded.model.get_submodule(name).register_forward_hook(lambda mod, inp, out: captured.append(inp[0]))
+    try:
+        with torch.no_grad():
+            loaded.model(ids)
+    finally:
+        handle.remove()
+    x = captured[0].reshape(-1, captured[0].shape[-1]).double().numpy()
+    w = loaded.model.get_submodule(name).weight.detach().double().numpy()
+
+    def output_error(results):
+        return float(np.linalg.norm(x @ (w - results[name].dequantize()).T))
+
+    with_comp, _ = finished(loaded, seeds, m, bits=3.2)
+    without, _ = finished(loaded, seeds, m, bits=3.2, compensate=False)
+    assert output_error(with_comp) < 0.97 * output_error(without)
+
+
+def test_activation_energy_and_sensitivity_reach_option_measurement(loaded, monkeypatch):
+    """The column weights that option measurement sees are s^p·h of the statistics, not None or ones."""
+    import sage_export.pipeline.sage_v2 as v2
+
+    seen = {}
+    real = v2.sage_options
+
+    def spy(w, cfg, groups, rhos, seed, col_weight, *args, **kwargs):
+        seen[w.shape, seed] = col_weight
+        return real(w, cfg, groups, rhos, seed, col_weight, *args, **kwargs)
+
+    monkeypatch.setattr(v2, "sage_options", spy)
+    ids, _ = calibration_tokens(loaded, None, 4, 16, seed=0, progress=False)
+    method = Method("sage", {"preset": "v2"})
+    recipe = replace(method.sage_recipe(), sensitivity_power=0.5)
+    seeds = layer_seeds(loaded, 0)
+    with MatrixPool(1) as pool:
+        m = measure_v2(loaded, recipe, method.sage_config(), seeds, ids, pool, progress=False)
+    linears = quantizable_linears(loaded.model, loaded.architecture)
+    assert len(seen) == len(linears)
+    for name, linear in linears.items():
+        got = seen[tuple(linear.weight.shape), seeds[name]]
+        want = m.stats.input_energy[name] * m.stats.sensitivity[name] ** 0.5
+        assert got is not None and np.ptp(got) > 0
+        np.testing.assert_allclose(got, want, rtol=1e-6)

@@ -44,9 +44,10 @@ class LayerStats:
     block_inputs: list[list[torch.Tensor]] | None = None  # per block, per batch: the block's input (kept on demand)
     block_kwargs: list[dict] | None = None  # per batch: the keyword arguments blocks are called with
 
-    def column_weights(self, name: str, activation: bool = True, sensitivity: bool = True) -> np.ndarray | None:
-        """The error weight of each input column of one layer: s·h (either factor can be left out); None when
-        both are, i.e. data-free."""
+    def column_weights(self, name: str, activation: bool = True, sensitivity: bool = True,
+                       power: float = 1.0) -> np.ndarray | None:
+        """The error weight of each input column of one layer: s^power·h (either factor can be left out); None
+        when both are, i.e. data-free."""
         if not (activation or sensitivity):
             return None
         k = self.input_energy[name].shape[0]
@@ -54,7 +55,7 @@ class LayerStats:
         if sensitivity:
             if self.sensitivity is None:
                 raise ValueError("these statistics were collected without sensitivities")
-            weights = weights * self.sensitivity[name]
+            weights = weights * self.sensitivity[name] ** power
         return weights
 
 

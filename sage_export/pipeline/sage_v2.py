@@ -24,9 +24,9 @@ from tqdm.auto import tqdm
 from ..materialize import apply_dequantized, install_packed
 from ..models import LoadedModel, quantizable_linears
 from ..format.sage_layout import stored_bytes
-from ..quant.budget import Allocation, BudgetError, Option, allocate, neighbours
+from ..quant.budget import Allocation, BudgetError, Option, allocate, floored, neighbours
 from ..quant.compensate import compensate_sage
-from ..quant.config import SageConfig, SageRecipe
+from ..quant.config import V2_MATRIX, SageConfig, SageRecipe
 from ..quant.sage import quantize_sage, sage_options
 from .layer_stats import LayerStats, block_hessians, collect_layer_stats
 from .workers import MatrixPool
@@ -46,17 +46,33 @@ class BudgetPlan:
         return self.allocation.choices[self.names.index(name)]
 
 
-def check_budget(loaded: LoadedModel, recipe: SageRecipe) -> None:
-    """BudgetError, before any long work, when the budget is below the fewest bytes any choice can store (the
-    smallest G and no salient entries in every matrix: one sign bit, group codes, row pointers and scales)."""
+def budget_range(loaded: LoadedModel, recipe: SageRecipe, cfg: SageConfig) -> tuple[float, float]:
+    """The fewest and the most true bits this model's matrices can be stored in under the recipe, from shapes alone:
+    every matrix at its smallest G with no salient entries, and at its largest G with the largest ρ of the grid.
+    With G from the kNN graph, the smallest G is the graph's smallest candidate."""
     linears = quantizable_linears(loaded.model, loaded.architecture)
-    g = min(recipe.group_options)
-    floor = sum(stored_bytes(*linear.weight.shape, g, 0) for linear in linears.values())
-    n_weights = sum(linear.weight.numel() for linear in linears.values())
-    if recipe.bits < 8 * floor / n_weights:
+    g_min = min(cfg.group_candidates) if recipe.group_choice == "graph" else min(recipe.group_options)
+    g_max = max(cfg.group_candidates) if recipe.group_choice == "graph" else max(recipe.group_options)
+    rho_max = max(recipe.rho_grid)
+    shapes = [tuple(linear.weight.shape) for linear in linears.values()]
+    n_weights = sum(n * k for n, k in shapes)
+    low = sum(stored_bytes(n, k, g_min, 0) for n, k in shapes)
+    high = sum(stored_bytes(n, k, g_max, int(round(rho_max * n * k))) for n, k in shapes)
+    return 8 * low / n_weights, 8 * high / n_weights
+
+
+def check_budget(loaded: LoadedModel, recipe: SageRecipe, cfg: SageConfig = V2_MATRIX) -> str | None:
+    """Before any long work: BudgetError when the budget is below the fewest bits any choice can store; a one-line
+    note (returned) when it is above the most the options can use, which the result then stays below."""
+    low, high = budget_range(loaded, recipe, cfg)
+    if recipe.bits < low:
+        g = min(cfg.group_candidates) if recipe.group_choice == "graph" else min(recipe.group_options)
         raise BudgetError(f"a budget of {recipe.bits:g} bits per weight is below the smallest this model's layers "
-                          f"can be stored in ({8 * floor / n_weights:.3f} true bits with G={g} and no salient "
-                          "weights)")
+                          f"can be stored in ({low:.3f} true bits with G={g} and no salient weights)")
+    if recipe.bits > high:
+        return (f"note: a budget of {recipe.bits:g} bits per weight is above the most SAGE's options store for this "
+                f"model (about {high:.3f} true bits); the result will use less")
+    return None
 
 
 def _measure(item: tuple) -> tuple[list[Option], object]:
@@ -83,6 +99,7 @@ class Measurements:
     graph_groups: dict[str, object]  # GroupChoice per matrix
     n_weights: int
     timings: dict
+    sizes: list[int] | None = None  # weights per matrix, in the order of names
 
 
 def measure_v2(loaded: LoadedModel, recipe: SageRecipe, cfg: SageConfig, seeds: dict[str, int],
@@ -101,7 +118,8 @@ def measure_v2(loaded: LoadedModel, recipe: SageRecipe, cfg: SageConfig, seeds: 
     start = time.perf_counter()
     linears = quantizable_linears(loaded.model, loaded.architecture)
     weighted = stats is not None and (recipe.activation_weighting or recipe.layer_sensitivity)
-    weights = {name: stats.column_weights(name, recipe.activation_weighting, recipe.layer_sensitivity)
+    weights = {name: stats.column_weights(name, recipe.activation_weighting, recipe.layer_sensitivity,
+                                          recipe.sensitivity_power)
                if weighted else None for name in linears}
     items = ((loaded.weight(name), cfg, recipe, seeds[name], weights[name]) for name in linears)
     measured = list(tqdm(pool.map(_measure, items), total=len(linears), desc="quantize: measuring options",
@@ -109,12 +127,19 @@ def measure_v2(loaded: LoadedModel, recipe: SageRecipe, cfg: SageConfig, seeds: 
     timings["options_s"] = round(time.perf_counter() - start, 1)
     return Measurements(stats, list(linears), [options for options, _ in measured], weights,
                         {name: proposal for name, (_, proposal) in zip(linears, measured)},
-                        sum(linear.weight.numel() for linear in linears.values()), timings)
+                        sum(linear.weight.numel() for linear in linears.values()), timings,
+                        [linear.weight.numel() for linear in linears.values()])
 
 
-def plan_budget(measurements: Measurements, seeds: dict, bits: float) -> BudgetPlan:
-    """Step 3: one option per matrix under the bit budget."""
-    allocation = allocate(measurements.tables, measurements.n_weights, bits)
+def plan_budget(measurements: Measurements, seeds: dict, bits: float, floor_gap: float | None = None) -> BudgetPlan:
+    """Step 3: one option per matrix under the bit budget; with floor_gap, none below bits − floor_gap true bits
+    (when the options allow it: otherwise without the floor)."""
+    tables = measurements.tables
+    if floor_gap is not None:
+        candidate = floored(tables, measurements.sizes, bits - floor_gap)
+        if sum(min(o.nbytes for o in t) for t in candidate) <= bits * measurements.n_weights / 8:
+            tables = candidate
+    allocation = allocate(tables, measurements.n_weights, bits)
     return BudgetPlan(allocation, measurements.names, measurements.weights, seeds, measurements.graph_groups)
 
 
@@ -123,6 +148,8 @@ def search_config(cfg: SageConfig, recipe: SageRecipe, option: Option, price: fl
     ρ at the budget's price (or, without a price, over the whole ρ interval on error alone, as the paper does)."""
     if not recipe.price_rho:
         return replace(cfg, fixed_groups=option.n_groups, rho_price=0.0)
+    if not recipe.refine_rho:
+        return replace(cfg, fixed_groups=option.n_groups, fixed_rho=option.rho)
     lo, hi = neighbours(recipe.rho_grid, option.rho)
     if lo == hi:
         return replace(cfg, fixed_groups=option.n_groups, fixed_rho=option.rho)
@@ -162,7 +189,7 @@ def finish_v2(loaded: LoadedModel, recipe: SageRecipe, cfg: SageConfig, seeds: d
     measurements were taken on)."""
     timings = dict(measurements.timings)
     start = time.perf_counter()
-    plan = plan_budget(measurements, seeds, recipe.bits)
+    plan = plan_budget(measurements, seeds, recipe.bits, recipe.floor_gap)
     stats = measurements.stats
     linears = quantizable_linears(loaded.model, loaded.architecture)
 

@@ -116,6 +116,16 @@ def fill(allocation: Allocation, tables: Sequence[Sequence[Option]], target_byte
         choices[i] = o
 
 
+def floored(tables: Sequence[Sequence[Option]], sizes: Sequence[int], min_bits: float) -> list[list[Option]]:
+    """Each table without its options below min_bits true bits (weights of the matrix: sizes[i]). A table with no
+    option that high keeps its largest one, so every matrix still has a choice."""
+    out = []
+    for table, size in zip(tables, sizes):
+        kept = [o for o in table if 8 * o.nbytes >= min_bits * size]
+        out.append(kept or [max(table, key=lambda o: (o.nbytes, -o.error))])
+    return out
+
+
 def neighbours(grid: Sequence[float], value: float) -> tuple[float, float]:
     """The grid points either side of a grid value (the value itself at either end): the bracket within which
     a finer search may move a choice made on the grid."""

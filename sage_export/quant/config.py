@@ -185,8 +185,17 @@ class SageRecipe:
     rho_grid: tuple[float, ...] = RHO_GRID
     activation_weighting: bool = True  # weight every error by the input channel's h_k = E[x_k²]
     layer_sensitivity: bool = True  # weight each layer's error by its measured loss sensitivity
+    # ... raised to this power: 1 takes the one-pass estimate at face value; below 1 shrinks its spread between
+    # layers (a noisy estimate then moves fewer bits), 0 ignores it.
+    sensitivity_power: float = 1.0
+    # No matrix is given fewer than bits − floor_gap true bits (None: no floor). The budget then cannot buy a few
+    # matrices' precision by pushing others far below the average, where the error model is least reliable.
+    floor_gap: float | None = None
     group_choice: str = "budget"  # "graph": G from the kNN graph (SPEC §2.2), the budget only sets ρ
     price_rho: bool = True  # the ρ search minimises error + price·bytes; False: error alone (the paper)
+    # Refine each matrix's ρ by Brent between its grid neighbours (at the budget's price). Off: ρ stays at the grid
+    # point the budget chose, so the achieved bits are the planned ones exactly.
+    refine_rho: bool = True
     compensate: bool = True  # GPTQ-style compensation with the chosen codebook
     act_order: bool = True  # ... handling columns by decreasing h first
     # Options are measured on this fraction of each matrix's rows (at least option_min_rows): see sage_options;
@@ -214,6 +223,10 @@ class SageRecipe:
             raise ValueError(f"SAGE recipe: rho_grid must be distinct numbers in [0, 1), got {grid!r}")
         if not _is_number(self.option_rows) or not 0 < self.option_rows <= 1:
             raise ValueError(f"SAGE recipe: option_rows must be in (0, 1], got {self.option_rows!r}")
+        if not _is_number(self.sensitivity_power) or not 0 <= self.sensitivity_power <= 2:
+            raise ValueError(f"SAGE recipe: sensitivity_power must be in [0, 2], got {self.sensitivity_power!r}")
+        if self.floor_gap is not None and (not _is_number(self.floor_gap) or not self.floor_gap >= 0):
+            raise ValueError(f"SAGE recipe: floor_gap must be a number >= 0 or null, got {self.floor_gap!r}")
         if not _is_number(self.option_lloyd_tol) or not 0 <= self.option_lloyd_tol < 1:
             raise ValueError(f"SAGE recipe: option_lloyd_tol must be in [0, 1), got {self.option_lloyd_tol!r}")
         if not _is_int(self.option_min_rows) or self.option_min_rows < 1:
@@ -221,7 +234,8 @@ class SageRecipe:
         if self.group_choice not in GROUP_CHOICES:
             raise ValueError(f"SAGE recipe: group_choice must be one of {', '.join(GROUP_CHOICES)}, "
                              f"got {self.group_choice!r}")
-        for name in ("activation_weighting", "layer_sensitivity", "price_rho", "compensate", "act_order"):
+        for name in ("activation_weighting", "layer_sensitivity", "price_rho", "refine_rho", "compensate",
+                     "act_order"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"SAGE recipe: {name} must be true or false, got {getattr(self, name)!r}")
 

@@ -1,0 +1,196 @@
+"""Screen SAGE v2 recipe variants on one model without re-measuring it for each: the dev-data loop of issue 21.
+
+`measure` runs steps 1-2 of v2 once (calibration tokens, layer statistics, every matrix's options) and saves them.
+`plan` prints, instantly, where each variant's budget puts the bits (G and true bits per layer type).
+`finish` quantizes a fresh copy of the model with a variant (ρ search and compensation on the saved statistics)
+and scores it on the texts given. Choices are made on `--dev-text` texts; `--test-text` texts are scored in the same
+run so that the chosen row needs no second quantization, and are kept apart in the JSON ("role": "test").
+
+Variants are recipe fields, `name:key=value,...` (e.g. `floor:floor_gap=0.5`). sensitivity_power is applied to the
+saved measurements exactly: a matrix's errors and column weights all carry the same factor s, so changing the power
+from p0 to p multiplies them by s^(p − p0).
+
+    python tools/screen_v2.py measure --model M.gguf --out out/screen/qwen.pt
+    python tools/screen_v2.py plan out/screen/qwen.pt base: floor:floor_gap=0.5
+    python tools/screen_v2.py finish out/screen/qwen.pt floor:floor_gap=0.5 --model M.gguf \\
+        --dev-text wiki-valid:../shared/data/wikitext2/wiki.valid.tokens --out benchmarks/screen_v2.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import shlex
+import sys
+import time
+from collections import Counter, defaultdict
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from sage_export.models import load_model  # noqa: E402
+from sage_export.quant.config import V2_MATRIX, SageRecipe  # noqa: E402
+
+from bench_texts import git_commit, machine_name, text_entry  # noqa: E402
+
+
+def parse_variant(spec: str) -> tuple[str, dict]:
+    name, _, body = spec.partition(":")
+    fields = {}
+    for item in filter(None, body.split(",")):
+        key, _, value = item.partition("=")
+        fields[key] = None if value == "none" else json.loads(value)
+    return name, fields
+
+
+def recipe_for(base: SageRecipe, fields: dict) -> SageRecipe:
+    recipe = replace(base, **fields)
+    recipe.validate()
+    return recipe
+
+
+def reweighted(measurements, p0: float, p: float):
+    """The measurements as if taken with sensitivity power p instead of p0 (see the module docstring)."""
+    if p == p0:
+        return measurements
+    sens = measurements.stats.sensitivity
+    factor = {name: sens[name] ** (p - p0) for name in measurements.names}
+    tables = [[replace(o, error=o.error * factor[name]) for o in table]
+              for name, table in zip(measurements.names, measurements.tables)]
+    weights = {name: None if w is None else w * factor[name] for name, w in measurements.weights.items()}
+    return replace(measurements, tables=tables, weights=weights)
+
+
+def layer_type(name: str) -> str:
+    return name.rsplit(".", 1)[-1]
+
+
+def allocation_summary(measurements, plan) -> dict:
+    """Per layer type: G counts and mean true bits of the budget's choices."""
+    groups, nbytes, sizes = defaultdict(Counter), Counter(), Counter()
+    for name, option, size in zip(measurements.names, plan.allocation.choices, measurements.sizes):
+        kind = layer_type(name)
+        groups[kind][option.n_groups] += 1
+        nbytes[kind] += option.nbytes
+        sizes[kind] += size
+    return {kind: {"G": dict(sorted(groups[kind].items())), "true_bits": round(8 * nbytes[kind] / sizes[kind], 3)}
+            for kind in groups}
+
+
+def cmd_measure(args) -> int:
+    from sage_export.pipeline.calibration import calibration_tokens
+    from sage_export.pipeline.quantize import layer_seeds
+    from sage_export.pipeline.sage_v2 import measure_v2
+    from sage_export.pipeline.workers import MatrixPool
+
+    recipe = SageRecipe()
+    loaded = load_model(args.model)
+    calib, calib_info = calibration_tokens(loaded, args.calib_text, args.calib_samples, args.calib_seqlen, args.seed)
+    seeds = layer_seeds(loaded, args.seed)
+    with MatrixPool() as pool:
+        measurements = measure_v2(loaded, recipe, V2_MATRIX, seeds, calib, pool)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".tmp")
+    torch.save({"measurements": measurements, "seeds": seeds, "calib_info": calib_info, "model": str(args.model),
+                "recipe": recipe.to_dict(), "seed": args.seed}, tmp)
+    tmp.replace(args.out)
+    print(f"saved {args.out}: {measurements.timings}")
+    return 0
+
+
+def load_saved(path: Path) -> dict:
+    return torch.load(path, weights_only=False)
+
+
+def planned(saved: dict, fields: dict):
+    from sage_export.pipeline.sage_v2 import plan_budget
+
+    recipe = recipe_for(SageRecipe(**saved["recipe"]), fields)
+    measurements = reweighted(saved["measurements"], saved["recipe"]["sensitivity_power"], recipe.sensitivity_power)
+    return recipe, measurements, plan_budget(measurements, saved["seeds"], recipe.bits, recipe.floor_gap)
+
+
+def cmd_plan(args) -> int:
+    saved = load_saved(args.saved)
+    for spec in args.variants:
+        name, fields = parse_variant(spec)
+        _, measurements, plan = planned(saved, fields)
+        print(f"{name} {fields}: planned {plan.allocation.true_bits:.3f} true bits")
+        for kind, row in allocation_summary(measurements, plan).items():
+            print(f"  {kind:10s} {row['true_bits']:.3f}  G {row['G']}")
+    return 0
+
+
+def cmd_finish(args) -> int:
+    from sage_export.eval.perplexity import perplexity
+    from sage_export.pipeline.sage_v2 import finish_v2
+    from sage_export.pipeline.workers import MatrixPool
+
+    saved = load_saved(args.saved)
+    name, fields = parse_variant(args.variant)
+    recipe, measurements, plan = planned(saved, fields)
+    loaded = load_model(args.model)
+    texts = [dict(text_entry("wiki" if "wiki" in label else "code", path, loaded.tokenizer), label=label, role=role)
+             for role, specs in (("dev", args.dev_text), ("test", args.test_text)) for label, path in specs]
+    start = time.perf_counter()
+    with MatrixPool() as pool:
+        _, summary = finish_v2(loaded, recipe, V2_MATRIX, saved["seeds"], measurements, pool, keep_measurements=True)
+    finish_s = time.perf_counter() - start
+    stamp = {"machine": machine_name(), "date": dt.date.today().isoformat(), "commit": git_commit(),
+             "command": "python tools/screen_v2.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
+    row = {"variant": name, "fields": fields, "model": Path(args.model).name, "calibration": saved["calib_info"],
+           "true_bits": summary["true_bits"], "budget_bits": recipe.bits, "finish_s": round(finish_s, 1),
+           "by_type": allocation_summary(measurements, plan), "ctx": args.ctx, "windows": args.windows,
+           "scores": [], **stamp}
+    for t in texts:
+        res = perplexity(loaded.model, t["ids"], args.ctx, args.windows, text=t["label"])
+        row["scores"].append({"text": t["label"], "role": t["role"], "sha256": t["sha256"], "ppl": res.ppl,
+                              "n_windows": res.n_windows, "window_nll": res.window_nll})
+        print(f"{name} on {t['label']} ({t['role']}): ppl {res.ppl:.3f}", flush=True)
+    doc = json.loads(args.out.read_text()) if args.out.is_file() else {"rows": []}
+    doc["rows"] = [r for r in doc["rows"] if (r["variant"], r["model"], r["budget_bits"]) !=
+                   (name, row["model"], recipe.bits)] + [row]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=1, default=float) + "\n")
+    return 0
+
+
+def text_spec(spec: str) -> tuple[str, Path]:
+    label, _, path = spec.partition(":")
+    if not Path(path).is_file():
+        raise argparse.ArgumentTypeError(f"no such text: {path}")
+    return label, Path(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("measure")
+    m.add_argument("--model", required=True)
+    m.add_argument("--out", type=Path, required=True)
+    m.add_argument("--calib-text", type=Path)
+    m.add_argument("--calib-samples", type=int, default=32)
+    m.add_argument("--calib-seqlen", type=int, default=128)
+    m.add_argument("--seed", type=int, default=0)
+    pl = sub.add_parser("plan")
+    pl.add_argument("saved", type=Path)
+    pl.add_argument("variants", nargs="+")
+    f = sub.add_parser("finish")
+    f.add_argument("saved", type=Path)
+    f.add_argument("variant")
+    f.add_argument("--model", required=True)
+    f.add_argument("--dev-text", type=text_spec, action="append", default=[])
+    f.add_argument("--test-text", type=text_spec, action="append", default=[])
+    f.add_argument("--ctx", type=int, default=2048)
+    f.add_argument("--windows", type=int, default=2)
+    f.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+    return {"measure": cmd_measure, "plan": cmd_plan, "finish": cmd_finish}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
