@@ -145,6 +145,7 @@ def _run_stages(timer, args, source, method, eval_text, calib_text, out: Path, d
     from .models import choose_streaming, load_model
     from .pipeline.artifact import deterministic_info, round_float_params, write_checkpoint
     from .pipeline.calibration import calibration_tokens
+    from .pipeline.guard import held_out_rows, score_after, score_before, warning_line
     from .pipeline.quantize import quantize_model
     from .report.build import bits_summary, layer_rows
 
@@ -158,16 +159,31 @@ def _run_stages(timer, args, source, method, eval_text, calib_text, out: Path, d
         from .pipeline.sage_v2 import check_budget
 
         try:
-            check_budget(loaded, method.sage_recipe())
+            note = check_budget(loaded, method.sage_recipe(), method.sage_config())
         except ValueError as exc:
             raise UserError(str(exc)) from None
-    calib, calib_info = None, None
+        if note:
+            print(note, file=sys.stderr)
+    calib, calib_info, guard = None, None, None
     if method.needs_calibration:
+        held_rows = held_out_rows(args.calib_samples) if method.preset == "v2" else 0
         with timer.step("calibration_text"):
-            calib, calib_info = calibration_tokens(loaded, calib_text, args.calib_samples, args.calib_seqlen,
-                                                   args.seed)
+            calib, calib_info = calibration_tokens(loaded, calib_text, args.calib_samples + held_rows,
+                                                   args.calib_seqlen, args.seed)
+        if held_rows:
+            calib, held = calib[:args.calib_samples], calib[args.calib_samples:]
+            calib_info = dict(calib_info, samples=args.calib_samples, tokens=int(calib.numel()),
+                              held_out_samples=held_rows)
+            with timer.step("guard_fp_rtn"):
+                guard = score_before(loaded, held, method.sage_recipe().bits)
     with timer.step("quantize"):
         qmodel = quantize_model(loaded, method, args.seed, calib, calib_info, jobs=args.jobs)
+    if guard is not None:
+        with timer.step("guard_result"):
+            guard = score_after(loaded.model, held, guard, qmodel.budget["true_bits"])
+        line = warning_line(guard)
+        if line:
+            print(line, file=sys.stderr)
     round_float_params(loaded.model, list(qmodel.layers), args.float_dtype)
     meta = {"model": source.description, "model_type": source.model_type, "method": method.to_dict(),
             "seed": args.seed, "calibration": deterministic_info(calib_info), "budget": deterministic_info(qmodel.budget),
@@ -177,7 +193,7 @@ def _run_stages(timer, args, source, method, eval_text, calib_text, out: Path, d
     rep = {"model": {"description": source.description, "model_type": source.model_type, "kind": source.kind,
                      "streamed": loaded.streamed},
            "method": method.to_dict(), "seed": args.seed, "calibration": calib_info, "budget": qmodel.budget,
-           "float_dtype": args.float_dtype, "layers": layer_rows(qmodel.layers)}
+           "float_dtype": args.float_dtype, "layers": layer_rows(qmodel.layers), "guard": guard}
     rep["bits"] = bits_summary(rep["layers"])
     with timer.step("samples"):
         from .eval.samples import PROMPTS, greedy_continuations

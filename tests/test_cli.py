@@ -62,6 +62,10 @@ def test_model_command_writes_every_artifact(tiny_run):
     assert "budget 3.20 true bits" in md and "text the model sampled itself" in md
     assert "Does it still talk?" in md and "*The capital of France is* →" in md
     assert [s["prompt"] for s in rep["samples"]][0] == "The capital of France is"
+    guard = rep["guard"]  # every v2 report carries the guard's three figures
+    assert guard["held_out"]["rows"] == 2 and guard["fp_ppl"] > 1 and guard["sage_ppl"] > 1
+    assert guard["rtn"]["ppl"] > 1 and guard["rtn"]["true_bits"] <= rep["bits"]["true_bits"]
+    assert "## Guard" in md and f"{guard['sage_ppl']:.3f}" in md
     for png in ("bits_per_layer.png", "groups_rho_per_layer.png", "error_per_layer.png"):
         data = (tiny_run / "plots" / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
@@ -259,9 +263,10 @@ def test_bad_quantizer_option(tiny_llama_dir, tmp_path):
     (["--method", "rtn", "--bits", "3"], "--code-bits"),
     (["--bits", "0"], "invalid quantizer options"),
     (["--bits", "0.6"], "below the smallest"),
+    (["--graph-groups", "--bits", "2.0"], "with G=2"),  # the graph's smallest G is 2: its floor is higher
     (["--method", "gptq", "--stream", "yes"], "gptq cannot stream"),
 ], ids=["paper-flag-on-v2", "budget-on-paper", "switch-on-paper", "bits-on-rtn", "zero-budget", "budget-too-low",
-        "stream-gptq"])
+        "budget-too-low-for-graph-groups", "stream-gptq"])
 def test_flags_that_do_not_go_together(tiny_llama_dir, tmp_path, flags, message):
     proc = run_cli("model", tiny_llama_dir, "--out", tmp_path / "o", *flags)
     assert_one_line_error(proc, message)
@@ -294,6 +299,18 @@ def test_interrupt_midway_leaves_nothing(tiny_llama_dir, tmp_path, monkeypatch, 
     assert main(["model", str(tiny_llama_dir), "--out", str(tmp_path / "o"), *FAST]) == 130
     assert "interrupted" in capsys.readouterr().err
     assert leftovers(tmp_path) == []
+
+
+def test_budget_above_the_ceiling_is_said_in_one_line_before_the_work(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    import sage_export.pipeline.sage_v2 as v2
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(v2, "quantize_v2", interrupted)
+    assert main(["model", str(tiny_llama_dir), "--out", str(tmp_path / "o"), "--bits", "9", *FAST]) == 130
+    notes = [l for l in message_lines(capsys.readouterr().err) if l.startswith("note:")]
+    assert len(notes) == 1 and "above the most" in notes[0] and "true bits" in notes[0]
 
 
 def test_inspect_reads_a_run(tiny_run, capsys):

@@ -106,6 +106,8 @@ def render_markdown(rep: dict, plots: list[str]) -> str:
            f"({b['fp16_bytes'] / b['packed_bytes']:.1f}× smaller).", ""]
     if rep.get("files"):
         out += ["| file | bytes |", "|---|---|"] + [f"| {k} | {v:,} |" for k, v in rep["files"].items()] + [""]
+    if rep.get("guard"):
+        out += guard_section(rep["guard"])
     if rep.get("perplexity"):
         p = rep["perplexity"]
         out += [f"Perplexity on {p['text']}, ctx {p['ctx']}, {p['n_windows']} windows: **{p['ppl']:.3f}** "
@@ -138,6 +140,28 @@ def render_markdown(rep: dict, plots: list[str]) -> str:
     out += [f"| {k} | {v:.1f} | {peaks[k]:,.0f} |" if k in peaks else f"| {k} | {v:.1f} | |"
             for k, v in rep.get("timings", {}).items()]
     return "\n".join(out) + "\n"
+
+
+def guard_section(guard: dict) -> list[str]:
+    """The three guard figures (pipeline/guard.py) as a small table, and the verdict in words."""
+    held, rtn = guard["held_out"], guard.get("rtn")
+    rows = [("FP (unquantized)", "32", guard["fp_ppl"]),
+            ("this result (SAGE v2)", f"{guard['sage_true_bits']:.3f}", guard["sage_ppl"])]
+    if rtn:
+        rows.append((f"RTN w{rtn['bits']}g{rtn['group_size']}", f"{rtn['true_bits']:.3f}", rtn["ppl"]))
+    out = ["## Guard: SAGE against plain RTN on held-out calibration tokens", "",
+           f"{held['rows']} calibration rows ({held['tokens_scored']:,} scored tokens) were held out of the "
+           f"calibration and scored by each model ({guard['time_s']:.0f} s).", "",
+           "| model | true bits | perplexity |", "|---|---|---|"]
+    out += [f"| {name} | {bits} | {ppl:.3f} |" for name, bits, ppl in rows] + [""]
+    if rtn is None:
+        out += ["No uniform RTN setting stores as few bits as this budget: no comparison.", ""]
+    elif guard["beats_rtn"]:
+        out += ["SAGE beats RTN at equal or fewer bits here.", ""]
+    else:
+        out += ["**SAGE does worse than RTN at equal or fewer bits here**: on this model, prefer "
+                f"`--method rtn --code-bits {rtn['bits']} --group-size {rtn['group_size']}` or a higher budget.", ""]
+    return out
 
 
 def _check_verdict(checks: dict) -> str:
