@@ -154,3 +154,17 @@ def test_activation_energy_and_sensitivity_reach_option_measurement(loaded, monk
         want = m.stats.input_energy[name] * m.stats.sensitivity[name] ** 0.5
         assert got is not None and np.ptp(got) > 0
         np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_compensation_skips_matrices_with_too_few_tokens_per_column(loaded, measured):
+    """With compensate_min_tokens_per_column above tokens / K, a matrix is left as the ρ search made it."""
+    seeds, m = measured
+    k_mlp = loaded.model.config.intermediate_size  # down_proj's K, the widest input
+    ratio = m.stats.tokens / k_mlp + 0.5  # down_proj falls below, the hidden-size inputs stay above
+    assert m.stats.tokens >= ratio * loaded.model.config.hidden_size
+    gated, _ = finished(loaded, seeds, m, bits=3.2, compensate_min_tokens_per_column=ratio)
+    full, _ = finished(loaded, seeds, m, bits=3.2)
+    off, _ = finished(loaded, seeds, m, bits=3.2, compensate=False)
+    for name in gated:
+        want = off if name.endswith("down_proj") else full
+        np.testing.assert_array_equal(gated[name].dequantize(), want[name].dequantize(), err_msg=name)

@@ -14,6 +14,7 @@ from p0 to p multiplies them by s^(p − p0).
     python tools/screen_v2.py plan out/screen/qwen.pt base: floor:floor_gap=0.5
     python tools/screen_v2.py finish out/screen/qwen.pt floor:floor_gap=0.5 --model M.gguf \\
         --dev-text wiki-valid:../shared/data/wikitext2/wiki.valid.tokens --out benchmarks/screen_v2.json
+    python tools/screen_v2.py table benchmarks/screen_v2.json    # -> benchmarks/screen_v2.md
 """
 
 from __future__ import annotations
@@ -159,6 +160,52 @@ def cmd_finish(args) -> int:
     return 0
 
 
+def render_md(doc: dict) -> str:
+    """The screened variants as one table: dev texts first (where choices are made), test texts after."""
+    rows = doc["rows"]
+    labels = list(dict.fromkeys((sc["role"], sc["text"]) for r in rows for sc in r["scores"]))
+    labels.sort(key=lambda rl: rl[0] != "dev")
+    out = ["# SAGE v2 recipe variants screened on one model (tools/screen_v2.py)", "",
+           "Each variant is finished from the same saved measurement (calibration tokens, statistics, options) and "
+           "scored by perplexity over the first windows of each text (non-overlapping, ctx tokens). Choices are made "
+           "on the **dev** texts only; test texts are scored in the same run so that a chosen row needs no second "
+           "quantization. *true bits*: every stored byte of the quantized Linears × 8 / weights.", "",
+           "| model | variant | recipe fields | calibration | true bits | "
+           + " | ".join(f"{text} ({role})" for role, text in labels) + " |",
+           "|---|---|---|---|---|" + "---|" * len(labels)]
+    for r in rows:
+        ppl = {(sc["role"], sc["text"]): sc["ppl"] for sc in r["scores"]}
+        cal = r["calibration"]
+        cal_label = f"{cal.get('source', '?')} {cal.get('samples', '?')}×{cal.get('seqlen', '?')}"
+        fields = ", ".join(f"{k}={v}" for k, v in r["fields"].items()) or "(default recipe)"
+        out.append(f"| {r['model']} | {r['variant']} | {fields} | {cal_label} | {r['true_bits']:.3f} | "
+                   + " | ".join(f"{ppl[lab]:.3f}" if lab in ppl else "—" for lab in labels) + " |")
+    first = rows[0] if rows else None
+    if first:
+        out += ["", f"Windows: {first['windows']} × ctx {first['ctx']} per text."]
+    out += ["", "Allocation per layer type (true bits, G: matrices):", ""]
+    for r in rows:
+        kinds = "; ".join(f"{k} {v['true_bits']:.2f} ({', '.join(f'G{g}: {n}' for g, n in v['G'].items())})"
+                          for k, v in r["by_type"].items())
+        out.append(f"- {r['variant']}: {kinds}")
+    if doc.get("notes"):
+        out += ["", "Notes:", ""] + [f"- {note}" for note in doc["notes"]]
+    out += ["", "Measured with:", ""]
+    out += [f"- `{r['command']}` ({r['machine']}, {r['date']}, commit {r['commit']}, finish {r['finish_s']:.0f} s)"
+            for r in rows]
+    return "\n".join(out) + "\n"
+
+
+def cmd_table(args) -> int:
+    doc = json.loads(args.json.read_text())
+    if args.note:
+        doc["notes"] = args.note
+        args.json.write_text(json.dumps(doc, indent=1, default=float) + "\n")
+    args.json.with_suffix(".md").write_text(render_md(doc))
+    print(f"wrote {args.json.with_suffix('.md')}")
+    return 0
+
+
 def text_spec(spec: str) -> tuple[str, Path]:
     label, _, path = spec.partition(":")
     if not Path(path).is_file():
@@ -188,8 +235,11 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--ctx", type=int, default=2048)
     f.add_argument("--windows", type=int, default=2)
     f.add_argument("--out", type=Path, required=True)
+    t = sub.add_parser("table", help="write the .md beside a finish JSON")
+    t.add_argument("json", type=Path)
+    t.add_argument("--note", action="append", help="a line for the notes (replaces the notes in the JSON)")
     args = p.parse_args(argv)
-    return {"measure": cmd_measure, "plan": cmd_plan, "finish": cmd_finish}[args.cmd](args)
+    return {"measure": cmd_measure, "plan": cmd_plan, "finish": cmd_finish, "table": cmd_table}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -157,6 +157,12 @@ def search_config(cfg: SageConfig, recipe: SageRecipe, option: Option, price: fl
                    brent_xatol=(hi - lo) / 32)
 
 
+def compensated(recipe: SageRecipe, stats: LayerStats | None, in_features: int) -> bool:
+    """Whether step 5 runs for a matrix: enough calibration tokens per input column for XᵀX to be trusted."""
+    return (recipe.compensate and stats is not None
+            and stats.tokens >= recipe.compensate_min_tokens_per_column * in_features)
+
+
 def _finish(item: tuple):
     """Worker: step 4 (and 5 when a Hessian is given) for one matrix."""
     w, cfg, seed, col_weight, proposal, option, price, hessian, act_order = item
@@ -200,7 +206,9 @@ def finish_v2(loaded: LoadedModel, recipe: SageRecipe, cfg: SageConfig, seeds: d
                         if recipe.compensate else {})
             for name in linears:
                 if name.startswith(f"{loaded.architecture.blocks}.{i}."):
-                    yield _finish_item(plan, recipe, cfg, name, loaded.weight(name), hessians.get(name))
+                    w = loaded.weight(name)
+                    hessian = hessians.get(name) if compensated(recipe, stats, w.shape[1]) else None
+                    yield _finish_item(plan, recipe, cfg, name, w, hessian)
 
     desc = "quantize: ρ search + compensation" if recipe.compensate else "quantize: ρ search"
     results = {}

@@ -197,6 +197,9 @@ class SageRecipe:
     # point the budget chose, so the achieved bits are the planned ones exactly.
     refine_rho: bool = True
     compensate: bool = True  # GPTQ-style compensation with the chosen codebook
+    # ... only for matrices whose calibration has at least this many tokens per input column: below, XᵀX is (near)
+    # rank-deficient and the error feedback fits the calibration tokens rather than the model (0: every matrix).
+    compensate_min_tokens_per_column: float = 0.0
     act_order: bool = True  # ... handling columns by decreasing h first
     # Options are measured on this fraction of each matrix's rows (at least option_min_rows): see sage_options;
     # and their band centres stop once no centre moves more than option_lloyd_tol × the largest. Measured on a
@@ -227,6 +230,9 @@ class SageRecipe:
             raise ValueError(f"SAGE recipe: sensitivity_power must be in [0, 2], got {self.sensitivity_power!r}")
         if self.floor_gap is not None and (not _is_number(self.floor_gap) or not self.floor_gap >= 0):
             raise ValueError(f"SAGE recipe: floor_gap must be a number >= 0 or null, got {self.floor_gap!r}")
+        if not _is_number(self.compensate_min_tokens_per_column) or self.compensate_min_tokens_per_column < 0:
+            raise ValueError("SAGE recipe: compensate_min_tokens_per_column must be a number >= 0, got "
+                             f"{self.compensate_min_tokens_per_column!r}")
         if not _is_number(self.option_lloyd_tol) or not 0 <= self.option_lloyd_tol < 1:
             raise ValueError(f"SAGE recipe: option_lloyd_tol must be in [0, 1), got {self.option_lloyd_tol!r}")
         if not _is_int(self.option_min_rows) or self.option_min_rows < 1:
