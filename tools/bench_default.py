@@ -27,8 +27,8 @@ from bench_quality import machine_name  # noqa: E402
 
 # The console script's code, run from this checkout whatever else is installed.
 # The order the command runs its steps in (the JSON keeps them sorted by name).
-STEP_ORDER = ["load", "calibration_text", "quantize", "write_checkpoint", "samples", "perplexity", "onnx_export",
-              "ort_check", "tensorrt"]
+STEP_ORDER = ["load", "calibration_text", "guard_fp_rtn", "quantize", "guard_result", "write_checkpoint", "samples",
+              "perplexity", "onnx_export", "ort_check", "tensorrt"]
 COMMAND = [sys.executable, "-m", "sage_export.cli", "model", "--out"]
 
 

@@ -140,7 +140,7 @@ def render_md(doc: dict) -> str:
            "Each row: the model (GGUF dequantized to float32), the text, non-overlapping windows of ctx tokens "
            "from the start of the tokenized text, PPL = exp(mean token NLL over the (ctx − 1) predictions of each "
            "window). *true bits*: every stored byte of the quantized decoder Linear layers × 8 / weights (embeddings, "
-           "lm_head and norms stay float32). Code text: Python's standard library, test half "
+           "lm_head and norms stay float32). Code text: Python's standard library, the dev or test half as named "
            "(sage_export/eval/code_text.py; its sha256 and Python version are in each row). Written by "
            "tools/bench_texts.py from the JSON beside this file.", "",
            "| model | text | windows × ctx | tokens | variant | calibration | PPL | true bits | quant time "

@@ -168,8 +168,8 @@ _CHECKS = (_check_choices, _check_graph, _check_quantizer, _check_search, _check
 
 # ------------------------------------------------------------------------------------------------ presets
 
-# ρ grid of the budget's measurements: 0 and 19 points from 0.01 % to 5 % in equal ratios (×1.41 a step); the
-# ρ search then refines the chosen point between its grid neighbours.
+# ρ grid of the budget's measurements: 0 and 19 points from 0.01 % to 5 % in equal ratios (×1.41 a step); with
+# refine_rho the ρ search then refines the chosen point between its grid neighbours.
 RHO_GRID: tuple[float, ...] = (0.0,) + tuple(float(f"{r:.4g}") for r in
                                              [1e-4 * (500 ** (i / 18)) for i in range(19)])
 GROUP_CHOICES = ("budget", "graph")
@@ -195,11 +195,13 @@ class SageRecipe:
     price_rho: bool = True  # the ρ search minimises error + price·bytes; False: error alone (the paper)
     # Refine each matrix's ρ by Brent between its grid neighbours (at the budget's price). Off: ρ stays at the grid
     # point the budget chose, so the achieved bits are the planned ones exactly.
-    refine_rho: bool = True
+    refine_rho: bool = False
     compensate: bool = True  # GPTQ-style compensation with the chosen codebook
     # ... only for matrices whose calibration has at least this many tokens per input column: below, XᵀX is (near)
     # rank-deficient and the error feedback fits the calibration tokens rather than the model (0: every matrix).
-    compensate_min_tokens_per_column: float = 0.0
+    # Chosen on dev data (benchmarks/screen_v2_*.md): at 4 the default 4,096 tokens compensate SmolLM2's K = 576
+    # matrices and none of Qwen2.5-1.5B's (K = 1,536 and 8,960), where compensation made both dev texts worse.
+    compensate_min_tokens_per_column: float = 4.0
     act_order: bool = True  # ... handling columns by decreasing h first
     # Options are measured on this fraction of each matrix's rows (at least option_min_rows): see sage_options;
     # and their band centres stop once no centre moves more than option_lloyd_tol × the largest. Measured on a
