@@ -46,13 +46,18 @@ class BudgetPlan:
         return self.allocation.choices[self.names.index(name)]
 
 
+def group_counts(recipe: SageRecipe, cfg: SageConfig) -> tuple[int, ...]:
+    """The G a matrix can get: the kNN graph's candidates with --graph-groups, else the budget's options."""
+    return cfg.group_candidates if recipe.group_choice == "graph" else recipe.group_options
+
+
 def budget_range(loaded: LoadedModel, recipe: SageRecipe, cfg: SageConfig) -> tuple[float, float]:
     """The fewest and the most true bits this model's matrices can be stored in under the recipe, from shapes alone:
     every matrix at its smallest G with no salient entries, and at its largest G with the largest ρ of the grid.
     With G from the kNN graph, the smallest G is the graph's smallest candidate."""
     linears = quantizable_linears(loaded.model, loaded.architecture)
-    g_min = min(cfg.group_candidates) if recipe.group_choice == "graph" else min(recipe.group_options)
-    g_max = max(cfg.group_candidates) if recipe.group_choice == "graph" else max(recipe.group_options)
+    groups = group_counts(recipe, cfg)
+    g_min, g_max = min(groups), max(groups)
     rho_max = max(recipe.rho_grid)
     shapes = [tuple(linear.weight.shape) for linear in linears.values()]
     n_weights = sum(n * k for n, k in shapes)
@@ -66,9 +71,9 @@ def check_budget(loaded: LoadedModel, recipe: SageRecipe, cfg: SageConfig = V2_M
     note (returned) when it is above the most the options can use, which the result then stays below."""
     low, high = budget_range(loaded, recipe, cfg)
     if recipe.bits < low:
-        g = min(cfg.group_candidates) if recipe.group_choice == "graph" else min(recipe.group_options)
         raise BudgetError(f"a budget of {recipe.bits:g} bits per weight is below the smallest this model's layers "
-                          f"can be stored in ({low:.3f} true bits with G={g} and no salient weights)")
+                          f"can be stored in ({low:.3f} true bits with G={min(group_counts(recipe, cfg))} and no "
+                          "salient weights)")
     if recipe.bits > high:
         return (f"note: a budget of {recipe.bits:g} bits per weight is above the most SAGE's options store for this "
                 f"model (about {high:.3f} true bits); the result will use less")
@@ -135,11 +140,14 @@ def plan_budget(measurements: Measurements, seeds: dict, bits: float, floor_gap:
     """Step 3: one option per matrix under the bit budget; with floor_gap, none below bits − floor_gap true bits
     (when the options allow it: otherwise without the floor)."""
     tables = measurements.tables
+    allocation = None
     if floor_gap is not None:
-        candidate = floored(tables, measurements.sizes, bits - floor_gap)
-        if sum(min(o.nbytes for o in t) for t in candidate) <= bits * measurements.n_weights / 8:
-            tables = candidate
-    allocation = allocate(tables, measurements.n_weights, bits)
+        try:
+            allocation = allocate(floored(tables, measurements.sizes, bits - floor_gap), measurements.n_weights, bits)
+        except BudgetError:  # the floor leaves no choice that fits: allocate without it
+            pass
+    if allocation is None:
+        allocation = allocate(tables, measurements.n_weights, bits)
     return BudgetPlan(allocation, measurements.names, measurements.weights, seeds, measurements.graph_groups)
 
 
