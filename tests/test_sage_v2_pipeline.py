@@ -95,8 +95,8 @@ def finished(loaded, seeds, m, **recipe_fields):
 
 
 def test_budget_is_a_cap_with_refinement_off(loaded, measured):
-    """refine_rho=False (the default) keeps every matrix at the option the budget chose, so the achieved bits are the planned
-    ones: at most the budget and, with fill, at least the budget − 0.02."""
+    """refine_rho=False (the default) keeps every matrix at the option the budget chose, so the achieved bits are
+    the planned ones: at most the budget and, with fill, at least the budget − 0.02."""
     seeds, m = measured
     for target in (2.5, 3.2):
         results, summary = finished(loaded, seeds, m, bits=target, refine_rho=False)
