@@ -35,6 +35,8 @@ def _add_quantizer_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--graph-groups", action="store_true", help="v2 ablation: G from the kNN graph, not the budget")
     g.add_argument("--no-rho-price", action="store_true", help="v2 ablation: ρ search on error alone (no bit price)")
     g.add_argument("--no-compensation", action="store_true", help="v2 ablation: no GPTQ-style compensation")
+    g.add_argument("--row-multipliers", action="store_true",
+                   help="v2 option: fit contract v2's per-row multipliers r_n (not the default: see docs/sage_v2.md)")
     g.add_argument("--code-bits", type=int, default=4, help="rtn/gptq: bits of each code (2, 3, 4)")
     g.add_argument("--group-size", type=int, default=128, help="rtn/gptq group size (32, 64, 128, 256)")
     g.add_argument("--calib-text", type=Path,

@@ -14,7 +14,8 @@ from .errors import UserError
 
 _V2_SWITCHES = {"no_activation_weighting": ("activation_weighting", False),
                 "no_sensitivity": ("layer_sensitivity", False), "graph_groups": ("group_choice", "graph"),
-                "no_rho_price": ("price_rho", False), "no_compensation": ("compensate", False)}
+                "no_rho_price": ("price_rho", False), "no_compensation": ("compensate", False),
+                "row_multipliers": ("row_multipliers", True)}
 _PAPER_ONLY = {"rho_bounds": "--rho-bounds", "fixed_rho": "--fixed-rho", "fixed_groups": "--fixed-groups"}
 
 

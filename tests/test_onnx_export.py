@@ -100,7 +100,7 @@ def test_graph_holds_packed_initializers_not_dense_weights(exported):
     assert {n.domain for n in nodes} == {DOMAIN}
     assert {f"{n.name.split('/')[0]}" for n in nodes} == set(packed)
     assert [f.name for f in model.functions] == [OP_TYPE]
-    assert {o.domain: o.version for o in model.opset_import}[DOMAIN] == 1
+    assert {o.domain: o.version for o in model.opset_import}[DOMAIN] == 2
 
 
 def test_io_names_and_dynamic_axes(exported):

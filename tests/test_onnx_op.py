@@ -81,8 +81,8 @@ def test_node_and_function_carry_the_contract():
     function = model.functions[0]
     assert (function.domain, function.name) == (DOMAIN, OP_TYPE)
     assert {op.domain: op.version for op in function.opset_import} == {"": MIN_OPSET}
-    assert any(op.domain == DOMAIN and op.version == 1 for op in model.opset_import)
-    assert len(function.input) == 9 and list(function.output) == ["Y"]
+    assert any(op.domain == DOMAIN and op.version == 2 for op in model.opset_import)
+    assert len(function.input) == 10 and list(function.output) == ["Y"]
 
 
 def test_function_opset_follows_the_model_and_refuses_old_opsets():

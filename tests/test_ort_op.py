@@ -1,6 +1,7 @@
 """The native SageBinaryGemm (native/ort_sage, loaded by sage_export.runtime.ort_op): against the NumPy reference
 on every kernel path, inside ONNX Runtime sessions, on corrupt packings, on the real SmolLM2 model, and the
-fallback to the function body when the library is absent.
+fallback to the function body when the library is absent. Contract v2: every random layer has row multipliers
+row_scales (input 8) that are not 1.0, zero and negative ones included, and the bias is input 9.
 
 Tolerances: Ŵ is compared bitwise (X = identity gives Y = Ŵᵀ exactly, whatever the summation order). Products
 with random X agree with the reference up to float32 summation order: |Y − Y_ref| ≤ 1e-5 · max|Y_ref| for float32
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sage_export.format.sage_layout import PackedLinear, dequantize, pack_sage, salient_q_limit
+from sage_export.format.sage_layout import PackedLinear, decode, dequantize, pack_sage, salient_q_limit
 from sage_export.onnx.reference import sage_binary_gemm_packed
 from sage_export.runtime import ort_op
 
@@ -41,6 +42,17 @@ def rel_err(got: np.ndarray, ref: np.ndarray) -> float:
     return float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-30)) if ref.size else 0.0
 
 
+def random_row_scales(rng: np.random.Generator, n: int) -> np.ndarray:
+    """r_n for a test layer: magnitudes 0.25..4 of either sign and, where there are rows enough, 0 and the
+    smallest float16 subnormal (the largest magnitudes are in extreme_row_scales_case: here they would swamp the
+    other rows in the errors relative to max|Y|)."""
+    scales = rng.uniform(0.25, 4.0, n) * rng.choice([-1.0, 1.0], n)
+    special = [0.0, 2.0**-24]
+    if n > 2 * len(special):
+        scales[rng.choice(n, len(special), replace=False)] = special
+    return scales
+
+
 def layer_case(rng: np.random.Generator, n: int, k: int, g: int, density: float, bits: int) -> PackedLinear:
     """A random layer whose sign bits at salient positions are random too: a valid but non-canonical packing,
     which every decoder must read the same way (those bits are never used)."""
@@ -49,7 +61,7 @@ def layer_case(rng: np.random.Generator, n: int, k: int, g: int, density: float,
     packed = pack_sage(signs=rng.random((n, k)) < 0.5, group_index=rng.integers(0, g, (n, k)),
                        group_scales=rng.uniform(0.005, 0.1, g), salient_mask=mask,
                        salient_q=rng.integers(-limit, limit + 1, (n, k)), salient_scale=rng.uniform(0.01, 0.2, n),
-                       salient_bits=bits)
+                       salient_bits=bits, row_scales=random_row_scales(rng, n))
     noise = np.packbits(mask & (rng.random((n, k)) < 0.5), axis=1, bitorder="little").view(np.int8)
     return PackedLinear.from_tensors({**packed.tensors(), "sign_bits": packed.sign_bits ^ noise}, **packed.attrs())
 
@@ -66,12 +78,52 @@ def random_cases(seed: int = 0):
         yield packed, f"N={n} K={k} G={g} b={bits} nnz={packed.nnz}"
 
 
+def extreme_row_scales_case(rng: np.random.Generator) -> PackedLinear:
+    """70 rows (three blocks of the CPU op) whose r_n span float16: ±65504, ±1, 2^-24 (subnormal), 0, ... Rows 0-2
+    hold only salient entries, which ignore r_n."""
+    n, k = 70, 45
+    packed = layer_case(rng, n, k, 6, 0.1, 4)
+    row_scales = np.resize(np.array([65504.0, -65504.0, 1.0, -1.0, 2.0**-24, 0.0, 1024.0, -0.5, 3.0e-3], np.float16),
+                           n)
+    mask = np.zeros((n, k), bool)
+    mask[:3] = True
+    mask[3:] = rng.random((n - 3, k)) < 0.1
+    return pack_sage(signs=rng.random((n, k)) < 0.5, group_index=rng.integers(0, 6, (n, k)),
+                     group_scales=packed.group_scales, salient_mask=mask, salient_q=rng.integers(-7, 8, (n, k)),
+                     salient_scale=rng.uniform(0.01, 0.2, n), salient_bits=4, row_scales=row_scales)
+
+
+def bound_ratio(got: np.ndarray, x: np.ndarray, packed: PackedLinear) -> float:
+    """max |Y − Y_ref| / (1e-5 · |X|·(|Ŵ| + |B|)ᵀ), elementwise, where B is r_n·(±α) at every position, salient
+    ones included: the float32 rounding of each output measured against the terms a kernel may sum, so rows of
+    any r_n are held to the same standard (≤ 1 passes). B is there because the fused decode-step kernel sums the
+    binary value of every position, factors r_n out, and then takes the salient positions' binary values back out
+    (sage_cpu.cpp): its rounding scales with r_n·α even where a row is mostly salient."""
+    tensors = packed.tensors()
+    w = dequantize(packed)
+    binary = decode(packed.in_features, **{**tensors, "salient_rowptr": np.zeros_like(tensors["salient_rowptr"]),
+                                           "salient_cols": np.zeros(0, np.int32), "salient_q": np.zeros(0, np.int8)})
+    ref = x.astype(np.float32) @ w.T
+    scale = np.abs(x.astype(np.float64)) @ (np.abs(w.astype(np.float64)) + np.abs(binary.astype(np.float64))).T
+    return float(np.max(np.abs(got.astype(np.float64) - ref) / (1e-5 * scale + 1e-30)))
+
+
 def agreement_report() -> dict:
     """Run in a subprocess with SAGE_CPU_ISA set: the kernels that process chose, whether every decoded Ŵ was
-    bitwise the reference's, and the worst relative error of Y per X dtype over M = 1 (decode) to 37 (prefill)."""
+    bitwise the reference's, the worst relative error of Y per X dtype over M = 1 (decode) to 37 (prefill), and
+    the worst bound_ratio of a layer with extreme row multipliers (float32 X)."""
     rng = np.random.default_rng(1)
     worst = {"float32": 0.0, "float16": 0.0}
     not_bitwise = []
+    extreme = extreme_row_scales_case(rng)
+    if not np.array_equal(ort_op.gemm_numpy(np.eye(45, dtype=np.float32), extreme.tensors(), extreme.attrs()).T,
+                          dequantize(extreme)):
+        not_bitwise.append("extreme row_scales")
+    extreme_ratio = 0.0
+    for m in (1, 3, 4, 5, 37):
+        x = rng.standard_normal((m, 45)).astype(np.float32)
+        got = ort_op.gemm_numpy(x, extreme.tensors(), extreme.attrs())
+        extreme_ratio = max(extreme_ratio, bound_ratio(got, x, extreme))
     for packed, what in random_cases():
         k, n = packed.in_features, packed.out_features
         eye = ort_op.gemm_numpy(np.eye(k, dtype=np.float32), packed.tensors(), packed.attrs())
@@ -83,7 +135,8 @@ def agreement_report() -> dict:
                 bias = rng.standard_normal(n).astype(np.float32) if len(lead) == 2 else None
                 got = ort_op.gemm_numpy(x, packed.tensors(), packed.attrs(), bias)
                 worst[dtype] = max(worst[dtype], rel_err(got, sage_binary_gemm_packed(x, packed, bias)))
-    return {"isa": ort_op.library().sage_ort_library_info().decode(), "not_bitwise": not_bitwise, "worst": worst}
+    return {"isa": ort_op.library().sage_ort_library_info().decode(), "not_bitwise": not_bitwise, "worst": worst,
+            "extreme_row_scales": extreme_ratio}
 
 
 @pytest.mark.parametrize("isa", ["portable", "avx2", "avx512"])
@@ -100,6 +153,7 @@ def test_every_kernel_path_matches_the_reference(isa):
     assert report["not_bitwise"] == []
     assert report["worst"]["float32"] <= TOL["float32"]
     assert report["worst"]["float16"] <= TOL["float16"]
+    assert report["extreme_row_scales"] <= 1.0
 
 
 @pytest.mark.parametrize("x_dtype", [np.float32, np.float16])
@@ -108,9 +162,12 @@ def test_sessions_run_the_library_and_match_the_reference(x_dtype):
 
     rng = np.random.default_rng(2)
     for packed, what in list(random_cases(3))[::3]:
+        assert not np.all(packed.row_scales == 1)
         for as_inputs in (False, True):
             bias = rng.standard_normal(packed.out_features).astype(np.float32) if as_inputs else None
-            session = make_session(op_model(packed, x_dtype, bias, as_inputs, x_rank=3).SerializeToString())
+            model = op_model(packed, x_dtype, bias, as_inputs, x_rank=3)
+            assert list(model.graph.node[0].input)[8:] == ["row_scales"] + (["bias"] if as_inputs else [])
+            session = make_session(model.SerializeToString())
             assert session.sage_runtime.startswith("custom op"), session.sage_runtime
             for batch, seq in ((1, 1), (2, 19)):
                 x = rng.standard_normal((batch, seq, packed.in_features)).astype(x_dtype)
@@ -190,16 +247,71 @@ def test_a_node_beyond_the_group_cap_fails_at_session_creation(layer):
         make_session(model.SerializeToString(), custom_op=True)
 
 
-def test_misshapen_packed_inputs_are_refused(layer):
+@pytest.mark.parametrize("name, short, message", [
+    ("sign_bits", lambda a: a[:, :-1], "input sign_bits has shape \\[12, 2\\], expected \\[12, 3\\]"),
+    ("row_scales", lambda a: a[:-1], "input row_scales has shape \\[11\\], expected \\[12\\]"),
+    ("bias", lambda a: a[:-1], "input bias has shape \\[11\\], expected \\[12\\]"),
+])
+def test_misshapen_packed_inputs_are_refused(layer, name, short, message):
     from sage_export.onnx.ort_check import make_session, op_model
 
-    model = op_model(layer, np.float32, x_rank=2)
-    for init in model.graph.initializer:  # a sign bitmap one byte short per row, as a stored initializer
-        if init.name == "sign_bits":
-            init.CopyFrom(ort_op_numpy_tensor(layer.sign_bits[:, :-1], "sign_bits"))
+    model = op_model(layer, np.float32, np.ones(12, np.float32), x_rank=2)
+    for init in model.graph.initializer:  # one entry short (a byte a row for the bitmap), as a stored initializer
+        if init.name == name:
+            init.CopyFrom(ort_op_numpy_tensor(short(numpy_helper_to_array(init)), name))
     session = make_session(model.SerializeToString(), custom_op=True)
-    with pytest.raises(Exception, match="input sign_bits has shape \\[12, 2\\], expected \\[12, 3\\]"):
+    with pytest.raises(Exception, match=message):
         session.run(["Y"], {"X": np.ones((1, 21), np.float32)})
+
+
+def test_a_contract_v1_node_is_refused(layer):
+    """Nine inputs with the float32 bias at 8, where v2 has the float16 row_scales: ONNX Runtime refuses the node's
+    types when the session is made, so a v1 graph is never read as v2."""
+    from sage_export.onnx.ort_check import make_session, op_model
+
+    model = op_model(layer, np.float32, np.ones(12, np.float32), x_rank=2)
+    node = model.graph.node[0]
+    inputs = [name for name in node.input if name != "row_scales"]
+    del node.input[:]
+    node.input.extend(inputs)
+    with pytest.raises(Exception, match="bias"):
+        make_session(model.SerializeToString(), custom_op=True)
+
+
+def numpy_helper_to_array(tensor):
+    from onnx import numpy_helper
+
+    return numpy_helper.to_array(tensor)
+
+
+def test_row_scales_must_have_n_entries(layer):
+    with pytest.raises(ValueError, match="row_scales must have N entries"):
+        ort_op.gemm_numpy(np.ones((1, 21), np.float32), corrupted(layer, row_scales=lambda a: a[:-1]), layer.attrs())
+
+
+def test_non_finite_row_scales_give_the_dense_decode():
+    """PackedLinear refuses non-finite scales, but the library reads raw buffers: a row whose r_n is ±inf or NaN must
+    come out as X·Ŵᵀ of the contract's decode, never leak into other rows, on decode steps too. The ±inf rows have
+    every sign bit set (salient positions too) and X > 0, so the reference gives ±inf there, where a kernel that
+    factors r_n out and then takes the salient positions' r_n·α back out would give inf − inf = NaN: the fused
+    kernel must leave such a row's block to the decoding path."""
+    rng = np.random.default_rng(11)
+    layer = layer_case(rng, 70, 45, 6, 0.1, 4)
+    tensors = {name: array.copy() for name, array in layer.tensors().items()}
+    bad_rows = [5, 40, 66]  # one in each 32-row block
+    assert np.all(np.diff(tensors["salient_rowptr"])[bad_rows] > 0)
+    tensors["row_scales"][bad_rows] = np.array([np.nan, np.inf, -np.inf], np.float16)
+    tensors["sign_bits"][bad_rows] = np.array([-1] * 5 + [0x1F], np.int8)  # K = 45: 5 bits in the last byte
+    w = decode(45, **tensors)
+    good = np.setdiff1d(np.arange(70), bad_rows)
+    for m in (1, 3, 8):
+        x = np.abs(rng.standard_normal((m, 45))).astype(np.float32) + 0.01
+        got = ort_op.gemm_numpy(x, tensors, layer.attrs())
+        with np.errstate(invalid="ignore"):
+            ref = x @ w.T
+        assert np.isnan(ref[:, 5]).all() and np.isposinf(ref[:, 40]).all() and np.isneginf(ref[:, 66]).all()
+        assert np.array_equal(got[:, bad_rows], ref[:, bad_rows], equal_nan=True)
+        assert rel_err(got[:, good], ref[:, good]) <= TOL["float32"]
 
 
 def ort_op_numpy_tensor(array, name):
@@ -253,6 +365,29 @@ def test_switched_off_library_is_reported(monkeypatch):
     assert ort_op.describe() == ort_op.FUNCTION_BODY
     with pytest.raises(RuntimeError, match="required but not available"):
         make_session(op_model(random_packed(np.random.default_rng(8), 4, 8, 2)).SerializeToString(), custom_op=True)
+
+
+def test_bench_ort_dense_copy_keeps_row_scales_and_bias(tmp_path):
+    """tools/bench_ort.py's fp32 variant: each node becomes MatMul on the decoded Ŵ (row_scales included, read from
+    input 8) and an Add of the bias at input 9; it must give the op's numbers."""
+    import onnx
+    import onnxruntime as ort
+
+    from sage_export.onnx.ort_check import op_model
+
+    sys.path.insert(0, str(REPO / "tools"))
+    import bench_ort
+
+    rng = np.random.default_rng(12)
+    for bias in (None, rng.standard_normal(20).astype(np.float32)):
+        packed = layer_case(rng, 20, 33, 3, 0.1, 4)
+        onnx.save(op_model(packed, np.float32, bias, x_rank=2), str(tmp_path / "op.onnx"))
+        dense = bench_ort.dense_copy(tmp_path / "op.onnx", tmp_path / "dense")
+        assert "SageBinaryGemm" not in {node.op_type for node in onnx.load(str(dense)).graph.node}
+        session = ort.InferenceSession(str(dense), providers=["CPUExecutionProvider"])
+        x = rng.standard_normal((5, 33)).astype(np.float32)
+        got = session.run(["Y"], {"X": x})[0]
+        assert rel_err(got, sage_binary_gemm_packed(x, packed, bias)) <= TOL["float32"]
 
 
 # ----------------------------------------------------------------------------------------------- SmolLM2

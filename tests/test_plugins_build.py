@@ -4,7 +4,8 @@
 * the plugin's host test (creator, fields, serialization round trip, shapes, formats) passes;
 * the ctypes binding matches the launch API;
 * every kernel path, run by the CPU emulator of plugins/tests/cuda_emulator.h, matches the NumPy reference (and
-  every case runs on the bandwidth-oriented GEMV2 path as well);
+  every case runs on the bandwidth-oriented GEMV2 path as well), with contract v2's row multipliers r_n random
+  (never all 1), and again with zero, negative and widely spread ones;
 * a corrupt CSR (row pointers or columns out of range) reads nothing out of bounds (the emulator is built with
   AddressSanitizer where available) and gives the reference of the CSR as the kernels clamp it;
 * X = identity gives Ŵᵀ bit for bit; arguments past the kernels' limits are refused before any launch.
@@ -77,6 +78,8 @@ def test_ctypes_binding_matches_the_library(build_dir: Path, monkeypatch: pytest
     monkeypatch.setenv(kernels.ENV_VAR, str(build_dir / "libsage_kernels.so"))
     try:
         assert kernels.reload(), kernels.unavailable_reason()
+        assert kernels.ABI_VERSION == 4  # row_scales (contract v2), right after salient_scale
+        assert kernels.SageGemmArgs.row_scales.offset == kernels.SageGemmArgs.salient_scale.offset + 8
         assert kernels.auto_path(1) == kernels.PATH_GEMV  # without a prepared layout (GEMV3 needs one)
         assert kernels.auto_path(kernels.GEMV_MAX_M + 1) == kernels.PATH_TILED
         # Invalid arguments are rejected before any CUDA call, so this runs without a GPU.
@@ -85,7 +88,8 @@ def test_ctypes_binding_matches_the_library(build_dir: Path, monkeypatch: pytest
             kernels.launch(bad, 0)
         dummy = 16  # any non-null address: with m = 0 nothing is read or launched
         empty = kernels.SageGemmArgs(x=dummy, sign_bits=dummy, group_scales=dummy, salient_rowptr=dummy,
-                                     salient_scale=dummy, y=dummy, m=0, k=8, n=4, n_groups=1, salient_bits=4)
+                                     salient_scale=dummy, row_scales=dummy, y=dummy, m=0, k=8, n=4, n_groups=1,
+                                     salient_bits=4)
         kernels.launch(empty, 0)
         empty.k = kernels.MAX_FEATURES
         kernels.launch(empty, 0)
@@ -104,9 +108,10 @@ def test_ctypes_binding_matches_the_library(build_dir: Path, monkeypatch: pytest
         with pytest.raises(kernels.KernelLibraryError, match="error 1"):
             kernels.prepare(probe, 0)  # no buffer to write into
         for field, value in (("k", kernels.MAX_FEATURES + 1), ("nnz", -1), ("nnz", 2**31), ("nnz", 1),
-                             ("path", kernels.PATH_GEMV3 + 1)):
+                             ("path", kernels.PATH_GEMV3 + 1), ("row_scales", None)):
             wrong = kernels.SageGemmArgs.from_buffer_copy(empty)
-            setattr(wrong, field, value)  # nnz = 1 without salient_cols / salient_q arrays
+            # nnz = 1 without salient_cols / salient_q arrays; row_scales NULL (contract v2 requires them)
+            setattr(wrong, field, value)
             with pytest.raises(kernels.KernelLibraryError, match="error 1"):
                 kernels.launch(wrong, 0)
     finally:
@@ -184,6 +189,7 @@ def test_emulated_kernels_match_reference(build_dir: Path, tmp_path: Path, case:
     m, k, n, groups, dtype, with_bias, kernel_path, misalign, fraction, scrambled = EMULATED_CASES[case]
     seed = sum(map(ord, case))
     p = random_packed_linear(n, k, groups, salient_fraction=fraction, seed=seed)
+    assert np.unique(p.row_scales).size > 1  # a kernel that ignores r_n (contract v2) must fail here
     if scrambled:
         p = scramble_salient_bits(p, seed)
     rng = np.random.default_rng(seed)
@@ -197,6 +203,56 @@ def test_emulated_kernels_match_reference(build_dir: Path, tmp_path: Path, case:
     assert reference_error_ratio(y, x, p, bias) <= 1.0
     if dtype == np.float32:  # and close to the reference implementation itself
         np.testing.assert_allclose(y, sage_binary_gemm_packed(x, p, bias), rtol=1e-4, atol=1e-4)
+
+
+def _with_row_scales(p: PackedLinear, seed: int) -> PackedLinear:
+    """p with row multipliers the contract allows but the quantizer rarely makes: zero, negative, and spread over
+    2^-4..2^4 (each exact in float16)."""
+    rng = np.random.default_rng(seed)
+    r = rng.choice([-1.0, 1.0], p.out_features) * 2.0 ** rng.integers(-4, 5, p.out_features) \
+        * rng.choice([1.0, 1.5, 1.75], p.out_features)
+    r[::5] = 0.0
+    return PackedLinear.from_tensors(p.tensors() | {"row_scales": r.astype(np.float16)}, **p.attrs())
+
+
+# (m, k, n, groups, dtype, path, salient fraction): every kernel and dtype; fraction 1 makes every weight salient,
+# so that r_n must have no effect at all.
+ROW_SCALE_CASES = {
+    "gemv-f32": (3, 300, 40, 3, np.float32, GEMV, 0.05),
+    "gemv-f16-vector-loads": (2, 1152, 40, 4, np.float16, GEMV, 0.05),
+    "gemv2-f32": (3, 300, 40, 3, np.float32, GEMV2, 0.05),
+    "gemv2-f16-vector-loads": (2, 1152, 40, 4, np.float16, GEMV2, 0.05),
+    "simt-f32": (70, 300, 70, 3, np.float32, TILED, 0.05),
+    "wmma-f16": (40, 296, 70, 4, np.float16, TILED, 0.05),
+    "gemv3-f16": (3, 1152, 40, 4, np.float16, GEMV3, 0.05),
+    "gemv3-f16-m12": (12, 520, 33, 8, np.float16, GEMV3, 0.03),
+    "gemv-all-salient": (2, 136, 24, 2, np.float32, GEMV, 1.0),
+    "gemv2-all-salient": (2, 136, 24, 2, np.float32, GEMV2, 1.0),
+    "simt-all-salient": (2, 136, 24, 2, np.float32, TILED, 1.0),
+    "gemv3-all-salient": (2, 136, 24, 2, np.float16, GEMV3, 1.0),
+}
+
+
+@pytest.mark.parametrize("case", ROW_SCALE_CASES)
+def test_emulated_kernels_apply_any_row_scale(build_dir: Path, tmp_path: Path, case: str) -> None:
+    m, k, n, groups, dtype, kernel_path, fraction = ROW_SCALE_CASES[case]
+    seed = sum(map(ord, case))
+    p = _with_row_scales(scramble_salient_bits(random_packed_linear(n, k, groups, salient_fraction=fraction,
+                                                                    seed=seed), seed), seed)
+    assert (p.row_scales == 0).any() and (p.row_scales < 0).any()
+    x = np.random.default_rng(seed).standard_normal((m, k)).astype(dtype)
+    bias = np.random.default_rng(seed + 1).standard_normal(n).astype(dtype)
+    _write_problem(tmp_path / "problem.bin", x, p, bias, kernel_path, False)
+
+    result = _emulate(build_dir, tmp_path)
+    assert result.returncode == 0, result.stderr
+    y = np.fromfile(tmp_path / "y.bin", dtype=dtype).reshape(m, n)
+    assert reference_error_ratio(y, x, p, bias) <= 1.0
+    if dtype == np.float32:
+        np.testing.assert_allclose(y, sage_binary_gemm_packed(x, p, bias), rtol=1e-4, atol=1e-4)
+    if fraction == 1.0:  # no unsalient weight: the same result whatever r_n
+        ones = PackedLinear.from_tensors(p.tensors() | {"row_scales": np.ones(n, np.float16)}, **p.attrs())
+        np.testing.assert_array_equal(dequantize(ones), dequantize(p))
 
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
@@ -314,6 +370,10 @@ IDENTITY_CASES = {
     "gemv2-k136-g16-noncanonical": (136, 33, 16, GEMV2, True),
     "gemv2-k136-g1": (136, 40, 1, GEMV2, False),
     "gemv2-k77-g2-noncanonical": (77, 40, 2, GEMV2, True),
+    # zero, negative and spread row multipliers (contract v2): r_n·(±α_g) is exact in float32 as well
+    "gemv-k136-g4-row-scales": (136, 40, 4, GEMV, True),
+    "gemv2-k136-g4-row-scales": (136, 40, 4, GEMV2, True),
+    "simt-k136-g4-row-scales": (136, 40, 4, TILED, True),
 }
 
 
@@ -321,19 +381,25 @@ IDENTITY_CASES = {
 def test_emulated_kernels_give_the_weight_for_an_identity_input(build_dir: Path, tmp_path: Path, case: str) -> None:
     # One nonzero activation per row makes every sum exact, salient corrections included (float16 scales and 4-bit
     # integers leave float32 plenty of bits): Y = I·Ŵᵀ must be Ŵᵀ to the last bit. GEMV2's group sums are ±1 or
-    # 0 there, so α_g·S_g is exact too.
+    # 0 there, so α_g·S_g is exact too. These kernels sum the binary weight under a salient entry back out of the
+    # sum r_n multiplies (it cancels to 0 exactly) and add s·q apart, so r_n·(±α_g) and s·q both come out exact.
     k, n, groups, kernel_path, scrambled = IDENTITY_CASES[case]
     seed = sum(map(ord, case))
     p = random_packed_linear(n, k, groups, salient_fraction=0.1, seed=seed)
     if scrambled:
         p = scramble_salient_bits(p, seed)
+    if case.endswith("row-scales"):
+        p = _with_row_scales(p, seed)
     x = np.eye(k, dtype=np.float32)
     _write_problem(tmp_path / "problem.bin", x, p, None, kernel_path, False)
 
     result = _emulate(build_dir, tmp_path)
     assert result.returncode == 0, result.stderr
     y = np.fromfile(tmp_path / "y.bin", dtype=np.float32).reshape(k, n)
-    assert np.array_equal(y.view(np.uint32), np.ascontiguousarray(dequantize(p).T).view(np.uint32))
+    # + 0: the sign of a zero is not compared (r_n = 0 decodes to -0.0 under a negative binary weight; the kernels
+    # add the bias, +0 here, last).
+    expected = np.ascontiguousarray(dequantize(p).T) + np.float32(0)
+    assert np.array_equal((y + np.float32(0)).view(np.uint32), expected.view(np.uint32))
 
 
 # K = 2**31 - 8 passed the old check (ceil(K/8) fits an int) yet overflowed the kernels' tile arithmetic.

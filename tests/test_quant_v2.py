@@ -125,3 +125,66 @@ def test_compensation_zeroes_dead_columns(data):
     comp = compensate_sage(w, h, base)
     assert comp.stats["compensated"] and np.isfinite(comp.dequantize()).all()
     np.testing.assert_array_equal(h, given)  # read, not copied and not changed
+
+
+# ------------------------------------------------------------------ row multipliers (contract v2's row_scales)
+
+@pytest.fixture(scope="module")
+def uneven(data):
+    """The same matrix with rows whose sizes differ over e^±1, as real q/o/down_proj rows do."""
+    w, h_diag, h = data
+    sizes = np.exp(np.random.default_rng(5).uniform(-1, 1, N)).astype(np.float32)
+    return w * sizes[:, None], h_diag, h
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4])
+def test_row_multipliers_follow_uneven_rows(uneven, groups):
+    w, h_diag, _ = uneven
+    cfg = replace(V2_MATRIX, fixed_groups=groups, fixed_rho=0.01)
+    plain = quantize_sage(w, cfg, seed=1, col_weight=h_diag)
+    rows = quantize_sage(w, replace(cfg, row_multipliers=True), seed=1, col_weight=h_diag)
+    assert weighted_error(w, rows.dequantize(), h_diag) < 0.8 * weighted_error(w, plain.dequantize(), h_diag)
+    assert rows.stats["weighted_error"] == pytest.approx(weighted_error(w, rows.dequantize(), h_diag), rel=1e-5)
+    # Same sizes: the row multipliers are stored either way (all 1.0 without them).
+    assert rows.stats["stored_bytes"] == plain.stats["stored_bytes"] == stored_bytes(N, K, groups, rows.stats["nnz"])
+    np.testing.assert_array_equal(plain.packed().row_scales, np.ones(N, np.float16))
+    packed = rows.packed()
+    assert np.unique(packed.row_scales).size > N // 2
+    np.testing.assert_array_equal(dequantize(packed), rows.dequantize())
+    # Off the salient set every value is ±r_n·α_g exactly.
+    alpha = packed.group_scales.astype(np.float32)[rows.group_index]
+    expected = np.where(rows.signs, 1, -1) * alpha * packed.row_scales.astype(np.float32)[:, None]
+    np.testing.assert_array_equal(rows.dequantize()[~rows.salient_mask], expected[~rows.salient_mask])
+
+
+def test_row_multipliers_are_priced_as_the_plain_problem_and_never_worse(data, uneven):
+    # Options (what the budget chooses from) are the plain problem's; building then only lowers the error, on
+    # uneven rows and on even ones alike.
+    w, h_diag, _ = uneven
+    cfg = replace(V2_MATRIX, row_multipliers=True)
+    plain, _ = sage_options(w, V2_MATRIX, (2, 4), (0.0, 0.01), seed=2, col_weight=h_diag)
+    rows, _ = sage_options(w, cfg, (2, 4), (0.0, 0.01), seed=2, col_weight=h_diag)
+    assert rows == plain
+    for matrix in (w, data[0]):
+        for o in plain:
+            fixed = dict(fixed_groups=o.n_groups, fixed_rho=o.rho)
+            built = quantize_sage(matrix, replace(cfg, **fixed), seed=2, col_weight=h_diag)
+            base = quantize_sage(matrix, replace(V2_MATRIX, **fixed), seed=2, col_weight=h_diag)
+            assert weighted_error(matrix, built.dequantize(), h_diag) <= weighted_error(matrix, base.dequantize(), h_diag)
+
+
+def test_compensation_keeps_the_row_multipliers(uneven):
+    w, h_diag, h = uneven
+    base = quantize_sage(w, replace(V2_MATRIX, fixed_groups=4, fixed_rho=0.02, row_multipliers=True), seed=0,
+                         col_weight=h_diag)
+    comp = compensate_sage(w, h, base)
+    assert comp.stats["hessian_error"] < 0.9 * hessian_error(w, base.dequantize(), h)
+    np.testing.assert_array_equal(comp.row_scales, base.row_scales)
+    packed = comp.packed()
+    np.testing.assert_array_equal(dequantize(packed), comp.dequantize())
+    # Every unsalient value is still in the row's codebook ±r_n·α_g.
+    unsalient = ~comp.salient_mask
+    codebook = packed.row_scales.astype(np.float32)[:, None, None] * packed.group_scales.astype(np.float32)
+    values = np.abs(comp.dequantize())[:, :, None]
+    hit = np.any(values == codebook, axis=2)
+    assert hit[unsalient].all()

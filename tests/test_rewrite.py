@@ -118,14 +118,15 @@ def test_graph_holds_sage_nodes_function_and_no_dense_quantized_weight(rewritten
     assert len(sage) == 14
     assert [(f.domain, f.name) for f in model.functions] == [(DOMAIN, OP_TYPE)]
     attrs = {a.name: helper.get_attribute_value(a) for a in sage[0].attribute}
-    assert attrs["plugin_namespace"] == b"sage" and attrs["plugin_version"] == b"1"
+    assert attrs["plugin_namespace"] == b"sage" and attrs["plugin_version"] == b"2"
     inits = {t.name: t for t in model.graph.initializer}
     weight_matmuls = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
     assert [n.name for n in weight_matmuls] == ["/model/lm_head/MatMul"]  # lm_head stays float
     source = {t.name: t for t in onnx.load(str(torch_onnx), load_external_data=False).graph.initializer}
     matched = [m["weight"] for m in json.loads((rewritten / "check_report.json").read_text())["rewrite"]["matches"]]
     assert not set(matched) & set(inits)  # the float32 weights of the quantized layers are gone
-    packed_bytes = sum(rewrite._nbytes(inits[name]) for node in sage for name in node.input[1:8])
+    # Inputs 1-8 are the packed tensors.
+    packed_bytes = sum(rewrite._nbytes(inits[name]) for node in sage for name in node.input[1:9])
     assert packed_bytes < sum(rewrite._nbytes(source[name]) for name in matched) / 4
     locations = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
     assert locations == {"model.onnx.data"}
@@ -158,7 +159,7 @@ def densified(sage_onnx: Path, path: Path) -> Path:
     inits = {t.name: t for t in model.graph.initializer}
     for node in [n for n in model.graph.node if n.op_type == OP_TYPE]:
         attrs = {a.name: a.i for a in node.attribute if a.type == onnx.AttributeProto.INT}
-        tensors = {name: numpy_helper.to_array(inits[arg]) for name, arg in zip(TENSOR_NAMES, node.input[1:8])}
+        tensors = {name: numpy_helper.to_array(inits[arg]) for name, arg in zip(TENSOR_NAMES, node.input[1:])}
         weight = dequantize(PackedLinear.from_tensors(tensors, **attrs))
         dense = numpy_helper.from_array(np.ascontiguousarray(weight.T), f"{node.name}/dense")
         model.graph.initializer.append(dense)

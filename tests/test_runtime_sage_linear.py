@@ -136,11 +136,12 @@ def test_loader_explains_a_missing_library(monkeypatch: pytest.MonkeyPatch, tmp_
 
 
 def test_ctypes_struct_mirrors_the_c_header() -> None:
-    # 11 pointers, three int64 (m, nnz, prepared_bytes), 8 int32 (sage_gemm_api.h, ABI 3), no padding; the loader
+    # 12 pointers, three int64 (m, nnz, prepared_bytes), 8 int32 (sage_gemm_api.h, ABI 4), no padding; the loader
     # also compares the size with sage_gemm_args_size().
-    assert kernels.SageGemmArgs.prepared.offset == 80
-    assert kernels.SageGemmArgs.m.offset == 88
-    assert kernels.SageGemmArgs.nnz.offset == 96
-    assert kernels.SageGemmArgs.prepared_bytes.offset == 104
-    assert kernels.SageGemmArgs.k.offset == 112
-    assert ctypes.sizeof(kernels.SageGemmArgs) == 88 + 3 * 8 + 8 * 4
+    assert kernels.SageGemmArgs.row_scales.offset == 64
+    assert kernels.SageGemmArgs.prepared.offset == 88
+    assert kernels.SageGemmArgs.m.offset == 96
+    assert kernels.SageGemmArgs.nnz.offset == 104
+    assert kernels.SageGemmArgs.prepared_bytes.offset == 112
+    assert kernels.SageGemmArgs.k.offset == 120
+    assert ctypes.sizeof(kernels.SageGemmArgs) == 96 + 3 * 8 + 8 * 4

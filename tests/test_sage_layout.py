@@ -60,6 +60,7 @@ def test_tensor_dtypes_shapes_and_order():
     assert {name: (t.dtype.name, t.shape) for name, t in tensors.items()} == {
         "sign_bits": ("int8", (4, 2)), "group_codes": ("int8", (2, 4, 2)), "group_scales": ("float16", (3,)),
         "salient_rowptr": ("int32", (5,)), "salient_cols": ("int32", (nnz,)), "salient_q": ("int8", (nnz,)),
+        "row_scales": ("float16", (4,)),
         "salient_scale": ("float16", (4,))}
     assert packed.attrs() == {"in_features": 13, "out_features": 4, "n_groups": 3, "salient_bits": 4}
 

@@ -107,8 +107,9 @@ def decode_tokens_per_s(model, device: str, prompt_len: int, n_tokens: int, warm
 
 
 def random_packed_cuda(n: int, k: int, groups: int, fraction: float, gen: torch.Generator) -> dict:
-    """A valid packed layer (contract v1) made on the GPU in milliseconds: random bits and codes (G a power of
-    two, so every code is valid), `fraction` salient weights per row at evenly spaced, randomly offset columns."""
+    """A valid packed layer (contract v2) made on the GPU in milliseconds: random bits and codes (G a power of
+    two, so every code is valid), `fraction` salient weights per row at evenly spaced, randomly offset columns,
+    row multipliers r_n in [0.5, 2)."""
     dev = "cuda"
     kb, planes = (k + 7) // 8, max(0, (groups - 1).bit_length())
     per_row = max(0, round(fraction * k))
@@ -122,6 +123,7 @@ def random_packed_cuda(n: int, k: int, groups: int, fraction: float, gen: torch.
             "salient_cols": cols,
             "salient_q": torch.randint(-7, 8, (n * per_row,), generator=gen, device=dev, dtype=torch.int8),
             "salient_scale": (torch.rand(n, generator=gen, device=dev) * 0.01 + 0.001).half(),
+            "row_scales": (torch.rand(n, generator=gen, device=dev) * 1.5 + 0.5).half(),
             "n": n, "k": k, "groups": groups}
 
 
@@ -132,9 +134,10 @@ def sage_launch_args(layer: dict, x: torch.Tensor, y: torch.Tensor):
         x=x.data_ptr(), sign_bits=layer["sign_bits"].data_ptr(), group_codes=layer["group_codes"].data_ptr(),
         group_scales=layer["group_scales"].data_ptr(), salient_rowptr=layer["salient_rowptr"].data_ptr(),
         salient_cols=layer["salient_cols"].data_ptr(), salient_q=layer["salient_q"].data_ptr(),
-        salient_scale=layer["salient_scale"].data_ptr(), bias=0, y=y.data_ptr(), m=x.shape[0],
-        nnz=layer["salient_cols"].numel(), k=layer["k"], n=layer["n"], n_groups=layer["groups"], salient_bits=4,
-        x_dtype=kernels.DTYPE_FLOAT16, bias_dtype=kernels.DTYPE_FLOAT16, path=kernels.PATH_AUTO, reserved=0)
+        salient_scale=layer["salient_scale"].data_ptr(), row_scales=layer["row_scales"].data_ptr(), bias=0,
+        y=y.data_ptr(), m=x.shape[0], nnz=layer["salient_cols"].numel(), k=layer["k"], n=layer["n"],
+        n_groups=layer["groups"], salient_bits=4, x_dtype=kernels.DTYPE_FLOAT16, bias_dtype=kernels.DTYPE_FLOAT16,
+        path=kernels.PATH_AUTO, reserved=0)
 
 
 def layer_bytes(layer: dict) -> int:

@@ -145,7 +145,8 @@ def best_rates(row: dict) -> dict:
 
 
 def dense_copy(onnx_path: Path, out_dir: Path) -> Path:
-    """The same graph with each SageBinaryGemm replaced by MatMul(X, Ŵᵀ) on a float32 initializer."""
+    """The same graph with each SageBinaryGemm replaced by MatMul(X, Ŵᵀ) on a float32 initializer (then an Add of
+    the node's bias, input 9 in contract v2, where it has one)."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -154,17 +155,29 @@ def dense_copy(onnx_path: Path, out_dir: Path) -> Path:
     model = onnx.load(str(onnx_path))
     inits = {t.name: t for t in model.graph.initializer}
     used = set()
+    nodes = []
     for node in model.graph.node:
         if node.op_type != "SageBinaryGemm":
+            kept = onnx.NodeProto()
+            kept.CopyFrom(node)  # a copy: the graph's node list is cleared below
+            nodes.append(kept)
             continue
         attrs = {a.name: a.i for a in node.attribute if a.type == onnx.AttributeProto.INT}
-        tensors = {name: numpy_helper.to_array(inits[src]) for name, src in zip(TENSOR_NAMES, node.input[1:8])}
+        packed_inputs = node.input[1:1 + len(TENSOR_NAMES)]  # X is input 0, the optional bias comes after
+        bias = node.input[1 + len(TENSOR_NAMES)] if len(node.input) > 1 + len(TENSOR_NAMES) else ""
+        tensors = {name: numpy_helper.to_array(inits[src]) for name, src in zip(TENSOR_NAMES, packed_inputs)}
         weight = dequantize(PackedLinear.from_tensors(tensors, **attrs))
         weight_name = f"{node.name}/weight_t"
         model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight.T), weight_name))
-        used.update(node.input[1:8])
+        used.update(packed_inputs)
         x, out = node.input[0], node.output[0]
-        node.CopyFrom(helper.make_node("MatMul", [x, weight_name], [out], name=node.name))
+        if bias:
+            nodes.append(helper.make_node("MatMul", [x, weight_name], [f"{node.name}/product"], name=node.name))
+            nodes.append(helper.make_node("Add", [f"{node.name}/product", bias], [out], name=f"{node.name}/bias"))
+        else:
+            nodes.append(helper.make_node("MatMul", [x, weight_name], [out], name=node.name))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
     keep = [t for t in model.graph.initializer if t.name not in used]
     del model.graph.initializer[:]
     model.graph.initializer.extend(keep)
@@ -184,7 +197,7 @@ def random_layer(rng: np.random.Generator, n: int, k: int, groups: int, density:
                      group_scales=np.sort(rng.uniform(0.005, 0.05, groups)),
                      salient_mask=rng.random((n, k)) < density,
                      salient_q=rng.integers(-limit, limit + 1, (n, k)), salient_scale=rng.uniform(0.01, 0.1, n),
-                     salient_bits=4)
+                     salient_bits=4, row_scales=rng.uniform(0.5, 2.0, n))
 
 
 def qwen2_shape_export(out_dir: Path, seed: int = 0) -> Path:

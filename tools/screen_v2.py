@@ -6,9 +6,11 @@
 and scores it on the texts given. Choices are made on `--dev-text` texts; `--test-text` texts are scored in the same
 run so that the chosen row needs no second quantization, and are kept apart in the JSON ("role": "test").
 
-Variants are recipe fields, `name:key=value,...` (e.g. `floor:floor_gap=0.5`). sensitivity_power is applied to the
-saved measurements exactly: a matrix's errors and column weights all carry the same factor s, so changing the power
-from p0 to p multiplies them by s^(p − p0).
+Variants are recipe fields, `name:key=value,...` (e.g. `floor:floor_gap=0.5`). Per-matrix settings change the
+options themselves, so they are fixed at `measure` (`--matrix key=value,...`) and kept with the save; `finish
+--matrix` may add fields that only act when a matrix is built (row_multipliers, row_fit_rounds).
+sensitivity_power is applied to the saved measurements exactly: a matrix's errors and column weights all carry the
+same factor s, so changing the power from p0 to p multiplies them by s^(p − p0).
 
     python tools/screen_v2.py measure --model M.gguf --out out/screen/qwen.pt
     python tools/screen_v2.py plan out/screen/qwen.pt base: floor:floor_gap=0.5
@@ -89,15 +91,18 @@ def cmd_measure(args) -> int:
     from sage_export.pipeline.workers import MatrixPool
 
     recipe = SageRecipe()
+    matrix_fields = parse_variant(":" + args.matrix)[1]
+    cfg = replace(V2_MATRIX, **matrix_fields)
+    cfg.validate()
     loaded = load_model(args.model)
     calib, calib_info = calibration_tokens(loaded, args.calib_text, args.calib_samples, args.calib_seqlen, args.seed)
     seeds = layer_seeds(loaded, args.seed)
     with MatrixPool() as pool:
-        measurements = measure_v2(loaded, recipe, V2_MATRIX, seeds, calib, pool)
+        measurements = measure_v2(loaded, recipe, cfg, seeds, calib, pool)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".tmp")
     torch.save({"measurements": measurements, "seeds": seeds, "calib_info": calib_info, "model": str(args.model),
-                "recipe": recipe.to_dict(), "seed": args.seed}, tmp)
+                "recipe": recipe.to_dict(), "matrix": matrix_fields, "seed": args.seed}, tmp)
     tmp.replace(args.out)
     print(f"saved {args.out}: {measurements.timings}")
     return 0
@@ -134,16 +139,20 @@ def cmd_finish(args) -> int:
     saved = load_saved(args.saved)
     name, fields = parse_variant(args.variant)
     recipe, measurements, plan = planned(saved, fields)
+    matrix_fields = {**saved.get("matrix", {}), **parse_variant(":" + args.matrix)[1]}
+    cfg = replace(V2_MATRIX, **matrix_fields)
+    cfg.validate()
     loaded = load_model(args.model)
     texts = [dict(text_entry("wiki" if "wiki" in label else "code", path, loaded.tokenizer), label=label, role=role)
              for role, specs in (("dev", args.dev_text), ("test", args.test_text)) for label, path in specs]
     start = time.perf_counter()
     with MatrixPool() as pool:
-        _, summary = finish_v2(loaded, recipe, V2_MATRIX, saved["seeds"], measurements, pool, keep_measurements=True)
+        _, summary = finish_v2(loaded, recipe, cfg, saved["seeds"], measurements, pool, keep_measurements=True)
     finish_s = time.perf_counter() - start
     stamp = {"machine": machine_name(), "date": dt.date.today().isoformat(), "commit": git_commit(),
              "command": "python tools/screen_v2.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
-    row = {"variant": name, "fields": fields, "model": Path(args.model).name, "calibration": saved["calib_info"],
+    row = {"variant": name, "fields": fields, "matrix": matrix_fields, "model": Path(args.model).name,
+           "calibration": saved["calib_info"],
            "true_bits": summary["true_bits"], "budget_bits": recipe.bits, "finish_s": round(finish_s, 1),
            "by_type": allocation_summary(measurements, plan), "ctx": args.ctx, "windows": args.windows,
            "scores": [], **stamp}
@@ -177,7 +186,7 @@ def render_md(doc: dict) -> str:
         ppl = {(sc["role"], sc["text"]): sc["ppl"] for sc in r["scores"]}
         cal = r["calibration"]
         cal_label = f"{cal.get('source', '?')} {cal.get('samples', '?')}×{cal.get('seqlen', '?')}"
-        fields = ", ".join(f"{k}={v}" for k, v in r["fields"].items()) or "(default recipe)"
+        fields = ", ".join(f"{k}={v}" for k, v in {**r.get("matrix", {}), **r["fields"]}.items()) or "(default recipe)"
         out.append(f"| {r['model']} | {r['variant']} | {fields} | {cal_label} | {r['true_bits']:.3f} | "
                    + " | ".join(f"{ppl[lab]:.3f}" if lab in ppl else "—" for lab in labels) + " |")
     first = rows[0] if rows else None
@@ -223,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--calib-samples", type=int, default=32)
     m.add_argument("--calib-seqlen", type=int, default=128)
     m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--matrix", default="", help="per-matrix SageConfig fields over V2_MATRIX's, key=value,...")
     pl = sub.add_parser("plan")
     pl.add_argument("saved", type=Path)
     pl.add_argument("variants", nargs="+")
@@ -235,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--ctx", type=int, default=2048)
     f.add_argument("--windows", type=int, default=2)
     f.add_argument("--out", type=Path, required=True)
+    f.add_argument("--matrix", default="", help="build-time SageConfig fields (row_multipliers=true, ...)")
     t = sub.add_parser("table", help="write the .md beside a finish JSON")
     t.add_argument("json", type=Path)
     t.add_argument("--note", action="append", help="a line for the notes (replaces the notes in the JSON)")

@@ -1,6 +1,7 @@
 // AVX2 + FMA kernels (compiled with -mavx2 -mfma; called only when the CPU has both).
 // Decode: one byte of a row bitmap is 8 columns = one 8-lane vector. Each plane byte becomes a lane mask, the
 // masks sum to the group index, two 8-entry permutes look the scale up, and the sign bit flips the float's sign.
+// r_n (contract v2) is multiplied into the row's two table vectors, once a row.
 #include <immintrin.h>
 
 #include "kernels.h"
@@ -14,13 +15,16 @@ inline __m256i lane_mask(uint8_t byte) {
 }
 
 template <int P>
-void decode_rows_p(const DecodeView& v, int64_t n0, int rows, float* w, int64_t ldw) {
+void decode_rows_p(const DecodeView& v, int64_t n0, int rows, const float* row_scale, float* w, int64_t ldw) {
   const int64_t plane_stride = v.n * v.bytes;
-  const __m256 low = _mm256_loadu_ps(v.table);
-  const __m256 high = _mm256_loadu_ps(v.table + 8);
+  const __m256 table_low = _mm256_loadu_ps(v.table);
+  const __m256 table_high = _mm256_loadu_ps(v.table + 8);
   const __m256i sign_bit = _mm256_set1_epi32(static_cast<int>(0x80000000u));
   for (int r = 0; r < rows; ++r) {
     const int64_t row = n0 + r;
+    const __m256 scale = _mm256_set1_ps(row_scale[r]);  // r_n · α_g, exact in float32
+    const __m256 low = _mm256_mul_ps(table_low, scale);
+    const __m256 high = _mm256_mul_ps(table_high, scale);
     const uint8_t* sign = v.sign_bits + row * v.bytes;
     const uint8_t* codes = v.group_codes + row * v.bytes;
     float* out = w + r * ldw;
@@ -39,13 +43,13 @@ void decode_rows_p(const DecodeView& v, int64_t n0, int rows, float* w, int64_t 
   }
 }
 
-void decode_rows(const DecodeView& v, int64_t n0, int rows, float* w, int64_t ldw) {
+void decode_rows(const DecodeView& v, int64_t n0, int rows, const float* row_scale, float* w, int64_t ldw) {
   switch (v.planes) {
-    case 0: return decode_rows_p<0>(v, n0, rows, w, ldw);
-    case 1: return decode_rows_p<1>(v, n0, rows, w, ldw);
-    case 2: return decode_rows_p<2>(v, n0, rows, w, ldw);
-    case 3: return decode_rows_p<3>(v, n0, rows, w, ldw);
-    default: return decode_rows_p<4>(v, n0, rows, w, ldw);
+    case 0: return decode_rows_p<0>(v, n0, rows, row_scale, w, ldw);
+    case 1: return decode_rows_p<1>(v, n0, rows, row_scale, w, ldw);
+    case 2: return decode_rows_p<2>(v, n0, rows, row_scale, w, ldw);
+    case 3: return decode_rows_p<3>(v, n0, rows, row_scale, w, ldw);
+    default: return decode_rows_p<4>(v, n0, rows, row_scale, w, ldw);
   }
 }
 

@@ -1,7 +1,8 @@
 // AVX-512 kernels (compiled with -mavx512f -mavx512bw -mavx512dq -mavx512vl -mfma; called only when the CPU
 // has them). Decode: two bytes of a row bitmap are 16 columns = one 16-lane vector, and a bitmap's two bytes are
 // directly a lane mask: each plane adds 1 << p to the index where its bit is set, one permute of the 16-entry
-// scale table gives α, and a masked XOR flips the sign where the sign bit is 0.
+// scale table gives α, and a masked XOR flips the sign where the sign bit is 0. r_n (contract v2) is multiplied
+// into the table once a row by decode_rows, and factored out of each row's sum by the fused GEMV.
 #include <immintrin.h>
 
 #include <cstring>
@@ -22,12 +23,13 @@ inline __mmask16 chunk_mask(const uint8_t* bitmap, int64_t c, int64_t bytes) {
 }
 
 template <int P>
-void decode_rows_p(const DecodeView& v, int64_t n0, int rows, float* w, int64_t ldw) {
+void decode_rows_p(const DecodeView& v, int64_t n0, int rows, const float* row_scale, float* w, int64_t ldw) {
   const int64_t plane_stride = v.n * v.bytes;
-  const __m512 table = _mm512_loadu_ps(v.table);
+  const __m512 alpha = _mm512_loadu_ps(v.table);
   const __m512i sign_bit = _mm512_set1_epi32(static_cast<int>(0x80000000u));
   for (int r = 0; r < rows; ++r) {
     const int64_t row = n0 + r;
+    const __m512 table = _mm512_mul_ps(alpha, _mm512_set1_ps(row_scale[r]));  // r_n · α_g, exact in float32
     const uint8_t* sign = v.sign_bits + row * v.bytes;
     const uint8_t* codes = v.group_codes + row * v.bytes;
     float* out = w + r * ldw;
@@ -43,13 +45,13 @@ void decode_rows_p(const DecodeView& v, int64_t n0, int rows, float* w, int64_t 
   }
 }
 
-void decode_rows(const DecodeView& v, int64_t n0, int rows, float* w, int64_t ldw) {
+void decode_rows(const DecodeView& v, int64_t n0, int rows, const float* row_scale, float* w, int64_t ldw) {
   switch (v.planes) {
-    case 0: return decode_rows_p<0>(v, n0, rows, w, ldw);
-    case 1: return decode_rows_p<1>(v, n0, rows, w, ldw);
-    case 2: return decode_rows_p<2>(v, n0, rows, w, ldw);
-    case 3: return decode_rows_p<3>(v, n0, rows, w, ldw);
-    default: return decode_rows_p<4>(v, n0, rows, w, ldw);
+    case 0: return decode_rows_p<0>(v, n0, rows, row_scale, w, ldw);
+    case 1: return decode_rows_p<1>(v, n0, rows, row_scale, w, ldw);
+    case 2: return decode_rows_p<2>(v, n0, rows, row_scale, w, ldw);
+    case 3: return decode_rows_p<3>(v, n0, rows, row_scale, w, ldw);
+    default: return decode_rows_p<4>(v, n0, rows, row_scale, w, ldw);
   }
 }
 
@@ -91,7 +93,8 @@ void gemm(const float* x, int64_t m, int64_t ldx, const float* w, int64_t ldw, i
 // ------------------------------------------------------------------------------------------- fused GEMV
 // For decode steps (m <= 4): 64 columns at a time. Each weight's sign and group form a 5-bit code built in a
 // byte lane (sign -> 16, plane p -> 1 << p, all 64 lanes per instruction); one two-table permute then maps 16
-// codes to ±α (entries 0-15 hold -α_g, 16-31 +α_g) and the products go straight into the accumulators.
+// codes to ±α (entries 0-15 hold -α_g, 16-31 +α_g) and the products go straight into the accumulators. The
+// row's r_n multiplies its finished sums (one multiply per output, not per weight).
 
 // Up to 8 bytes of a row bitmap from byte c as a 64-lane mask; bytes past the row's end read as zeros.
 inline __mmask64 mask64(const uint8_t* bitmap, int64_t c, int64_t bytes) {
@@ -104,8 +107,8 @@ inline __mmask64 mask64(const uint8_t* bitmap, int64_t c, int64_t bytes) {
 }
 
 template <int P, int MR>
-void gemv_rows(const DecodeView& v, int64_t n0, int rows, const float* x, int64_t ldx, int64_t kv, float* y,
-               int64_t ldy) {
+void gemv_rows(const DecodeView& v, int64_t n0, int rows, const float* row_scale, const float* x, int64_t ldx,
+               int64_t kv, float* y, int64_t ldy) {
   const int64_t plane_stride = v.n * v.bytes;
   const __m512 positive = _mm512_loadu_ps(v.table);
   const __m512 negative = _mm512_castsi512_ps(
@@ -133,29 +136,29 @@ void gemv_rows(const DecodeView& v, int64_t n0, int rows, const float* x, int64_
       if (left > 32) quarter(_mm512_extracti32x4_epi32(code, 2), 2);
       if (left > 48) quarter(_mm512_extracti32x4_epi32(code, 3), 3);
     }
-    for (int i = 0; i < MR; ++i) y[i * ldy + r] = hsum(acc[i]);
+    for (int i = 0; i < MR; ++i) y[i * ldy + r] = row_scale[r] * hsum(acc[i]);
   }
 }
 
 template <int P>
-void gemv_p(const DecodeView& v, int64_t n0, int rows, const float* x, int64_t m, int64_t ldx, int64_t kv, float* y,
-            int64_t ldy) {
+void gemv_p(const DecodeView& v, int64_t n0, int rows, const float* row_scale, const float* x, int64_t m,
+            int64_t ldx, int64_t kv, float* y, int64_t ldy) {
   switch (m) {
-    case 1: return gemv_rows<P, 1>(v, n0, rows, x, ldx, kv, y, ldy);
-    case 2: return gemv_rows<P, 2>(v, n0, rows, x, ldx, kv, y, ldy);
-    case 3: return gemv_rows<P, 3>(v, n0, rows, x, ldx, kv, y, ldy);
-    default: return gemv_rows<P, 4>(v, n0, rows, x, ldx, kv, y, ldy);
+    case 1: return gemv_rows<P, 1>(v, n0, rows, row_scale, x, ldx, kv, y, ldy);
+    case 2: return gemv_rows<P, 2>(v, n0, rows, row_scale, x, ldx, kv, y, ldy);
+    case 3: return gemv_rows<P, 3>(v, n0, rows, row_scale, x, ldx, kv, y, ldy);
+    default: return gemv_rows<P, 4>(v, n0, rows, row_scale, x, ldx, kv, y, ldy);
   }
 }
 
-void gemv_binary(const DecodeView& v, int64_t n0, int rows, const float* x, int64_t m, int64_t ldx, int64_t kv,
-                 float* y, int64_t ldy) {
+void gemv_binary(const DecodeView& v, int64_t n0, int rows, const float* row_scale, const float* x, int64_t m,
+                 int64_t ldx, int64_t kv, float* y, int64_t ldy) {
   switch (v.planes) {
-    case 0: return gemv_p<0>(v, n0, rows, x, m, ldx, kv, y, ldy);
-    case 1: return gemv_p<1>(v, n0, rows, x, m, ldx, kv, y, ldy);
-    case 2: return gemv_p<2>(v, n0, rows, x, m, ldx, kv, y, ldy);
-    case 3: return gemv_p<3>(v, n0, rows, x, m, ldx, kv, y, ldy);
-    default: return gemv_p<4>(v, n0, rows, x, m, ldx, kv, y, ldy);
+    case 0: return gemv_p<0>(v, n0, rows, row_scale, x, m, ldx, kv, y, ldy);
+    case 1: return gemv_p<1>(v, n0, rows, row_scale, x, m, ldx, kv, y, ldy);
+    case 2: return gemv_p<2>(v, n0, rows, row_scale, x, m, ldx, kv, y, ldy);
+    case 3: return gemv_p<3>(v, n0, rows, row_scale, x, m, ldx, kv, y, ldy);
+    default: return gemv_p<4>(v, n0, rows, row_scale, x, m, ldx, kv, y, ldy);
   }
 }
 

@@ -4,10 +4,12 @@
 namespace sage_cpu {
 namespace {
 
-void decode_rows(const DecodeView& v, int64_t n0, int rows, float* w, int64_t ldw) {
+void decode_rows(const DecodeView& v, int64_t n0, int rows, const float* row_scale, float* w, int64_t ldw) {
   const int64_t plane_stride = v.n * v.bytes;
   for (int r = 0; r < rows; ++r) {
     const int64_t row = n0 + r;
+    float table[16];  // r_n · α_g: exact in float32 (two float16 mantissas), so Ŵ is the reference's
+    for (int g = 0; g < 16; ++g) table[g] = row_scale[r] * v.table[g];
     const uint8_t* sign = v.sign_bits + row * v.bytes;
     const uint8_t* codes = v.group_codes + row * v.bytes;
     float* out = w + r * ldw;
@@ -15,7 +17,7 @@ void decode_rows(const DecodeView& v, int64_t n0, int rows, float* w, int64_t ld
       for (int j = 0; j < 8; ++j) {
         int g = 0;
         for (int p = 0; p < v.planes; ++p) g |= ((codes[p * plane_stride + c] >> j) & 1) << p;
-        const float alpha = v.table[g];
+        const float alpha = table[g];
         out[8 * c + j] = ((sign[c] >> j) & 1) ? alpha : -alpha;
       }
     }

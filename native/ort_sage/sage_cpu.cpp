@@ -1,9 +1,9 @@
 // The CPU SageBinaryGemm: argument checks, the thread pool, and the blocked decode-then-multiply loop.
 //
 // Work is split over blocks of kBlockRows output rows. A thread decodes its block's rows of Ŵ into a float
-// buffer (binary part by the ISA kernel, then the salient values written over it, exactly as the contract's
-// decoder does), and multiplies every row of X by it. Each weight is decoded once per call, whatever M is, and
-// nothing of the size of Ŵ is ever held.
+// buffer (binary part r_n·(±α) by the ISA kernel, then the salient values written over it, exactly as the
+// contract's decoder does: contract v2, docs/sage_binary_gemm.md), and multiplies every row of X by it. Each
+// weight is decoded once per call, whatever M is, and nothing of the size of Ŵ is ever held.
 #include "sage_cpu.h"
 
 #include <sched.h>
@@ -184,7 +184,7 @@ std::string check_attrs(int64_t k, int64_t n, int64_t g, int64_t b) {
 }
 
 std::string check_pointers(const SageCpuArgs& a) {
-  if (!a.x || !a.y || !a.sign_bits || !a.group_scales || !a.salient_rowptr || !a.salient_scale)
+  if (!a.x || !a.y || !a.sign_bits || !a.group_scales || !a.salient_rowptr || !a.salient_scale || !a.row_scales)
     return "a required tensor is missing";
   if (planes_for(a.n_groups) > 0 && !a.group_codes) return "group_codes is missing";
   if (a.nnz < 0) return "nnz must be >= 0";
@@ -250,11 +250,11 @@ struct Call {
     return ((view.sign_bits[byte] >> bit) & 1) ? view.table[g] : -view.table[g];
   }
 
-  // After gemv_binary: each salient entry adds (its value − the binary value counted there) · x.
-  void salient_correction(int64_t n0, int rows) const {
+  // After gemv_binary: each salient entry adds (its value − the binary value r_n·(±α) counted there) · x.
+  void salient_correction(int64_t n0, int rows, const float* row_scale) const {
     for (int64_t row = n0; row < n0 + rows; ++row)
       for_each_salient(row, [&](int32_t col, float value) {
-        const float delta = value - binary_value(row, col);
+        const float delta = value - row_scale[row - n0] * binary_value(row, col);
         for (int64_t i = 0; i < a.m; ++i) y[i * a.n + row] += delta * x[i * kv + col];
       });
   }
@@ -262,19 +262,30 @@ struct Call {
   // One task: kBlockRows rows of Y. Decode steps (m <= kFusedMaxM) use the fused kernel where there is one;
   // otherwise slices of the kernel's nr rows are decoded just before they are used, so that the slice of Ŵ is
   // still in L1/L2 when the multiplication reads it.
+  // r_n of every row of the block goes to the kernels in float32 (contract v2).
   void block(int64_t b, std::vector<float>& w) const {
+    const int64_t block_start = b * kBlockRows;
     const int64_t block_end = std::min<int64_t>((b + 1) * kBlockRows, a.n);
-    if (fused) {
+    const int block_rows = static_cast<int>(block_end - block_start);
+    float row_scale[kBlockRows];
+    bool finite_rows = true;
+    for (int r = 0; r < block_rows; ++r) {
+      row_scale[r] = half_to_float(a.row_scales[block_start + r]);
+      finite_rows = finite_rows && std::isfinite(row_scale[r]);
+    }
+    // The fused kernel factors r_n out of a sum that counts the salient positions' binary values too, which the
+    // correction then takes back out: exact only for a finite r_n (a non-finite one decodes, as the reference).
+    if (fused && finite_rows) {
       for (int64_t i = 0; i < a.m; i += kFusedMaxM)
-        isa.gemv_binary(view, b * kBlockRows, static_cast<int>(block_end - b * kBlockRows), x + i * kv,
-                        std::min<int64_t>(kFusedMaxM, a.m - i), kv, kv, y + i * a.n + b * kBlockRows, a.n);
-      salient_correction(b * kBlockRows, static_cast<int>(block_end - b * kBlockRows));
+        isa.gemv_binary(view, block_start, block_rows, row_scale, x + i * kv, std::min<int64_t>(kFusedMaxM, a.m - i),
+                        kv, kv, y + i * a.n + block_start, a.n);
+      salient_correction(block_start, block_rows, row_scale);
       return;
     }
     w.resize(static_cast<size_t>(isa.nr * kv));
-    for (int64_t n0 = b * kBlockRows; n0 < block_end; n0 += isa.nr) {
+    for (int64_t n0 = block_start; n0 < block_end; n0 += isa.nr) {
       const int rows = static_cast<int>(std::min<int64_t>(isa.nr, block_end - n0));
-      isa.decode_rows(view, n0, rows, w.data(), kv);
+      isa.decode_rows(view, n0, rows, row_scale + (n0 - block_start), w.data(), kv);
       salient_rows(n0, rows, w.data());
       for (int r = 0; r < rows; ++r) std::fill(w.data() + r * kv + a.k, w.data() + (r + 1) * kv, 0.0f);
       std::fill(w.data() + rows * kv, w.data() + isa.nr * kv, 0.0f);

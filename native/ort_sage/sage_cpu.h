@@ -1,4 +1,4 @@
-// SageBinaryGemm on the CPU (contract v1, docs/sage_binary_gemm.md), straight from the packed tensors.
+// SageBinaryGemm on the CPU (contract v2, docs/sage_binary_gemm.md), straight from the packed tensors.
 //
 // Used by the ONNX Runtime custom op (sage_ort_op.cpp) and, through ctypes, by SageLinear on CPU tensors
 // (sage_export/runtime/ort_op.py mirrors SageCpuArgs).
@@ -6,7 +6,7 @@
 
 #include <cstdint>
 
-#define SAGE_CPU_ABI_VERSION 1
+#define SAGE_CPU_ABI_VERSION 2  // 2: row_scales (contract v2)
 #define SAGE_CPU_MAX_GROUPS 16          // one 16-entry scale table; the CUDA kernels' cap too
 #define SAGE_CPU_MAX_FEATURES (1 << 30)  // largest K and N, as the CUDA kernels
 
@@ -26,6 +26,7 @@ struct SageCpuArgs {
   const int32_t* salient_cols;   // [nnz], each must lie in [0, k)
   const int8_t* salient_q;       // [nnz], |q| <= 2^(b-1) - 1
   const uint16_t* salient_scale; // [n] float16 bits
+  const uint16_t* row_scales;    // [n] float16 bits: r_n, the multiplier of row n's unsalient weights
   const float* bias;             // [n] float32 or null
   void* y;                       // [m, n] in x_dtype
   int64_t m;

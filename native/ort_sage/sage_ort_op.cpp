@@ -1,4 +1,5 @@
-// `sage::SageBinaryGemm` as an ONNX Runtime custom op on the CPU execution provider.
+// `sage::SageBinaryGemm` (contract v2, docs/sage_binary_gemm.md) as an ONNX Runtime custom op on the CPU execution
+// provider.
 //
 // Loaded with SessionOptions.register_custom_ops_library(path): ONNX Runtime calls RegisterCustomOps, which adds
 // the `sage` domain with two kernels, one for float32 X and one for float16 X (the other inputs have one type
@@ -17,13 +18,15 @@ namespace {
 
 const OrtApi* g_api = nullptr;
 
-constexpr size_t kInputs = 9;  // X, seven packed tensors, optional bias
+constexpr size_t kInputs = 10;  // X, eight packed tensors (row_scales at 8 since contract v2), optional bias
+constexpr size_t kRequiredInputs = 9;
 constexpr const char* kInputNames[kInputs] = {"X", "sign_bits", "group_codes", "group_scales", "salient_rowptr",
-                                             "salient_cols", "salient_q", "salient_scale", "bias"};
+                                             "salient_cols", "salient_q", "salient_scale", "row_scales", "bias"};
 constexpr ONNXTensorElementDataType kPackedTypes[kInputs] = {
-    ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8,  ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8,
-    ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16,   ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32,
-    ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8,      ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
+    ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED,  // X: float32 or float16, one kernel each
+    ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8,    ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8,    ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16,
+    ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32,   ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32,   ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8,
+    ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
 
 struct Kernel {
   int64_t k, n, groups, salient_bits;
@@ -68,11 +71,11 @@ std::string check_inputs(const Kernel& kn, const Tensor (&t)[kInputs]) {
   const int64_t bytes = (kn.k + 7) / 8;
   int64_t planes = 0;
   while ((int64_t{1} << planes) < kn.groups) ++planes;
-  for (size_t i = 0; i < 8; ++i)
+  for (size_t i = 0; i < kRequiredInputs; ++i)
     if (!t[i].present) return std::string("input ") + kInputNames[i] + " is missing";
   const int64_t nnz = t[5].dims.size() == 1 ? t[5].dims[0] : -1;
   const std::vector<int64_t> expected[kInputs] = {
-      {}, {kn.n, bytes}, {planes, kn.n, bytes}, {kn.groups}, {kn.n + 1}, {nnz}, {nnz}, {kn.n}, {kn.n}};
+      {}, {kn.n, bytes}, {planes, kn.n, bytes}, {kn.groups}, {kn.n + 1}, {nnz}, {nnz}, {kn.n}, {kn.n}, {kn.n}};
   for (size_t i = 1; i < kInputs; ++i) {
     if (!t[i].present) continue;
     if (t[i].type != kPackedTypes[i])
@@ -132,7 +135,8 @@ OrtStatus* compute_checked(void* kernel, OrtKernelContext* context) {
   args.salient_cols = static_cast<const int32_t*>(t[5].data);
   args.salient_q = static_cast<const int8_t*>(t[6].data);
   args.salient_scale = static_cast<const uint16_t*>(t[7].data);
-  args.bias = t[8].present ? static_cast<const float*>(t[8].data) : nullptr;
+  args.row_scales = static_cast<const uint16_t*>(t[8].data);
+  args.bias = t[9].present ? static_cast<const float*>(t[9].data) : nullptr;
   args.y = y_data;
   args.m = m;
   args.nnz = t[5].dims[0];
@@ -207,6 +211,8 @@ extern "C" __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(O
     return v1 ? v1->CreateStatus(ORT_FAIL, "the sage custom op library needs ONNX Runtime 1.16 or later") : nullptr;
   }
   OrtCustomOpDomain* domain = nullptr;
+  // The ops declare API version 16, which has no GetStartVersion/GetEndVersion: they match every opset version
+  // of the `sage` domain, version 2 (contract v2) included; the ten-input schema is what refuses a v1 node.
   // The domain must outlive every session made with these options; it is a few bytes, so it is never released.
   if (OrtStatus* s = g_api->CreateCustomOpDomain("sage", &domain)) return s;
   if (OrtStatus* s = g_api->CustomOpDomain_Add(domain, &g_float_op)) return s;

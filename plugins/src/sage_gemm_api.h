@@ -1,4 +1,4 @@
-/* Launch API of the SageBinaryGemm CUDA kernels (op contract v1, docs/sage_binary_gemm.md).
+/* Launch API of the SageBinaryGemm CUDA kernels (op contract v2, docs/sage_binary_gemm.md).
  *
  * Y[M, N] = X[M, K] · Ŵᵀ (+ bias), Ŵ decoded on the fly from the packed layout; nothing dense is materialised.
  * Every caller (TensorRT plugin, Python ctypes runtime, benchmarks) goes through sage_gemm_launch, so this plain-C
@@ -17,8 +17,9 @@ extern "C" {
 #endif
 
 /* 2: nnz added after m (the kernels clamp the CSR arrays to it).
- * 3: prepared / prepared_bytes (the GEMV3 weight layout, made once by sage_gemm_prepare). */
-#define SAGE_GEMM_ABI_VERSION 3
+ * 3: prepared / prepared_bytes (the GEMV3 weight layout, made once by sage_gemm_prepare).
+ * 4: row_scales after salient_scale (op contract v2: r_n multiplies every unsalient weight of row n). */
+#define SAGE_GEMM_ABI_VERSION 4
 /* Group indices are decoded with a lookup table of 2*SAGE_MAX_GROUPS entries (at most 4 code planes). */
 #define SAGE_MAX_GROUPS 16
 /* SAGE_PATH_AUTO runs the GEMV kernel up to this many activation rows and the tiled kernel above it. */
@@ -58,6 +59,7 @@ typedef struct SageGemmArgs {
     const int32_t* salient_cols;   /* [nnz] ascending within a row; NULL allowed when nnz == 0 */
     const int8_t* salient_q;       /* [nnz] signed integers; NULL allowed when nnz == 0 */
     const uint16_t* salient_scale; /* float16 bits [N] */
+    const uint16_t* row_scales;    /* float16 bits [N]: r_n, the multiplier of row n's unsalient weights (v2) */
     const void* bias;              /* [N] in bias_dtype (the op contract: float32; float16 also accepted), or NULL */
     void* y;                       /* [M, N] in x_dtype, row-major */
     const void* prepared;          /* GEMV3 layout of these weights (sage_gemm_prepare), or NULL */
@@ -101,7 +103,8 @@ SAGE_API int64_t sage_gemm_prepared_bytes(const SageGemmArgs* args);
 
 /* Writes the GEMV3 layout of the weights into args->prepared (args->prepared_bytes must be at least
  * sage_gemm_prepared_bytes) on `stream`. Done once per set of weights; the launches then read it instead of the
- * contract's bit planes (they still read the CSR row pointers and the scales). */
+ * contract's bit planes (they still read the CSR row pointers and the scales, row_scales included: the layout does
+ * not depend on them). */
 SAGE_API int sage_gemm_prepare(const SageGemmArgs* args, cudaStream_t stream);
 
 /* Text of a code returned by sage_gemm_launch. */

@@ -24,6 +24,7 @@ struct Problem {
     const int32_t* cols;
     const int8_t* q;
     const __half* salient_scale;
+    const __half* row_scales;  // r_n: every kernel applies it once per output row to the row's binary sum (v2)
     const void* bias;
     void* y;
     int64_t m;
@@ -88,10 +89,19 @@ __device__ __forceinline__ int binary_index(const Problem& p, int row, int col) 
     return idx;
 }
 
-// Salient weight minus the binary weight the bits encode there: adding corr·x replaces one by the other, so the
-// kernels stay correct even for a non-canonical packing.
-__device__ __forceinline__ float salient_correction(float salient_scale, int8_t q, float binary_weight) {
-    return salient_scale * static_cast<float>(q) - binary_weight;
+// Contract v2: Ŵ[n, k] = r_n·(±α_g) off the salient set, salient_scale[n]·q on it. The kernels factor r_n out of
+// the row's sum, so no per-weight work is added:
+//     Y[n] = r_n·(Σ_k x_k·w_bin(n, k) − Σ_salient x_k·w_bin(n, k)) + Σ_salient x_k·salient_scale[n]·q
+// where w_bin = ±α_g is what the bits encode (at salient positions too: canonical or not). GEMV, GEMV2 and the
+// tiled kernels keep the two salient sums apart (the binary part goes into the sum r_n multiplies), so one
+// nonzero activation per row still gives Ŵ exactly; GEMV3 folds r_n into a per-row constant instead (below).
+__device__ __forceinline__ float row_scale(const Problem& p, int row) { return __half2float(p.row_scales[row]); }
+
+// Salient weight minus the binary weight the bits encode there (times r_n, a float16 product, exact in float32):
+// adding corr·x to a sum that r_n multiplies after the fact replaces one by the other, so the kernels stay correct
+// even for a non-canonical packing.
+__device__ __forceinline__ float salient_correction(float salient_scale, int8_t q, float scaled_binary_weight) {
+    return salient_scale * static_cast<float>(q) - scaled_binary_weight;
 }
 
 #ifdef __CUDACC__

@@ -13,12 +13,12 @@ bool valid_sizes(const SageGemmArgs* a) {
            a->salient_bits >= 2 && a->salient_bits <= 8;
 }
 
-// The weights' pointers: what sage_gemm_prepare reads.
+// The weights' pointers: what sage_gemm_prepare reads, and row_scales (contract v2), which only the launches read.
 bool valid_weight_pointers(const SageGemmArgs* a) {
     const bool salient = a->nnz == 0 || (a->salient_cols != nullptr && a->salient_q != nullptr);
     const bool codes = a->group_codes != nullptr || sage_gemm_planes(a->n_groups) == 0;
     return a->sign_bits != nullptr && a->group_scales != nullptr && a->salient_rowptr != nullptr &&
-           a->salient_scale != nullptr && salient && codes;
+           a->salient_scale != nullptr && a->row_scales != nullptr && salient && codes;
 }
 
 bool valid_weights(const SageGemmArgs* a) {
@@ -43,6 +43,7 @@ sage::Problem make_problem(const SageGemmArgs& a) {
     p.cols = a.salient_cols;
     p.q = a.salient_q;
     p.salient_scale = reinterpret_cast<const __half*>(a.salient_scale);
+    p.row_scales = reinterpret_cast<const __half*>(a.row_scales);
     p.bias = a.bias;
     p.y = a.y;
     p.m = a.m;

@@ -5,7 +5,8 @@
 // columns of group g (α_g applied once per 128 columns), for larger G by choosing ±α_g per weight with a select
 // tree over α (see kGroupSums). Either way the result differs from the reference only by the order of the
 // float32 additions. One warp owns two output rows and walks K in tiles of 4096 columns, one 128-bit load per
-// lane, row and bit plane, with the next tile's loads issued before the current tile is consumed.
+// lane, row and bit plane, with the next tile's loads issued before the current tile is consumed. The row's r_n
+// (contract v2) multiplies the reduced binary sum once per output; the salient values are summed apart.
 #pragma once
 
 #include "sage_gemv_kernel.cuh"
@@ -228,11 +229,12 @@ __device__ __forceinline__ float binary_weight(const Problem& p, int idx) {
 // Applies the row's salient entries whose column lies below the tile's end, 32 per step: one coalesced load of
 // columns and integers, the binary weights from the tile's registers. Columns ascend within a row (contract), so
 // the entries of this tile are a prefix of what is left; a descending column only delays entries, which the
-// last tile then takes, all of them. Columns outside [0, K) are skipped, as in every kernel.
+// last tile then takes, all of them. Columns outside [0, K) are skipped, as in every kernel. The binary weight
+// under an entry is taken back from acc (the sum r_n multiplies), its salient value s·q goes to sal.
 template <typename T, int P>
-__device__ __forceinline__ void add_salient(Accumulators& acc, Cursor& cur, const RowBits<P>& b, const Problem& p,
-                                            int row, int64_t m0, int mt, int tile_col0, bool last_tile, int lane,
-                                            float scale) {
+__device__ __forceinline__ void add_salient(Accumulators& acc, Accumulators& sal, Cursor& cur, const RowBits<P>& b,
+                                            const Problem& p, int row, int64_t m0, int mt, int tile_col0,
+                                            bool last_tile, int lane, float scale) {
     const T* x = static_cast<const T*>(p.x);
     while (cur.next < cur.end) {  // warp-uniform
         const int64_t e = static_cast<int64_t>(cur.next) + lane;  // next + 31 may pass INT32_MAX
@@ -246,10 +248,13 @@ __device__ __forceinline__ void add_salient(Accumulators& acc, Cursor& cur, cons
         int idx = tile_bits<P>(b, col, tile_col0, lane, in_tile);
         if (valid) {
             if (!in_tile) idx = binary_index(p, row, col);
-            const float corr = salient_correction(scale, q, binary_weight(p, idx));
+            const float binary = binary_weight(p, idx);
+            const float salient = scale * static_cast<float>(q);
 #pragma unroll 1
             for (int m = 0; m < mt; ++m) {
-                acc.v[m][lane] = fmaf(corr, to_float(x[(m0 + m) * p.k + col]), acc.v[m][lane]);
+                const float xv = to_float(x[(m0 + m) * p.k + col]);
+                acc.v[m][lane] = fmaf(-binary, xv, acc.v[m][lane]);
+                sal.v[m][lane] = fmaf(salient, xv, sal.v[m][lane]);
             }
         }
         cur.next += taken;
@@ -257,19 +262,28 @@ __device__ __forceinline__ void add_salient(Accumulators& acc, Cursor& cur, cons
     }
 }
 
+// Y = r_n·(binary sum) + (salient sum) + bias: the row scale of contract v2, once per output.
 template <typename T>
-__device__ __forceinline__ void reduce_and_store(const Accumulators (&acc)[kRowsPerWarp], const Problem& p,
+__device__ __forceinline__ void reduce_and_store(const Accumulators (&acc)[kRowsPerWarp],
+                                                 const Accumulators (&sal)[kRowsPerWarp], const Problem& p,
                                                  int row0, int64_t m0, int mt, int lane) {
     T* y = static_cast<T*>(p.y);
 #pragma unroll
     for (int r = 0; r < kRowsPerWarp; ++r) {
+        const int row = row0 + r;
+        const float rs = row < p.n ? row_scale(p, row) : 0.0f;
 #pragma unroll 1
         for (int m = 0; m < mt; ++m) {
             float sum = acc[r].v[m][lane];
+            float salient = sal[r].v[m][lane];
 #pragma unroll
-            for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
-            const int row = row0 + r;
-            if (lane == 0 && row < p.n) y[(m0 + m) * p.n + row] = from_float<T>(sum + bias_at(p, row));
+            for (int offset = 16; offset > 0; offset /= 2) {
+                sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+                salient += __shfl_xor_sync(0xffffffffu, salient, offset);
+            }
+            if (lane == 0 && row < p.n) {
+                y[(m0 + m) * p.n + row] = from_float<T>(fmaf(rs, sum, salient) + bias_at(p, row));
+            }
         }
     }
 }
@@ -279,6 +293,7 @@ __device__ __forceinline__ void reduce_and_store(const Accumulators (&acc)[kRows
 template <typename T, int P>
 __global__ void __launch_bounds__(kWarps * 32) gemv2_kernel(Problem p, int rows_per_pass, bool vec, bool xvec) {
     __shared__ Accumulators acc_all[kWarps][kRowsPerWarp];
+    __shared__ Accumulators sal_all[kWarps][kRowsPerWarp];  // salient values s·q·x, outside r_n's sum
     const int lane = threadIdx.x % 32;
     const int warp = threadIdx.x / 32;
     const int row0 = (blockIdx.x * kWarps + warp) * kRowsPerWarp;
@@ -286,6 +301,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv2_kernel(Problem p, int rows_
     const int64_t m0 = static_cast<int64_t>(blockIdx.y) * rows_per_pass;
     const int mt = static_cast<int>(p.m - m0 < rows_per_pass ? p.m - m0 : rows_per_pass);
     Accumulators (&acc)[kRowsPerWarp] = acc_all[warp];
+    Accumulators (&sal)[kRowsPerWarp] = sal_all[warp];
 
     float alpha[1 << P];
 #pragma unroll
@@ -298,7 +314,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv2_kernel(Problem p, int rows_
         const SalientRange range = live ? salient_range(p, row0 + r) : SalientRange{0, 0};
         cur[r] = {range.begin, range.end};
         scale[r] = live ? __half2float(p.salient_scale[row0 + r]) : 0.0f;
-        for (int m = 0; m < kMaxRowsPerPass; ++m) acc[r].v[m][lane] = 0.0f;
+        for (int m = 0; m < kMaxRowsPerPass; ++m) acc[r].v[m][lane] = sal[r].v[m][lane] = 0.0f;
     }
 
     const int n_tiles = (p.kb + kTileBytes - 1) / kTileBytes;
@@ -310,11 +326,11 @@ __global__ void __launch_bounds__(kWarps * 32) gemv2_kernel(Problem p, int rows_
         accumulate_tile<T, P>(acc, cur_tile, p, m0, mt, tile_col0 + lane * kChunkCols, lane, alpha, xvec);
 #pragma unroll
         for (int r = 0; r < kRowsPerWarp; ++r) {
-            add_salient<T, P>(acc[r], cur[r], cur_tile.row[r], p, row0 + r, m0, mt, tile_col0, tile + 1 == n_tiles,
-                              lane, scale[r]);
+            add_salient<T, P>(acc[r], sal[r], cur[r], cur_tile.row[r], p, row0 + r, m0, mt, tile_col0,
+                              tile + 1 == n_tiles, lane, scale[r]);
         }
     }
-    reduce_and_store<T>(acc, p, row0, m0, mt, lane);
+    reduce_and_store<T>(acc, sal, p, row0, m0, mt, lane);
 }
 
 // Picks the instance (code planes) and the launch shape; activation rows per pass as in gemv::dispatch.

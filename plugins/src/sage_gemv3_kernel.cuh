@@ -2,7 +2,7 @@
 //
 // Design (docs/plugin.md, "GEMV3"):
 // * The weight bits are re-laid once, on the device, into a "prepared" buffer (sage_gemm_prepare): the same bits
-//   as contract v1 (plus padding), ordered so that every lane reads its weights with 16-byte loads that are
+//   as contract v2 (plus padding), ordered so that every lane reads its weights with 16-byte loads that are
 //   contiguous across the warp, and so that the decode needs no per-weight table lookup.
 // * Products run on the tensor cores: mma.sync m16n8k16, float16 weights and activations, float32 accumulation.
 //   The product of two float16 values is exact in float32, so this is the contract's "convert to float32, then
@@ -14,7 +14,9 @@
 //   loads) is 2.2 to 2.3 SASS instructions per weight for G = 2..8 and 1.35 for G = 1 at batch <= 8
 //   (benchmarks/kernel_cost.md).
 // * Salient entries: prepared as one 32-bit word each (16-bit column, 8-bit q), their bits in the prepared buffer
-//   cleared to "+α_0", so each adds (s·q − α_0)·x. Their loads are issued right after the first weight loads.
+//   cleared to "+α_0", so each adds (s·q − r_n·α_0)·x. Their loads are issued right after the first weight loads.
+// * Row scales (contract v2): the dense sum of row n is multiplied by r_n once, when the warps' partial sums are
+//   added; the layout does not depend on r_n (it is read at launch, like the other scales).
 // * A block = 8 warps = 16 output rows; its warps split K (steps of 512 columns) and are reduced in shared memory in
 //   a fixed order: deterministic, no atomics, no workspace. N = 4096 gives 256 blocks.
 #pragma once
@@ -82,7 +84,7 @@ __host__ __device__ inline int64_t word_index(const Place& at, int k) {
 // Bits of one weight in the group's words. Code words (P = 1, 2) hold a code bit of weight i of set j at
 // 4i + j (P = 1) or 4i + 2(j % 2) + b in word j / 2 (P = 2); the sign word (last) holds weight i of set j at
 // 8(i % 4) + 7 − (2j + i / 4). P = 3: word j holds weight i's code at 4i..4i+2 and signs in the nibbles' bit 3:
-// weights 0..3 at 8i + 7, weights 4..7 at 8(i − 4) + 3. Sign bit 1 = negative (the opposite of contract v1).
+// weights 0..3 at 8i + 7, weights 4..7 at 8(i − 4) + 3. Sign bit 1 = negative (the opposite of the contract).
 struct BitRef {
     int word;  // group word 0..P
     int bit;
@@ -318,7 +320,7 @@ __device__ __forceinline__ SalientLane salient_prefetch(const Problem& p, const 
 }
 
 // Branch-free, so that every gather of the round is in flight at once: an empty slot (or a column outside
-// [0, K)) reads column 0 and adds it times 0.
+// [0, K)) reads column 0 and adds it times 0. alpha0 is r_n·α_0 (exact in float32: two float16 mantissas).
 template <int NB>
 __device__ __forceinline__ void add_salient_words(float (&sum)[8 * NB], const Problem& p, const uint32_t* words,
                                                   int64_t m0, int mt, float scale, float alpha0) {
@@ -347,15 +349,18 @@ __device__ __forceinline__ void add_salient_words(float (&sum)[8 * NB], const Pr
     }
 }
 
-// The row's salient corrections (s·q − α_0)·x summed over its entries, reduced over its 16 lanes by shuffles in a
-// fixed order; lane 0 of each 16-lane group ends with the row's sums.
+// The row's salient corrections (s·q − r_n·α_0)·x summed over its entries, reduced over its 16 lanes by shuffles
+// in a fixed order; lane 0 of each 16-lane group ends with the row's sums. The dense sum, to which the entries'
+// bits contributed +α_0·x each, is multiplied by r_n afterwards: together r_n·α_0·x is taken back.
 template <int NB>
 __device__ __forceinline__ void salient_sums(float (&sum)[8 * NB], const Problem& p, const uint32_t* salient,
-                                             const SalientLane& s, int row, int64_t m0, int mt, float alpha0) {
+                                             const SalientLane& s, int row, int64_t m0, int mt, float alpha0,
+                                             float rs) {
 #pragma unroll
     for (int m = 0; m < 8 * NB; ++m) sum[m] = 0.0f;
     if (row < p.n) {
         const float scale = __half2float(p.salient_scale[row]);
+        alpha0 *= rs;
         add_salient_words<NB>(sum, p, s.first, m0, mt, scale, alpha0);
         for (int e0 = s.range.begin + static_cast<int>(threadIdx.x % 16) + 16 * kSalientPerLane; e0 < s.range.end;
              e0 += 16 * kSalientPerLane) {
@@ -381,6 +386,7 @@ __global__ void __launch_bounds__(kThreads, NB == 1 ? 2 : 1)  // two blocks per 
     constexpr int MB = 8 * NB;
     __shared__ float partial[kWarps][kRowsPerTile][MB];
     __shared__ float salient_part[kRowsPerTile][MB];
+    __shared__ float row_scale_part[kRowsPerTile];  // r_n of the tile's rows (contract v2)
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int g = lane / 4, t = lane % 4;
     const int tile = blockIdx.x;
@@ -410,10 +416,13 @@ __global__ void __launch_bounds__(kThreads, NB == 1 ? 2 : 1)  // two blocks per 
     }
 
     float sums[MB];
-    salient_sums<NB>(sums, p, salient, sal, salient_row, m0, mt, __half2float(p.scales[0]));
+    // Read after the dense loop (not prefetched before it): one load per thread, and no register held across it.
+    const float rs = salient_row < p.n ? row_scale(p, salient_row) : 0.0f;
+    salient_sums<NB>(sums, p, salient, sal, salient_row, m0, mt, __half2float(p.scales[0]), rs);
     if (threadIdx.x % 16 == 0) {
 #pragma unroll
         for (int m = 0; m < MB; ++m) salient_part[threadIdx.x / 16][m] = sums[m];
+        row_scale_part[threadIdx.x / 16] = rs;
     }
 #pragma unroll
     for (int nb = 0; nb < NB; ++nb) {
@@ -427,9 +436,9 @@ __global__ void __launch_bounds__(kThreads, NB == 1 ? 2 : 1)  // two blocks per 
         const int r = idx / MB, m = idx % MB;
         const int row = tile * kRowsPerTile + r;
         if (row >= p.n || m >= mt) continue;
-        float y = salient_part[r][m];
-        for (int w = 0; w < kWarps; ++w) y += partial[w][r][m];  // fixed order: deterministic
-        y += bias_at(p, row);
+        float dense = 0.0f;
+        for (int w = 0; w < kWarps; ++w) dense += partial[w][r][m];  // fixed order: deterministic
+        const float y = fmaf(row_scale_part[r], dense, salient_part[r][m]) + bias_at(p, row);
         static_cast<__half*>(p.y)[(m0 + m) * p.n + row] = __float2half_rn(y);
     }
 }

@@ -3,7 +3,8 @@
 // A K tile is 1024 columns: each lane of a team loads 16 bytes of the sign row and of every code plane (128
 // columns), the block stages the matching activations as float32 in shared memory, and every weight is decoded
 // through the ±α lookup table and multiplied into up to 8 activation rows at once. Salient entries are applied
-// afterwards from the CSR arrays; the team then reduces its partial sums with warp shuffles.
+// afterwards from the CSR arrays; the team then reduces its partial sums with warp shuffles and multiplies the
+// binary sum by the row's r_n (contract v2) once per output.
 #pragma once
 
 #include "sage_gemm_internal.cuh"
@@ -111,21 +112,27 @@ __device__ __forceinline__ void accumulate_chunk(float (&acc)[MT], const Chunk& 
     }
 }
 
-// The team's lanes split the row's salient entries; activations come from global memory (L1/L2 resident).
+// The team's lanes split the row's salient entries; activations come from global memory (L1/L2 resident). The
+// binary weight under each entry is taken back from acc (the sum r_n multiplies), its salient value goes to sal.
 // e is 64-bit because e + kTeam passes INT32_MAX when nnz is close to it.
 template <typename T, int MT>
-__device__ __forceinline__ void add_salient(float (&acc)[MT], const Problem& p, int row, int64_t m0, int team_lane,
-                                            const float* lut) {
+__device__ __forceinline__ void add_salient(float (&acc)[MT], float (&sal)[MT], const Problem& p, int row,
+                                            int64_t m0, int team_lane, const float* lut) {
     const T* x = static_cast<const T*>(p.x);
     const float scale = __half2float(p.salient_scale[row]);
     const SalientRange range = salient_range(p, row);
     for (int64_t e = static_cast<int64_t>(range.begin) + team_lane; e < range.end; e += kTeam) {
         const int col = p.cols[e];
         if (!column_in_range(p, col)) continue;
-        const float corr = salient_correction(scale, p.q[e], lut[binary_index(p, row, col)]);
+        const float binary = lut[binary_index(p, row, col)];
+        const float salient = scale * static_cast<float>(p.q[e]);
 #pragma unroll
         for (int m = 0; m < MT; ++m) {
-            if (m0 + m < p.m) acc[m] = fmaf(corr, to_float(x[(m0 + m) * p.k + col]), acc[m]);
+            if (m0 + m < p.m) {
+                const float xv = to_float(x[(m0 + m) * p.k + col]);
+                acc[m] = fmaf(-binary, xv, acc[m]);
+                sal[m] = fmaf(salient, xv, sal[m]);
+            }
         }
     }
 }
@@ -156,19 +163,26 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(Problem p, bool vec) 
         __syncthreads();
         accumulate_chunk<MT>(acc, cur, xs, lut, team_lane, p.planes);
     }
-    if (row < p.n) add_salient<T, MT>(acc, p, row, m0, team_lane, lut);
+    float sal[MT];
+#pragma unroll
+    for (int m = 0; m < MT; ++m) sal[m] = 0.0f;
+    if (row < p.n) add_salient<T, MT>(acc, sal, p, row, m0, team_lane, lut);
 
 #pragma unroll
     for (int offset = kTeam / 2; offset > 0; offset /= 2) {
 #pragma unroll
-        for (int m = 0; m < MT; ++m) acc[m] += __shfl_xor_sync(0xffffffffu, acc[m], offset);
+        for (int m = 0; m < MT; ++m) {
+            acc[m] += __shfl_xor_sync(0xffffffffu, acc[m], offset);
+            sal[m] += __shfl_xor_sync(0xffffffffu, sal[m], offset);
+        }
     }
     if (row >= p.n) return;
+    const float r = row_scale(p, row);  // contract v2: one multiply per output, none per weight
     const float b = bias_at(p, row);
     T* y = static_cast<T*>(p.y);
 #pragma unroll
     for (int m = 0; m < MT; ++m) {
-        if (m == team_lane && m0 + m < p.m) y[(m0 + m) * p.n + row] = from_float<T>(acc[m] + b);
+        if (m == team_lane && m0 + m < p.m) y[(m0 + m) * p.n + row] = from_float<T>(fmaf(r, acc[m], sal[m]) + b);
     }
 }
 

@@ -93,7 +93,8 @@ std::string validate_attrs(SageGemmAttrs const& a) {
 
 std::string check_input_dims(nvinfer1::Dims const* dims, int32_t nb_inputs, SageGemmAttrs const& a) {
     if (nb_inputs != kRequiredInputs && nb_inputs != kMaxInputs) {
-        return "expected 8 or 9 inputs, got " + std::to_string(nb_inputs);
+        return "expected 9 or 10 inputs (contract v2: row_scales is input 8, the optional bias 9), got " +
+               std::to_string(nb_inputs);
     }
     int64_t const k = a.in_features;
     int64_t const n = a.out_features;
@@ -114,6 +115,7 @@ std::string check_input_dims(nvinfer1::Dims const* dims, int32_t nb_inputs, Sage
                                  {kSalientCols, "salient_cols", 1, -1, 0, 0},
                                  {kSalientQ, "salient_q", 1, -1, 0, 0},
                                  {kSalientScale, "salient_scale", 1, n, 0, 0},
+                                 {kRowScales, "row_scales", 1, n, 0, 0},
                                  {kBias, "bias", 1, n, 0, 0}};
     for (Expected const& e : expected) {
         if (e.input >= nb_inputs) continue;
@@ -143,14 +145,15 @@ bool supports_io(int32_t pos, nvinfer1::DynamicPluginTensorDesc const* in_out, i
     if (pos == nb_inputs) return d.type == in_out[kX].desc.type;
     switch (pos) {
         case kX: return d.type == DataType::kFLOAT || d.type == DataType::kHALF;
-        case kBias: return d.type == DataType::kFLOAT;  // float32 whatever X's type (contract v1)
+        case kBias: return d.type == DataType::kFLOAT;  // float32 whatever X's type (contract v2)
         case kSignBits:
         case kGroupCodes:
         case kSalientQ: return d.type == DataType::kINT8;
         case kSalientRowptr:
         case kSalientCols: return d.type == DataType::kINT32;
         case kGroupScales:
-        case kSalientScale: return d.type == DataType::kHALF;
+        case kSalientScale:
+        case kRowScales: return d.type == DataType::kHALF;
         default: return false;
     }
 }
@@ -174,6 +177,7 @@ SageGemmArgs launch_args(SageGemmAttrs const& attrs, nvinfer1::PluginTensorDesc 
     a.salient_cols = static_cast<int32_t const*>(inputs[kSalientCols]);
     a.salient_q = static_cast<int8_t const*>(inputs[kSalientQ]);
     a.salient_scale = static_cast<uint16_t const*>(inputs[kSalientScale]);
+    a.row_scales = static_cast<uint16_t const*>(inputs[kRowScales]);
     bool const has_bias = nb_inputs == kMaxInputs;
     a.bias = has_bias ? inputs[kBias] : nullptr;
     a.y = output;

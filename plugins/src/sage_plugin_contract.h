@@ -1,5 +1,5 @@
-// The SageBinaryGemm op contract as the TensorRT plugin sees it: attributes, the 8 (+ optional bias) inputs, and
-// the translation of TensorRT tensors into SageGemmArgs. Pure host code, unit-tested without a GPU.
+// The SageBinaryGemm op contract (v2) as the TensorRT plugin sees it: attributes, the 9 (+ optional bias) inputs,
+// and the translation of TensorRT tensors into SageGemmArgs. Pure host code, unit-tested without a GPU.
 #pragma once
 
 #include <cstdint>
@@ -12,7 +12,7 @@
 namespace sage {
 
 constexpr char const* kPluginName = "SageBinaryGemm";
-constexpr char const* kPluginVersion = "1";
+constexpr char const* kPluginVersion = "2";  // contract v2 (row_scales); the `sage` opset version is 2 too
 constexpr char const* kPluginNamespace = "sage";
 
 // Input order of the contract (docs/sage_binary_gemm.md).
@@ -25,10 +25,11 @@ enum Input : int32_t {
     kSalientCols,
     kSalientQ,
     kSalientScale,
-    kBias,
+    kRowScales,  // v2: float16 [N], r_n of each row's unsalient weights
+    kBias,       // optional, float32 [N] (input 8 in v1)
 };
-constexpr int32_t kRequiredInputs = 8;
-constexpr int32_t kMaxInputs = 9;
+constexpr int32_t kRequiredInputs = 9;
+constexpr int32_t kMaxInputs = 10;
 
 struct SageGemmAttrs {
     int32_t in_features = 0;
@@ -47,8 +48,8 @@ std::string validate_attrs(SageGemmAttrs const& attrs);
 // Checks the number of inputs and every known (non -1) dimension against the attributes. Returns "" or the error.
 std::string check_input_dims(nvinfer1::Dims const* dims, int32_t nb_inputs, SageGemmAttrs const& attrs);
 
-// supportsFormatCombination: linear layout; X float/half; INT8 packed tensors; INT32 CSR indices; FP16 scales;
-// bias float32; output of X's type.
+// supportsFormatCombination: linear layout; X float/half; INT8 packed tensors; INT32 CSR indices; FP16 scales
+// (group_scales, salient_scale, row_scales); bias float32; output of X's type.
 bool supports_io(int32_t pos, nvinfer1::DynamicPluginTensorDesc const* in_out, int32_t nb_inputs,
                  int32_t nb_outputs);
 

@@ -1,7 +1,9 @@
 // Prefill path (large M): 64x64 output tiles. Each K step stages an activation tile and decodes the matching
-// weight tile (binary part only, exact in float16 because ±α_g is a float16 value) into shared memory, multiplies
-// them (WMMA tensor cores for float16 activations, SIMT float32 FMA for float32 activations), and applies the
-// salient entries of that K step from the same shared tiles as float32 corrections. float32 accumulation throughout.
+// weight tile (binary part only, exact in float16 because ±α_g is a float16 value) into shared memory, applies the
+// salient entries of that K step (their s·q·x summed in float32 apart, their binary weights zeroed in the shared
+// tile), then multiplies the tiles (WMMA tensor cores for float16 activations, SIMT float32 FMA for float32
+// activations). The epilogue multiplies the product, the binary part alone, by the row's r_n (contract v2) and
+// adds the salient sums and the bias. float32 accumulation throughout.
 #pragma once
 
 #include <mma.h>
@@ -95,20 +97,24 @@ __device__ __forceinline__ void decode_w_tile(TS* ws, const Problem& p, const fl
 }
 
 // One thread owns one weight row of the tile and MR activation rows: it walks that row's CSR entries falling in
-// [k0, k0+bk) (columns ascend, so a cursor suffices) and accumulates corr·x from the shared tiles. A column
-// outside [0, K) is passed over for good, wherever it sits in the row, so it cannot hold back the entries after
-// it; checking it first also keeps col - k0 from overflowing.
+// [k0, k0+bk) (columns ascend, so a cursor suffices) and accumulates s·q·x from the shared activation tile. The
+// row's `owner` (one of the threads sharing the weight row) also zeroes the binary weight the bits put there,
+// whatever they encode (non-canonical packings included), before the tiles are multiplied: the product is then
+// the binary part alone, which r_n multiplies in the epilogue. A column outside [0, K) is passed over for good,
+// wherever it sits in the row, so it cannot hold back the entries after it; checking it first also keeps col - k0
+// from overflowing.
 template <typename TS, int MR, int LDX>
 __device__ __forceinline__ void add_salient_tile(float (&corr)[MR], int& cursor, int end, float scale,
-                                                 const Problem& p, const TS* xs_rows, const TS* ws_row, int k0,
-                                                 int bk) {
+                                                 const Problem& p, const TS* xs_rows, TS* ws_row, bool owner,
+                                                 int k0, int bk) {
     for (; cursor < end; ++cursor) {
         const int col = p.cols[cursor];
         if (!column_in_range(p, col)) continue;
         const int kk = col - k0;
         if (kk >= bk) break;
         if (kk < 0) continue;  // only reachable when columns do not ascend (contract violation)
-        const float c = salient_correction(scale, p.q[cursor], to_float(ws_row[kk]));
+        if (owner) ws_row[kk] = store_as<TS>(0.0f);
+        const float c = scale * static_cast<float>(p.q[cursor]);
 #pragma unroll
         for (int i = 0; i < MR; ++i) corr[i] = fmaf(c, to_float(xs_rows[i * LDX + kk]), corr[i]);
     }
@@ -132,18 +138,20 @@ __device__ __forceinline__ SalientCursor salient_cursor(const Problem& p, int ro
     return s;
 }
 
-// out (float32 tile) + salient corrections + bias -> Y, one weight row and MR activation rows per thread.
+// r_n · out (float32 tile of the binary part) + salient sums + bias -> Y, one weight row and MR activation rows
+// per thread.
 template <typename T, int MR>
 __device__ __forceinline__ void write_tile(const float* out, const float (&corr)[MR], const Problem& p,
                                            int64_t m_base, int m_first, int n_base, int n_local) {
     const int row = n_base + n_local;
     if (row >= p.n) return;
+    const float r = row_scale(p, row);
     const float b = bias_at(p, row);
     T* y = static_cast<T*>(p.y);
 #pragma unroll
     for (int i = 0; i < MR; ++i) {
         const int64_t m = m_base + m_first + i;
-        if (m < p.m) y[m * p.n + row] = from_float<T>(out[(m_first + i) * kOutLd + n_local] + corr[i] + b);
+        if (m < p.m) y[m * p.n + row] = from_float<T>(fmaf(r, out[(m_first + i) * kOutLd + n_local], corr[i]) + b);
     }
 }
 
@@ -189,6 +197,10 @@ __global__ void __launch_bounds__(kWmmaThreads) tiled_wmma_kernel(Problem p, boo
         }
         decode_w_tile<__half, kWmmaBK, kWmmaLd, kWmmaThreads>(sm.in.ws, p, lut, n_base, k0);
         __syncthreads();
+        add_salient_tile<__half, kMR, kWmmaLd>(corr, sal.cursor, sal.end, sal.scale, p,
+                                               sm.in.xs + m_first * kWmmaLd, sm.in.ws + n_local * kWmmaLd,
+                                               m_first == 0, k0, kWmmaBK);
+        __syncthreads();  // the salient positions of ws are zero
 #pragma unroll
         for (int kk = 0; kk < kWmmaBK; kk += 16) {
             wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> a[2];
@@ -205,9 +217,6 @@ __global__ void __launch_bounds__(kWmmaThreads) tiled_wmma_kernel(Problem p, boo
                 for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
             }
         }
-        add_salient_tile<__half, kMR, kWmmaLd>(corr, sal.cursor, sal.end, sal.scale, p,
-                                               sm.in.xs + m_first * kWmmaLd, sm.in.ws + n_local * kWmmaLd, k0,
-                                               kWmmaBK);
         __syncthreads();
     }
 
@@ -258,6 +267,10 @@ __global__ void __launch_bounds__(kSimtThreads) tiled_simt_kernel(Problem p) {
         stage_x_tile<float, float, kSimtBK, kSimtLd, kSimtThreads>(sm.in.xs, p, m_base, k0);
         decode_w_tile<float, kSimtBK, kSimtLd, kSimtThreads>(sm.in.ws, p, lut, n_base, k0);
         __syncthreads();
+        add_salient_tile<float, kMR, kSimtLd>(corr, sal.cursor, sal.end, sal.scale, p,
+                                              sm.in.xs + m_first * kSimtLd, sm.in.ws + n_local * kSimtLd,
+                                              m_first == 0, k0, kSimtBK);
+        __syncthreads();  // the salient positions of ws are zero
 #pragma unroll 8
         for (int kk = 0; kk < kSimtBK; ++kk) {
             float a[4];
@@ -272,9 +285,6 @@ __global__ void __launch_bounds__(kSimtThreads) tiled_simt_kernel(Problem p) {
                 for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
             }
         }
-        add_salient_tile<float, kMR, kSimtLd>(corr, sal.cursor, sal.end, sal.scale, p,
-                                              sm.in.xs + m_first * kSimtLd, sm.in.ws + n_local * kSimtLd, k0,
-                                              kSimtBK);
         __syncthreads();
     }
 

@@ -67,7 +67,8 @@ int32_t SageGemmPlugin::accept_inputs(Dims const* dims, int32_t nb_inputs) noexc
 
 int32_t SageGemmPlugin::configurePlugin(DynamicPluginTensorDesc const* in, int32_t nbInputs,
                                         DynamicPluginTensorDesc const* /*out*/, int32_t nbOutputs) noexcept {
-    if (nbInputs < kRequiredInputs || nbInputs > kMaxInputs || nbOutputs != 1) return -1;
+    // Too few inputs (e.g. a contract-v1 node without row_scales) reach accept_inputs, which says so.
+    if (nbInputs < 0 || nbInputs > kMaxInputs || nbOutputs != 1) return -1;
     Dims dims[kMaxInputs];
     for (int32_t i = 0; i < nbInputs; ++i) dims[i] = in[i].desc.dims;
     return accept_inputs(dims, nbInputs);
@@ -104,7 +105,7 @@ int32_t SageGemmPlugin::getNbOutputs() const noexcept { return 1; }
 
 int32_t SageGemmPlugin::onShapeChange(PluginTensorDesc const* in, int32_t nbInputs, PluginTensorDesc const* /*out*/,
                                       int32_t nbOutputs) noexcept {
-    if (nbInputs < kRequiredInputs || nbInputs > kMaxInputs || nbOutputs != 1) return -1;
+    if (nbInputs < 0 || nbInputs > kMaxInputs || nbOutputs != 1) return -1;
     Dims dims[kMaxInputs];
     for (int32_t i = 0; i < nbInputs; ++i) dims[i] = in[i].dims;
     return accept_inputs(dims, nbInputs);
@@ -138,7 +139,7 @@ bool SageGemmPlugin::use_prepared_layout(SageGemmArgs& args, cudaStream_t stream
     // GEMV3 takes float16 X only, and not every layer: otherwise the launch picks another path.
     int64_t const need = args.x_dtype == SAGE_DTYPE_FLOAT16 ? sage_gemm_prepared_bytes(&args) : 0;
     if (need == 0) return true;
-    // What sage_gemm_prepare reads (the scales are read by the kernel itself on every launch).
+    // What sage_gemm_prepare reads (the scales, row_scales included, are read by the kernel on every launch).
     void const* from[5] = {args.sign_bits, args.group_codes, args.salient_rowptr, args.salient_cols, args.salient_q};
     bool const same = mPrepared != nullptr && mPreparedBytes >= need &&
                       std::equal(std::begin(from), std::end(from), std::begin(mPreparedFrom));

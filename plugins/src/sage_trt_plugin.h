@@ -58,7 +58,7 @@ private:
     bool use_prepared_layout(SageGemmArgs& args, cudaStream_t stream) noexcept;
 
     SageGemmAttrs mAttrs;
-    int32_t mNbInputs = 0;
+    int32_t mNbInputs = 0;  // 0 until configurePlugin/onShapeChange saw the inputs (9, or 10 with bias)
     // The GEMV3 layout of the weights, made on the first enqueue that sees them (the weights of an engine are
     // constants at fixed addresses) and again only when their addresses change, e.g. during tactic timing.
     // Owned by this plugin object; a clone starts without one.
@@ -67,7 +67,8 @@ private:
     // Where the weights were when it was made: sign_bits, group_codes, salient_rowptr, salient_cols, salient_q.
     // Same addresses, same weights: the plugin does not support refitting them in place. The first enqueue (which
     // allocates) must not be inside a CUDA graph capture; TensorRT's warm-up runs come before one.
-    void const* mPreparedFrom[5] = {};  // 0 until configurePlugin/onShapeChange saw the inputs (8, or 9 with bias)
+    // row_scales (contract v2) is not among them: like the other scales, the kernel reads it on every launch.
+    void const* mPreparedFrom[5] = {};
     std::vector<nvinfer1::PluginField> mFields;
     nvinfer1::PluginFieldCollection mFieldCollection{};
 };

@@ -3,9 +3,9 @@
 //
 // Usage: sage_kernel_emulator PROBLEM.bin OUT.bin
 //   PROBLEM.bin: 10 little-endian int64 [m, k, n, n_groups, salient_bits, x_dtype, bias_dtype (-1: no bias), path,
-//   nnz, misalign], then the contract's arrays as raw bytes in contract order (x, sign_bits, group_codes,
-//   group_scales, salient_rowptr, salient_cols, salient_q, salient_scale, bias when present). misalign = 1 shifts
-//   every array by one byte in memory, which forces the kernels' unaligned load paths.
+//   nnz, misalign], then the contract's arrays as raw bytes in contract v2 order (x, sign_bits, group_codes,
+//   group_scales, salient_rowptr, salient_cols, salient_q, salient_scale, row_scales, bias when present).
+//   misalign = 1 shifts every array by one byte in memory, which forces the kernels' unaligned load paths.
 //   OUT.bin receives y [m, n] in x's dtype. The exit status is sage_gemm_launch's return code.
 //   A header the launch API must reject (K or N above SAGE_MAX_FEATURES, nnz outside 0..INT32_MAX, ...) needs no
 //   arrays: they are then empty, since the launch may read none of them.
@@ -97,8 +97,8 @@ bool sizable(const Header& h) {
            h.nnz >= 0 && h.nnz <= INT32_MAX && h.groups >= 1 && h.groups <= SAGE_MAX_GROUPS;
 }
 
-// Bytes of x, the seven packed arrays and the bias, in file order; all 0 for a header the launch must reject.
-std::array<size_t, 9> input_sizes(const Header& h) {
+// Bytes of x, the eight packed arrays and the bias, in file order; all 0 for a header the launch must reject.
+std::array<size_t, 10> input_sizes(const Header& h) {
     if (!sizable(h)) return {};
     const size_t x_item = h.x_dtype == SAGE_DTYPE_FLOAT16 ? 2 : 4;
     const size_t bias_item = h.bias_dtype == SAGE_DTYPE_FLOAT16 ? 2 : 4;
@@ -110,6 +110,7 @@ std::array<size_t, 9> input_sizes(const Header& h) {
             static_cast<size_t>(h.n + 1) * 4,
             static_cast<size_t>(h.nnz) * 4,
             static_cast<size_t>(h.nnz),
+            static_cast<size_t>(h.n) * 2,
             static_cast<size_t>(h.n) * 2,
             h.bias_dtype < 0 ? 0 : static_cast<size_t>(h.n) * bias_item};
 }
@@ -130,11 +131,11 @@ int main(int argc, char** argv) {
     Header h;
     if (data.size() < sizeof(h)) return 2;
     std::memcpy(&h, data.data(), sizeof(h));
-    const std::array<size_t, 9> sizes = input_sizes(h);
+    const std::array<size_t, 10> sizes = input_sizes(h);
     Arena arena(h.misalign != 0);
-    void* arrays[9];
+    void* arrays[10];
     size_t offset = sizeof(h);
-    for (int i = 0; i < 9; ++i) {
+    for (int i = 0; i < 10; ++i) {
         if (offset + sizes[i] > data.size()) {
             std::fprintf(stderr, "problem file too short\n");
             return 2;
@@ -156,7 +157,8 @@ int main(int argc, char** argv) {
     a.salient_cols = static_cast<const int32_t*>(arrays[5]);
     a.salient_q = static_cast<const int8_t*>(arrays[6]);
     a.salient_scale = static_cast<const uint16_t*>(arrays[7]);
-    a.bias = h.bias_dtype < 0 ? nullptr : arrays[8];
+    a.row_scales = static_cast<const uint16_t*>(arrays[8]);
+    a.bias = h.bias_dtype < 0 ? nullptr : arrays[9];
     a.y = y;
     a.m = h.m;
     a.nnz = h.nnz;

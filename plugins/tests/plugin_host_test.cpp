@@ -113,13 +113,15 @@ Dims dims_of(std::initializer_list<int64_t> values) {
     return d;
 }
 
-// X [2, 5, K] float16 and the packed tensors for (K, N, G) = (20, 6, 3) with nnz = 4, optional bias.
+// X [2, 5, K] float16 and the packed tensors of contract v2 for (K, N, G) = (20, 6, 3) with nnz = 4 (row_scales
+// at 8), optional bias (at 9).
 std::vector<DynamicPluginTensorDesc> io_descs(bool bias, DataType x_type = DataType::kHALF) {
     std::vector<std::pair<Dims, DataType>> spec = {
         {dims_of({2, 5, kK}), x_type},         {dims_of({kN, 3}), DataType::kINT8},
         {dims_of({2, kN, 3}), DataType::kINT8}, {dims_of({kG}), DataType::kHALF},
         {dims_of({kN + 1}), DataType::kINT32}, {dims_of({4}), DataType::kINT32},
-        {dims_of({4}), DataType::kINT8},       {dims_of({kN}), DataType::kHALF}};
+        {dims_of({4}), DataType::kINT8},       {dims_of({kN}), DataType::kHALF},
+        {dims_of({kN}), DataType::kHALF}};  // row_scales
     if (bias) spec.push_back({dims_of({kN}), DataType::kFLOAT});  // the contract: bias is float32
     spec.push_back({dims_of({2, 5, kN}), x_type});  // output
     std::vector<DynamicPluginTensorDesc> descs(spec.size());
@@ -157,7 +159,7 @@ IPluginCreatorV3One* load_creator(void* lib) {
 
 void test_creator_identity(IPluginCreatorV3One* creator) {
     CHECK(std::strcmp(creator->getPluginName(), "SageBinaryGemm") == 0);
-    CHECK(std::strcmp(creator->getPluginVersion(), "1") == 0);
+    CHECK(std::strcmp(creator->getPluginVersion(), "2") == 0);
     CHECK(std::strcmp(creator->getPluginNamespace(), "sage") == 0);
     PluginFieldCollection const* names = creator->getFieldNames();
     char const* expected[] = {"in_features", "out_features", "n_groups", "salient_bits", "plugin_namespace",
@@ -186,7 +188,7 @@ void test_round_trip(IPluginCreatorV3One* creator) {
     auto* core = static_cast<IPluginV3OneCore*>(plugin->getCapabilityInterface(PluginCapabilityType::kCORE));
     CHECK(std::strcmp(core->getPluginName(), "SageBinaryGemm") == 0);
     CHECK(std::strcmp(core->getPluginNamespace(), "sage") == 0);
-    CHECK(std::strcmp(core->getPluginVersion(), "1") == 0);
+    CHECK(std::strcmp(core->getPluginVersion(), "2") == 0);
     CHECK(plugin->getCapabilityInterface(PluginCapabilityType::kBUILD) != nullptr);
 
     auto* runtime = static_cast<IPluginV3OneRuntime*>(plugin->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
@@ -259,13 +261,17 @@ void test_field_validation(IPluginCreatorV3One* creator) {
     std::vector<PluginField> fields;
     for (int i = 0; i < 4; ++i) fields.emplace_back(names[i], &wide[i], PluginFieldType::kINT64, 1);
     fields.emplace_back("plugin_namespace", "sage", PluginFieldType::kCHAR, 4);
-    fields.emplace_back("plugin_version", "1", PluginFieldType::kCHAR, 2);  // length counting the NUL
+    fields.emplace_back("plugin_version", "2", PluginFieldType::kCHAR, 2);  // length counting the NUL
     PluginFieldCollection fc{static_cast<int32_t>(fields.size()), fields.data()};
     IPluginV3* plugin = creator->createPlugin("wide", &fc, TensorRTPhase::kBUILD);
     CHECK(plugin != nullptr);
     delete plugin;
-    fields.back() = PluginField("plugin_version", "2", PluginFieldType::kCHAR, 1);
-    plugin = creator->createPlugin("v2", &fc, TensorRTPhase::kBUILD);
+    fields.back() = PluginField("plugin_version", "1", PluginFieldType::kCHAR, 1);  // contract v1: no row_scales
+    plugin = creator->createPlugin("v1", &fc, TensorRTPhase::kBUILD);
+    CHECK(plugin == nullptr);
+    delete plugin;
+    fields.back() = PluginField("plugin_version", "3", PluginFieldType::kCHAR, 1);
+    plugin = creator->createPlugin("v3", &fc, TensorRTPhase::kBUILD);
     CHECK(plugin == nullptr);
     delete plugin;
     CHECK(creator->createPlugin("none", nullptr, TensorRTPhase::kBUILD) == nullptr);
@@ -278,26 +284,33 @@ void test_build_interface(IPluginCreatorV3One* creator) {
     auto* build = static_cast<IPluginV3OneBuild*>(plugin->getCapabilityInterface(PluginCapabilityType::kBUILD));
     CHECK(build->getNbOutputs() == 1);
 
-    DataType in_types[9] = {DataType::kHALF};
+    DataType in_types[10] = {DataType::kHALF};
     DataType out_type = DataType::kFLOAT;
-    CHECK(build->getOutputDataTypes(&out_type, 1, in_types, 8) == 0 && out_type == DataType::kHALF);
+    CHECK(build->getOutputDataTypes(&out_type, 1, in_types, 9) == 0 && out_type == DataType::kHALF);
 
     FakeBuilder exprs;
     FakeDim batch(-1), seq(7), k(kK), wrong_k(kK + 1);
-    DimsExprs inputs[8]{};
+    DimsExprs inputs[10]{};
     inputs[0].nbDims = 3;
     inputs[0].d[0] = &batch;
     inputs[0].d[1] = &seq;
     inputs[0].d[2] = &k;
     DimsExprs out{};
-    CHECK(build->getOutputShapes(inputs, 8, nullptr, 0, &out, 1, exprs) == 0);
+    CHECK(build->getOutputShapes(inputs, 9, nullptr, 0, &out, 1, exprs) == 0);
     CHECK(out.nbDims == 3 && out.d[0] == &batch && out.d[1] == &seq);
     CHECK(out.d[2] != nullptr && out.d[2]->isConstant() && out.d[2]->getConstantValue() == kN);
+    CHECK(build->getOutputShapes(inputs, 8, nullptr, 0, &out, 1, exprs) != 0);  // contract v1's inputs
     inputs[0].d[2] = &wrong_k;
-    CHECK(build->getOutputShapes(inputs, 8, nullptr, 0, &out, 1, exprs) != 0);
+    CHECK(build->getOutputShapes(inputs, 9, nullptr, 0, &out, 1, exprs) != 0);
+
+    {  // a contract-v1 node (8 inputs, no row_scales) is refused, not misread
+        std::vector<DynamicPluginTensorDesc> io = io_descs(false);
+        io.erase(io.begin() + 8);  // drop row_scales: 8 inputs and the output
+        CHECK(build->configurePlugin(io.data(), 8, io.data() + 8, 1) != 0);
+    }
 
     for (bool bias : {false, true}) {
-        int32_t const nb = bias ? 9 : 8;
+        int32_t const nb = bias ? 10 : 9;
         for (DataType x_type : {DataType::kHALF, DataType::kFLOAT}) {
             std::vector<DynamicPluginTensorDesc> io = io_descs(bias, x_type);
             CHECK(all_supported(build, io, nb));
@@ -324,13 +337,23 @@ void test_build_interface(IPluginCreatorV3One* creator) {
         io = io_descs(bias);
         io[6].desc.dims = dims_of({5});  // salient_q and salient_cols differ
         CHECK(build->configurePlugin(io.data(), nb, io.data() + nb, 1) != 0);
+        io = io_descs(bias);
+        io[8].desc.type = DataType::kFLOAT;  // row_scales are float16
+        CHECK(!build->supportsFormatCombination(8, io.data(), nb, 1));
+        io = io_descs(bias);
+        io[8].desc.dims = dims_of({kN + 1});  // row_scales must be [N]
+        CHECK(build->configurePlugin(io.data(), nb, io.data() + nb, 1) != 0);
+        io = io_descs(bias);
+        io[8].desc.dims = dims_of({1, kN});
+        CHECK(build->configurePlugin(io.data(), nb, io.data() + nb, 1) != 0);
     }
     std::vector<DynamicPluginTensorDesc> io = io_descs(true, DataType::kHALF);
-    io[8].desc.type = DataType::kHALF;  // bias is float32 even for float16 X
-    CHECK(!build->supportsFormatCombination(8, io.data(), 9, 1));
+    io[9].desc.type = DataType::kHALF;  // bias is float32 even for float16 X
+    CHECK(!build->supportsFormatCombination(9, io.data(), 10, 1));
     io = io_descs(true);
-    io[8].desc.dims = dims_of({kN + 1});
-    CHECK(build->configurePlugin(io.data(), 9, io.data() + 9, 1) != 0);
+    CHECK(build->supportsFormatCombination(9, io.data(), 10, 1));
+    io[9].desc.dims = dims_of({kN + 1});
+    CHECK(build->configurePlugin(io.data(), 10, io.data() + 10, 1) != 0);
     delete plugin;
 }
 
@@ -344,9 +367,45 @@ void test_enqueue_needs_shapes(IPluginCreatorV3One* creator) {
     std::vector<DynamicPluginTensorDesc> io = io_descs(false);
     std::vector<PluginTensorDesc> descs;
     for (auto const& d : io) descs.push_back(d.desc);
-    CHECK(runtime->onShapeChange(descs.data(), 8, descs.data() + 8, 1) == 0);
+    CHECK(runtime->onShapeChange(descs.data(), 8, descs.data() + 8, 1) != 0);  // contract v1: no row_scales
+    CHECK(runtime->onShapeChange(descs.data(), 9, descs.data() + 9, 1) == 0);
     descs[7].dims = dims_of({kN - 1});
-    CHECK(runtime->onShapeChange(descs.data(), 8, descs.data() + 8, 1) != 0);
+    CHECK(runtime->onShapeChange(descs.data(), 9, descs.data() + 9, 1) != 0);
+    descs[7].dims = dims_of({kN});
+    descs[8].dims = dims_of({kN - 1});  // row_scales
+    CHECK(runtime->onShapeChange(descs.data(), 9, descs.data() + 9, 1) != 0);
+    delete plugin;
+}
+
+// enqueue hands input 8 to the kernels as row_scales (contract v2): with an empty batch (X [0, 5, K]) and float32
+// X (no GEMV3 layout to make) nothing touches a device, and the launch's pointer checks tell whether it arrived.
+void test_enqueue_passes_row_scales(IPluginCreatorV3One* creator) {
+    Fields f = valid_fields();
+    IPluginV3* plugin = creator->createPlugin("layer", f.collection(), TensorRTPhase::kRUNTIME);
+    if (plugin == nullptr) return;
+    auto* runtime = static_cast<IPluginV3OneRuntime*>(plugin->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
+    for (bool bias : {false, true}) {
+        int32_t const nb = bias ? 10 : 9;
+        std::vector<DynamicPluginTensorDesc> io = io_descs(bias, DataType::kFLOAT);
+        io[0].desc.dims = dims_of({0, 5, kK});
+        io[nb].desc.dims = dims_of({0, 5, kN});
+        std::vector<PluginTensorDesc> descs;
+        for (auto const& d : io) descs.push_back(d.desc);
+        CHECK(runtime->onShapeChange(descs.data(), nb, descs.data() + nb, 1) == 0);
+        static char dummy[64];
+        void const* inputs[10];
+        for (void const*& in : inputs) in = dummy;
+        void* outputs[1] = {dummy};
+        CHECK(runtime->enqueue(descs.data(), descs.data() + nb, inputs, outputs, nullptr, nullptr) == 0);
+        inputs[8] = nullptr;  // row_scales missing: the launch refuses
+        CHECK(runtime->enqueue(descs.data(), descs.data() + nb, inputs, outputs, nullptr, nullptr) ==
+              cudaErrorInvalidValue);
+        inputs[8] = dummy;
+        if (bias) {
+            inputs[9] = nullptr;  // the bias is optional: a NULL one is no error, so input 9 is not row_scales
+            CHECK(runtime->enqueue(descs.data(), descs.data() + nb, inputs, outputs, nullptr, nullptr) == 0);
+        }
+    }
     delete plugin;
 }
 
@@ -387,7 +446,7 @@ void test_kernel_launch_checks(void* lib) {
     std::memset(&a, 0, sizeof(a));
     a.x = a.y = dummy;
     a.sign_bits = a.group_codes = a.salient_q = reinterpret_cast<int8_t*>(dummy);
-    a.group_scales = a.salient_scale = reinterpret_cast<uint16_t*>(dummy);
+    a.group_scales = a.salient_scale = a.row_scales = reinterpret_cast<uint16_t*>(dummy);
     a.salient_rowptr = a.salient_cols = reinterpret_cast<int32_t*>(dummy);
     a.m = 0;
     a.k = kK;
@@ -404,6 +463,9 @@ void test_kernel_launch_checks(void* lib) {
     CHECK(launch(&bad, nullptr) == cudaErrorInvalidValue);
     bad.n_groups = 1;  // ...G = 1 has none
     CHECK(launch(&bad, nullptr) == cudaSuccess);
+    bad = a;
+    bad.row_scales = nullptr;  // contract v2: every row has its r_n
+    CHECK(launch(&bad, nullptr) == cudaErrorInvalidValue);
     bad = a;
     bad.x_dtype = 7;
     CHECK(launch(&bad, nullptr) == cudaErrorInvalidValue);
@@ -451,6 +513,7 @@ int main(int argc, char** argv) {
         test_field_validation(creator);
         test_build_interface(creator);
         test_enqueue_needs_shapes(creator);
+        test_enqueue_passes_row_scales(creator);
     }
     test_kernel_launch_checks(kernels_lib);
     std::printf("%d checks, %d failed\n", gChecks, gFailures);

@@ -21,12 +21,13 @@ def true_bits(tensors: dict[str, np.ndarray], n: int, k: int) -> float:
 
 
 def sage_paper_bits(n: int, k: int, nnz: int, salient_bits: int, n_groups: int) -> dict[str, float]:
-    """Paper accounting: 1 bit per unsalient weight and b per salient weight; one float16 scale per row (the
-    salient scale) and one per group. Signs' packing padding, CSR indices and group codes are not counted."""
+    """Paper accounting: 1 bit per unsalient weight and b per salient weight; two float16 scales per row (the
+    salient scale and the row multiplier) and one per group. Signs' packing padding, CSR indices and group codes
+    are not counted."""
     nk = n * k
     return {
         "weight_bits": ((nk - nnz) * 1 + nnz * salient_bits) / nk,
-        "scale_bits": 16 * (n + n_groups) / nk,
+        "scale_bits": 16 * (2 * n + n_groups) / nk,
     }
 
 

@@ -25,7 +25,7 @@ from .atomic import atomic_file, atomic_write_text
 from .sage_layout import PackedLinear
 
 FORMAT_NAME = "sage-export-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: contract v2 (row_scales in every "sage" layer)
 PACKED_FILE = "packed.safetensors"
 FLOAT_FILE = "float.safetensors"
 MANIFEST_FILE = "manifest.json"

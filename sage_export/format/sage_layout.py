@@ -1,4 +1,4 @@
-"""The packed SAGE weight: the seven tensors of the SageBinaryGemm op (contract v1, docs/sage_binary_gemm.md).
+"""The packed SAGE weight: the eight tensors of the SageBinaryGemm op (contract v2, docs/sage_binary_gemm.md).
 
 `pack_sage` turns a quantizer's decisions (sign, group, salient set, salient integers, scales) into the packed
 tensors; `dequantize` is the one decoder every other implementation (ONNX function, CUDA kernel, TensorRT plugin)
@@ -13,9 +13,9 @@ import numpy as np
 
 from .bits import BYTE_BITS, n_bytes, n_planes, pack_bits, pack_planes, unpack_planes
 
-# Contract input order (inputs 1..7 of the op; X is 0 and bias 8).
+# Contract input order (inputs 1..8 of the op; X is 0 and bias 9).
 TENSOR_NAMES = ("sign_bits", "group_codes", "group_scales", "salient_rowptr", "salient_cols", "salient_q",
-                "salient_scale")
+                "salient_scale", "row_scales")
 ATTR_NAMES = ("in_features", "out_features", "n_groups", "salient_bits")
 MIN_SALIENT_BITS, MAX_SALIENT_BITS = 2, 8
 
@@ -41,6 +41,7 @@ class PackedLinear:
     salient_cols: np.ndarray  # int32 [nnz]
     salient_q: np.ndarray  # int8 [nnz]
     salient_scale: np.ndarray  # float16 [N]
+    row_scales: np.ndarray  # float16 [N]: multiplier of each row's unsalient weights (v2)
 
     def __post_init__(self) -> None:
         _check_attrs(self.in_features, self.out_features, self.n_groups, self.salient_bits)
@@ -65,7 +66,7 @@ class PackedLinear:
         return (self.out_features, self.in_features)
 
     def tensors(self) -> dict[str, np.ndarray]:
-        """The seven packed op inputs, by name, in contract order."""
+        """The eight packed op inputs, by name, in contract order."""
         return {name: getattr(self, name) for name in TENSOR_NAMES}
 
     def attrs(self) -> dict[str, int]:
@@ -104,11 +105,12 @@ def _expected_specs(k: int, n: int, g: int, nnz: int) -> dict[str, tuple[type, t
         "salient_cols": (np.int32, (nnz,)),
         "salient_q": (np.int8, (nnz,)),
         "salient_scale": (np.float16, (n,)),
+        "row_scales": (np.float16, (n,)),
     }
 
 
 def stored_bytes(out_features: int, in_features: int, n_groups: int, nnz: int) -> int:
-    """Bytes of the seven packed tensors of a layer, from its shape, G and salient count alone: what
+    """Bytes of the eight packed tensors of a layer, from its shape, G and salient count alone: what
     sum(nbytes) of pack_sage's output will be. The bit budget prices options with it before packing any."""
     specs = _expected_specs(in_features, out_features, n_groups, nnz)
     return int(sum(np.dtype(dtype).itemsize * int(np.prod(shape)) for dtype, shape in specs.values()))
@@ -143,20 +145,22 @@ def _check_values(p: PackedLinear) -> None:
         raise ValueError(f"salient_q: values must lie in [-{limit}, {limit}] for salient_bits={p.salient_bits}")
     if p.group_codes.shape[0] and unpack_planes(p.group_codes, p.in_features).max() >= p.n_groups:
         raise ValueError(f"group_codes: a group index is >= n_groups={p.n_groups}")
-    for name in ("group_scales", "salient_scale"):
+    for name in ("group_scales", "salient_scale", "row_scales"):
         if not np.all(np.isfinite(getattr(p, name))):
             raise ValueError(f"{name}: scales must be finite float16")
 
 
 def pack_sage(signs: np.ndarray, group_index: np.ndarray, group_scales: np.ndarray, salient_mask: np.ndarray,
-              salient_q: np.ndarray, salient_scale: np.ndarray, salient_bits: int) -> PackedLinear:
+              salient_q: np.ndarray, salient_scale: np.ndarray, salient_bits: int,
+              row_scales: np.ndarray | None = None) -> PackedLinear:
     """Pack one quantized matrix canonically: at salient positions the sign bit and group code are 0 (they are
     never read), padding bits are 0, salient entries are listed row by row with ascending columns. Scales are
     rounded to float16 here, so dequantize() of the result is what a runtime computes.
 
     signs: bool [N, K] (True -> +alpha); group_index: int [N, K] (read only at unsalient positions);
     group_scales: float [G]; salient_mask: bool [N, K]; salient_q: int [N, K] (read only at salient positions);
-    salient_scale: float [N]."""
+    salient_scale: float [N]; row_scales: float [N], the multiplier of each row's unsalient weights (None: all
+    1.0, the v1 meaning)."""
     signs = np.asarray(signs, dtype=bool)
     if signs.ndim != 2:
         raise ValueError(f"signs: expected a 2-D [N, K] array, got shape {signs.shape}")
@@ -165,7 +169,8 @@ def pack_sage(signs: np.ndarray, group_index: np.ndarray, group_scales: np.ndarr
     group_index = _matrix("group_index", group_index, (n, k)).astype(np.int64)
     salient_q = _matrix("salient_q", salient_q, (n, k)).astype(np.int64)
     scales16 = _to_float16("group_scales", group_scales, None)
-    row_scales16 = _to_float16("salient_scale", salient_scale, (n,))
+    salient_scale16 = _to_float16("salient_scale", salient_scale, (n,))
+    row_scales16 = _to_float16("row_scales", np.ones(n) if row_scales is None else row_scales, (n,))
     g = scales16.shape[0]
     _check_attrs(k, n, g, salient_bits)
 
@@ -190,7 +195,8 @@ def pack_sage(signs: np.ndarray, group_index: np.ndarray, group_scales: np.ndarr
         salient_rowptr=rowptr.astype(np.int32),
         salient_cols=cols.astype(np.int32),
         salient_q=q_values.astype(np.int8),
-        salient_scale=row_scales16,
+        salient_scale=salient_scale16,
+        row_scales=row_scales16,
     )
 
 
@@ -214,13 +220,13 @@ def _to_float16(name: str, values: np.ndarray, shape: tuple[int, ...] | None) ->
 
 def dequantize(p: PackedLinear) -> np.ndarray:
     """float32 [N, K]: Ŵ exactly as the op defines it. Every product is exact in float32 (a float16 scale times
-    ±1 or an integer of at most 8 bits), so all runtimes can agree bit for bit."""
+    ±1, another float16 or an integer of at most 8 bits), so all runtimes can agree bit for bit."""
     return decode(p.in_features, **p.tensors())
 
 
 def decode(in_features: int, sign_bits, group_codes, group_scales, salient_rowptr, salient_cols, salient_q,
-           salient_scale) -> np.ndarray:
-    """dequantize() on the seven tensors of a layer already validated (a SageLinear's buffers): no checks.
+           salient_scale, row_scales) -> np.ndarray:
+    """dequantize() on the eight tensors of a layer already validated (a SageLinear's buffers): no checks.
 
     Each weight's sign bit and group bits form one small code (sign + 2·group) and a table of the 2G values ±s_g
     is indexed by it: one pass over N·K bytes instead of separate sign, group and product passes (2x faster; the
@@ -232,6 +238,7 @@ def decode(in_features: int, sign_bits, group_codes, group_scales, salient_rowpt
     scales = group_scales.astype(np.float32)
     table = np.stack([-scales, scales], axis=1).ravel()  # code 2g -> -s_g, 2g+1 -> +s_g
     w = table[codes.reshape(n, -1)[:, :in_features]]
+    w *= row_scales.astype(np.float32)[:, None]  # exact: two float16 mantissas fit float32's
     rows = np.repeat(np.arange(n), np.diff(salient_rowptr))
     w[rows, salient_cols] = salient_scale.astype(np.float32)[rows] * salient_q.astype(np.float32)
     return w

@@ -19,7 +19,7 @@ import onnx
 from onnx import helper
 
 from ..format.accounting import summarize
-from ..format.sage_layout import PackedLinear
+from ..format.sage_layout import TENSOR_NAMES, PackedLinear
 from ..models import Architecture, quantizable_linears
 from .decoder import DecoderSpec, ExternalData, TensorSource, build_decoder
 from .function import OP_TYPE
@@ -65,7 +65,7 @@ class ExportResult:
     data_bytes: int
     n_nodes: int
     n_sage_nodes: int
-    sage_bytes: int  # bytes of the SageBinaryGemm initializers (inputs 1-7 of every node)
+    sage_bytes: int  # bytes of the SageBinaryGemm initializers (inputs 1-8 of every node)
     sage_true_bits: float  # 8 * sage_bytes / sum(N*K), from the ONNX initializers themselves
     opset: int
     float_dtype: str = "float16"
@@ -87,10 +87,9 @@ def sage_storage(model: onnx.ModelProto) -> dict:
     layers = {}
     for node in sage_nodes(model):
         attrs = {a.name: a.i for a in node.attribute if a.type == onnx.AttributeProto.INT}
-        sizes = {name: np.empty(0, dtype=np.uint8) for name in ()}
-        nbytes = sum(_tensor_bytes(initializers[name]) for name in node.input[1:8])
-        layers[node.name] = (attrs["out_features"], attrs["in_features"],
-                             {"packed": np.empty(nbytes, dtype=np.uint8), **sizes})
+        packed_inputs = node.input[1:1 + len(TENSOR_NAMES)]  # X is input 0, the optional bias comes after
+        nbytes = sum(_tensor_bytes(initializers[name]) for name in packed_inputs)
+        layers[node.name] = (attrs["out_features"], attrs["in_features"], {"packed": np.empty(nbytes, dtype=np.uint8)})
     return summarize(layers)
 
 

@@ -1,4 +1,4 @@
-"""The model-local ONNX function `sage::SageBinaryGemm` (contract v1, docs/sage_binary_gemm.md).
+"""The model-local ONNX function `sage::SageBinaryGemm` (contract v2, docs/sage_binary_gemm.md).
 
 It decodes Ŵ [N, K] from the packed inputs with standard ops only, then computes Y = X·Ŵᵀ (+ bias) in float32 and
 casts Y to X's type. ONNX Runtime inlines the function; where every packed input is an initializer its constant
@@ -8,7 +8,8 @@ Decoding, step by step:
   bits:    int8 [..., C] --Cast UINT8, BitShift RIGHT by 0..7, BitwiseAnd 1--> [..., C, 8] --> [..., 8C] --> [..., K]
   signs:   bit 1 -> +1, 0 -> -1
   groups:  g = Σ_p plane_p << p, a ReduceSum over the P planes (an empty sum, all zeros, when G = 1)
-  Ŵ:       Gather(group_scales, g) · sign, then ScatterND writes salient_scale[row] · q at the salient positions
+  Ŵ:       Gather(group_scales, g) · sign · row_scales[n] (exact in float32), then ScatterND writes
+           salient_scale[row] · q at the salient positions
   rows of the CSR entries: mark every row start with ScatterElements(add) (several rows may start at the same
   entry when some rows are empty), then a CumSum turns the marks into row indices.
 
@@ -29,13 +30,13 @@ from onnx import FunctionProto, NodeProto, TensorProto, helper, numpy_helper
 
 DOMAIN = "sage"
 OP_TYPE = "SageBinaryGemm"
-FUNCTION_VERSION = 1
+FUNCTION_VERSION = 2  # the `sage` domain opset: contract v2
 MIN_OPSET = 18  # BitwiseAnd first appears in opset 18
 
 INPUTS = ["X", "sign_bits", "group_codes", "group_scales", "salient_rowptr", "salient_cols", "salient_q",
-          "salient_scale", "bias"]
+          "salient_scale", "row_scales", "bias"]
 INT_ATTRIBUTES = ["in_features", "out_features", "n_groups", "salient_bits"]
-PLUGIN_ATTRIBUTES = {"plugin_namespace": "sage", "plugin_version": "1"}
+PLUGIN_ATTRIBUTES = {"plugin_namespace": "sage", "plugin_version": "2"}
 
 
 def _const(name: str, array: np.ndarray) -> NodeProto:
@@ -139,7 +140,10 @@ def _salient_rows() -> list[NodeProto]:
 def _dense_weight() -> list[NodeProto]:
     """Ŵ float32 [N, K]: the binarised value everywhere, then the salient values written over their positions."""
     return [
-        helper.make_node("Mul", ["alpha", "sign_pm1"], ["w_binary"]),
+        helper.make_node("Mul", ["alpha", "sign_pm1"], ["w_unit"]),
+        helper.make_node("Cast", ["row_scales"], ["row_mult_f"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["row_mult_f", "last_axis"], ["row_mult_col"]),
+        helper.make_node("Mul", ["w_unit", "row_mult_col"], ["w_binary"]),
         helper.make_node("Cast", ["salient_cols"], ["cols_i64"], to=TensorProto.INT64),
         helper.make_node("Unsqueeze", ["salient_row", "last_axis"], ["row_col1"]),
         helper.make_node("Unsqueeze", ["cols_i64", "last_axis"], ["col_col1"]),

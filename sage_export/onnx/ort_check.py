@@ -89,6 +89,7 @@ def random_packed(rng: np.random.Generator, n: int, k: int, n_groups: int, salie
         salient_q=rng.integers(-limit, limit + 1, (n, k)),
         salient_scale=rng.uniform(0.01, 0.2, n),
         salient_bits=salient_bits,
+        row_scales=rng.uniform(0.5, 2.0, n),
     )
 
 

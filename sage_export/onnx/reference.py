@@ -1,4 +1,4 @@
-"""NumPy reference of the SageBinaryGemm op (contract v1, docs/sage_binary_gemm.md).
+"""NumPy reference of the SageBinaryGemm op (contract v2, docs/sage_binary_gemm.md).
 
 This is the ground truth the ONNX function body, the CUDA kernels and the TensorRT plugin are tested against:
 decode Ŵ once with format.sage_layout.dequantize, then Y = X·Ŵᵀ (+ bias) in float32, cast to X's dtype.
@@ -15,13 +15,14 @@ SUPPORTED_X_DTYPES = (np.float16, np.float32)
 
 def sage_binary_gemm(x: np.ndarray, sign_bits: np.ndarray, group_codes: np.ndarray, group_scales: np.ndarray,
                      salient_rowptr: np.ndarray, salient_cols: np.ndarray, salient_q: np.ndarray,
-                     salient_scale: np.ndarray, bias: np.ndarray | None = None, *, in_features: int,
+                     salient_scale: np.ndarray, row_scales: np.ndarray, bias: np.ndarray | None = None, *,
+                     in_features: int,
                      out_features: int, n_groups: int, salient_bits: int) -> np.ndarray:
     """The op with its inputs and attributes spelled out as in the contract. Inputs are validated first."""
     packed = PackedLinear.from_tensors(
         {"sign_bits": sign_bits, "group_codes": group_codes, "group_scales": group_scales,
          "salient_rowptr": salient_rowptr, "salient_cols": salient_cols, "salient_q": salient_q,
-         "salient_scale": salient_scale},
+         "salient_scale": salient_scale, "row_scales": row_scales},
         in_features=in_features, out_features=out_features, n_groups=n_groups, salient_bits=salient_bits)
     return sage_binary_gemm_packed(x, packed, bias)
 

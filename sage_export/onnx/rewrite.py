@@ -39,7 +39,7 @@ from ..errors import UserError
 from ..format.sage_layout import PackedLinear, dequantize
 from .decoder import ExternalData
 from .export import DATA_NAME, ONNX_NAME, sage_nodes
-from .function import DOMAIN, MIN_OPSET, OP_TYPE, add_function, sage_attributes
+from .function import DOMAIN, FUNCTION_VERSION, MIN_OPSET, OP_TYPE, add_function, sage_attributes
 
 MATCH_COS = 0.3
 SAMPLE_SIZE = 4096
@@ -460,7 +460,7 @@ def _carry_model_fields(source: onnx.ModelProto, model: onnx.ModelProto) -> None
     model.opset_import.extend(o for o in source.opset_import if o.domain not in have)
     for o in model.opset_import:
         if o.domain == DOMAIN:
-            o.version = 1
+            o.version = FUNCTION_VERSION
 
 
 # ----------------------------------------------------------------------------------------------- ORT check

@@ -1,14 +1,16 @@
 """GPTQ-style error compensation with the SAGE codebook (SPEC §2.1, last point).
 
-A SageResult fixes a codebook: the G band scales α_g, the salient positions and each row's salient scale. Which
+A SageResult fixes a codebook: the G band scales α_g (times each row's multiplier r_n), the salient positions and
+each row's salient scale. Which
 value each weight takes from it is then a free choice, and choosing column by column while pushing each column's
 error onto the columns not yet quantized (the OBS update of GPTQ, see gptq.py for the math) lowers the layer's
 output error tr(ΔW H ΔWᵀ) well below nearest rounding of the original weights. Nothing stored changes size: the
 same G, the same salient count, the same scales; only sign bits, group codes and salient integers are chosen
 again.
 
-Per column, on the compensated values x: an unsalient weight takes the nearest of ±α_g (sign of x, band of |x|),
-a salient one clip(round(x / s_row)). Both are the nearest codebook values, which is what the OBS update assumes.
+Per column, on the compensated values x: an unsalient weight takes the nearest of ±r_n·α_g (sign of x, band of
+|x|/r_n), a salient one clip(round(x / s_row)). Both are the nearest codebook values, which is what the OBS update
+assumes.
 
 The loop is gptq.gptq_compensate's, written on the transposed matrix (one contiguous row per column of W) and
 with the codebook inlined: the same arithmetic, about twice as fast, which matters because it runs once per
@@ -38,6 +40,9 @@ class _Codebook:
         self.edges = (self.values[1:] + self.values[:-1]) / 2  # nearest value = nearest band of |x|
         self.salient_t = np.ascontiguousarray(result.salient_mask[:, order].T)
         self.row_scale = result.salient_scale.astype(np.float64)
+        n = result.shape[0]
+        self.row_mult = np.ones(n) if result.row_scales is None else result.row_scales.astype(np.float64)
+        self.safe_mult = np.where(self.row_mult != 0, np.abs(self.row_mult), 1.0)
         self.limit = q_limit(result.salient_bits)
         k, n = self.salient_t.shape
         self.positive_t = np.zeros((k, n), dtype=bool)
@@ -46,8 +51,9 @@ class _Codebook:
 
     def quantize(self, j: int, x: np.ndarray) -> np.ndarray:
         """What processed column j (values x over the rows) decodes to; records its choices."""
-        band = np.searchsorted(self.edges, np.abs(x), side="right")
-        magnitude = self.values[band]
+        # Row n's values are r_n·α_g: the nearest is the nearest band of |x| / r_n.
+        band = np.searchsorted(self.edges, np.abs(x) / self.safe_mult, side="right")
+        magnitude = self.values[band] * self.row_mult
         positive = x >= 0
         value = np.where(positive, magnitude, -magnitude)
         self.positive_t[j] = positive

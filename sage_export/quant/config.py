@@ -54,6 +54,11 @@ class SageConfig:
     # "per_row": one float16 scale per output row for the unsalient weights instead of G matrix-wide group
     # scales. NOT exportable: the SageBinaryGemm op only has matrix-wide group scales.
     scale_mode: str = "groups"
+    # Groups mode with one float16 multiplier r_n per output row (contract v2's row_scales), fitted when the matrix
+    # is built by row_fit_rounds of alternating least squares from the plain solution, kept only where they lower
+    # the error (quant/sage.py). Off: every r_n is 1, contract v1's meaning.
+    row_multipliers: bool = False
+    row_fit_rounds: int = 3
 
     def __post_init__(self) -> None:
         # JSON manifests and argparse hand over lists; keep the dataclass hashable and comparable.
@@ -160,6 +165,12 @@ def _check_ablations(c: SageConfig) -> str | None:
         return f"fixed_rho must be in [0, 1), got {c.fixed_rho!r}"
     if c.fixed_groups is not None and (not _is_int(c.fixed_groups) or not 1 <= c.fixed_groups <= MAX_GROUPS):
         return f"fixed_groups must be an integer in 1..{MAX_GROUPS}, got {c.fixed_groups!r}"
+    if not isinstance(c.row_multipliers, bool):
+        return f"row_multipliers must be true or false, got {c.row_multipliers!r}"
+    if not _is_int(c.row_fit_rounds) or c.row_fit_rounds < 1:
+        return f"row_fit_rounds must be an integer >= 1, got {c.row_fit_rounds!r}"
+    if c.row_multipliers and c.scale_mode != "groups":
+        return "row_multipliers applies to scale_mode 'groups' only"
     return None
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 ENV_VAR = "SAGE_KERNELS_LIB"
 LIBRARY_NAME = "libsage_kernels.so"
-ABI_VERSION = 3  # SAGE_GEMM_ABI_VERSION
+ABI_VERSION = 4  # SAGE_GEMM_ABI_VERSION (4: row_scales, op contract v2)
 MAX_GROUPS = 16  # SAGE_MAX_GROUPS
 GEMV_MAX_M = 16  # SAGE_GEMV_MAX_M
 MAX_FEATURES = 1 << 30  # SAGE_MAX_FEATURES: largest K and N the launch accepts
@@ -43,6 +43,7 @@ class SageGemmArgs(ctypes.Structure):
         ("salient_cols", ctypes.c_void_p),
         ("salient_q", ctypes.c_void_p),
         ("salient_scale", ctypes.c_void_p),
+        ("row_scales", ctypes.c_void_p),  # float16 [N], contract v2
         ("bias", ctypes.c_void_p),
         ("y", ctypes.c_void_p),
         ("prepared", ctypes.c_void_p),

@@ -20,7 +20,7 @@ from pathlib import Path
 ENV_LIB = "SAGE_ORT_LIB"
 ENV_SWITCH = "SAGE_ORT_OP"  # "0": never use the library (benchmarks of the function body, fallback tests)
 LIBRARY_NAME = "libsage_ort.so"
-ABI_VERSION = 1  # SAGE_CPU_ABI_VERSION
+ABI_VERSION = 2  # SAGE_CPU_ABI_VERSION (2: contract v2, row_scales)
 MAX_GROUPS = 16  # SAGE_CPU_MAX_GROUPS
 DTYPE_FLOAT32 = 0
 DTYPE_FLOAT16 = 1
@@ -43,6 +43,7 @@ class SageCpuArgs(ctypes.Structure):
         ("salient_cols", ctypes.c_void_p),
         ("salient_q", ctypes.c_void_p),
         ("salient_scale", ctypes.c_void_p),
+        ("row_scales", ctypes.c_void_p),
         ("bias", ctypes.c_void_p),
         ("y", ctypes.c_void_p),
         ("m", ctypes.c_int64),
@@ -155,14 +156,16 @@ _X_DTYPES = {"float32": DTYPE_FLOAT32, "float16": DTYPE_FLOAT16}
 
 def make_args(x_ptr: int, y_ptr: int, m: int, x_dtype: str, tensor_ptrs: dict[str, int], nnz: int,
               attrs: dict[str, int], bias_ptr: int = 0) -> SageCpuArgs:
-    """SageCpuArgs from raw CPU addresses: X [m, K] and Y [m, N] of dtype x_dtype ("float32"/"float16"), the seven
-    packed tensors by contract name (the float16 scales as their bits), an optional float32 bias."""
+    """SageCpuArgs from raw CPU addresses: X [m, K] and Y [m, N] of dtype x_dtype ("float32"/"float16"), the eight
+    packed tensors by contract name (the float16 scales, row_scales included, as their bits), an optional float32
+    bias."""
     return SageCpuArgs(
         x=x_ptr, y=y_ptr, bias=bias_ptr or None, m=m, nnz=nnz, x_dtype=_X_DTYPES[x_dtype],
         k=attrs["in_features"], n=attrs["out_features"], n_groups=attrs["n_groups"],
         salient_bits=attrs["salient_bits"], reserved=0,
         **{name: tensor_ptrs[name] or None for name in ("sign_bits", "group_codes", "group_scales", "salient_rowptr",
-                                                         "salient_cols", "salient_q", "salient_scale")})
+                                                         "salient_cols", "salient_q", "salient_scale",
+                                                         "row_scales")})
 
 
 def gemm_numpy(x, tensors: dict, attrs: dict[str, int], bias=None):
@@ -176,11 +179,14 @@ def gemm_numpy(x, tensors: dict, attrs: dict[str, int], bias=None):
     if x.dtype not in (np.float32, np.float16) or x.shape[-1] != attrs["in_features"]:
         raise ValueError(f"X: expected float32/float16 [..., {attrs['in_features']}], got {x.dtype} {x.shape}")
     expected = {"sign_bits": np.int8, "group_codes": np.int8, "group_scales": np.float16, "salient_rowptr": np.int32,
-                "salient_cols": np.int32, "salient_q": np.int8, "salient_scale": np.float16}
+                "salient_cols": np.int32, "salient_q": np.int8, "salient_scale": np.float16,
+                "row_scales": np.float16}
     arrays = {name: np.ascontiguousarray(tensors[name], dtype=dtype) for name, dtype in expected.items()}
-    if arrays["salient_rowptr"].shape != (attrs["out_features"] + 1,) or \
-            arrays["salient_q"].shape != arrays["salient_cols"].shape:
+    n = attrs["out_features"]
+    if arrays["salient_rowptr"].shape != (n + 1,) or arrays["salient_q"].shape != arrays["salient_cols"].shape:
         raise ValueError("salient_rowptr must have N + 1 entries and salient_q as many as salient_cols")
+    if arrays["salient_scale"].shape != (n,) or arrays["row_scales"].shape != (n,):
+        raise ValueError("salient_scale and row_scales must have N entries")
     bias_arr = None if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
     m = int(np.prod(x.shape[:-1]))
     y = np.empty((*x.shape[:-1], attrs["out_features"]), dtype=x.dtype)

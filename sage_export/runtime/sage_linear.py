@@ -17,13 +17,14 @@ from ..format.sage_layout import PackedLinear, decode
 from . import kernels, ort_op
 
 _INT_BUFFERS = ("sign_bits", "group_codes", "salient_rowptr", "salient_cols", "salient_q")
+_SCALE_BUFFERS = ("group_scales_bits", "salient_scale_bits", "row_scales_bits")
 _KERNEL_DTYPES = {torch.float16: kernels.DTYPE_FLOAT16, torch.float32: kernels.DTYPE_FLOAT32}
 
 
 class SageLinear(nn.Module):
     """y = x·Ŵᵀ (+ bias) for a PackedLinear. The packed tensors are buffers (they move with .to(device)).
 
-    The two float16 scale tensors are held as their int16 bit patterns, so that model.half()/.float()/.to(dtype)
+    The three float16 scale tensors are held as their int16 bit patterns, so that model.half()/.float()/.to(dtype)
     never re-round them; `packed()` gives them back as float16. The bias follows the module's dtype like an
     nn.Linear bias, and is added in float32."""
 
@@ -37,7 +38,7 @@ class SageLinear(nn.Module):
             raise ValueError(f"the CUDA kernels support at most {kernels.MAX_GROUPS} groups, got {packed.n_groups}")
         for name in _INT_BUFFERS:
             self.register_buffer(name, torch.from_numpy(np.ascontiguousarray(getattr(packed, name))))
-        for name in ("group_scales", "salient_scale"):
+        for name in ("group_scales", "salient_scale", "row_scales"):
             bits = np.ascontiguousarray(getattr(packed, name)).view(np.int16)
             self.register_buffer(name + "_bits", torch.from_numpy(bits))
         if bias is not None:
@@ -60,9 +61,9 @@ class SageLinear(nn.Module):
                                          salient_bits=self.salient_bits)
 
     def _numpy_tensors(self) -> dict[str, np.ndarray]:
-        """The seven packed tensors as NumPy arrays (views of CPU buffers, the scales as float16)."""
+        """The eight packed tensors as NumPy arrays (views of CPU buffers, the scales as float16)."""
         tensors = {name: getattr(self, name).cpu().numpy() for name in _INT_BUFFERS}
-        for name in ("group_scales", "salient_scale"):
+        for name in ("group_scales", "salient_scale", "row_scales"):
             tensors[name] = getattr(self, name + "_bits").cpu().numpy().view(np.float16)
         return tensors
 
@@ -84,7 +85,7 @@ class SageLinear(nn.Module):
         y = torch.empty(x2.shape[0], self.out_features, dtype=compute_dtype)
         bias = None if self.bias is None else self.bias.detach().to(torch.float32).contiguous()
         pointers = {name: getattr(self, name).data_ptr() for name in _INT_BUFFERS}
-        pointers.update({name: getattr(self, name + "_bits").data_ptr() for name in ("group_scales", "salient_scale")})
+        pointers.update({name.removesuffix("_bits"): getattr(self, name).data_ptr() for name in _SCALE_BUFFERS})
         args = ort_op.make_args(x2.data_ptr(), y.data_ptr(), x2.shape[0], str(compute_dtype).removeprefix("torch."),
                                 pointers, self.salient_cols.numel(), self._attrs(),
                                 0 if bias is None else bias.data_ptr())
@@ -129,7 +130,7 @@ class SageLinear(nn.Module):
         for plane in range(self.group_codes.shape[0]):
             groups |= _unpack_bits(self.group_codes[plane], k).to(torch.int64) << plane
         scales = self.group_scales_bits.view(torch.float16).to(torch.float32)
-        w = scales[groups] * signs
+        w = scales[groups] * signs * self.row_scales_bits.view(torch.float16).to(torch.float32)[:, None]
         counts = torch.diff(self.salient_rowptr.to(torch.int64))
         rows = torch.repeat_interleave(torch.arange(self.out_features, device=w.device), counts)
         row_scales = self.salient_scale_bits.view(torch.float16).to(torch.float32)
@@ -140,7 +141,7 @@ class SageLinear(nn.Module):
                     path: int = kernels.PATH_AUTO) -> kernels.SageGemmArgs:
         """Kernel arguments for x2 [M, K] -> y [M, N] (contiguous CUDA tensors of one dtype, float16/float32) on
         this layer's buffers; benchmarks launch them repeatedly without the per-call allocations of forward."""
-        for name in (*_INT_BUFFERS, "group_scales_bits", "salient_scale_bits"):
+        for name in (*_INT_BUFFERS, *_SCALE_BUFFERS):
             if getattr(self, name).device != x2.device:
                 raise ValueError(f"SageLinear buffers are on {getattr(self, name).device}, input on {x2.device}")
         args = self._weight_args(x2, y, bias, path)
@@ -173,7 +174,8 @@ class SageLinear(nn.Module):
             group_codes=self.group_codes.data_ptr(),
             group_scales=self.group_scales_bits.data_ptr(), salient_rowptr=self.salient_rowptr.data_ptr(),
             salient_cols=self.salient_cols.data_ptr(), salient_q=self.salient_q.data_ptr(),
-            salient_scale=self.salient_scale_bits.data_ptr(), bias=0 if bias is None else bias.data_ptr(),
+            salient_scale=self.salient_scale_bits.data_ptr(), row_scales=self.row_scales_bits.data_ptr(),
+            bias=0 if bias is None else bias.data_ptr(),
             y=0 if y is None else y.data_ptr(), prepared=0, prepared_bytes=0,
             m=0 if x2 is None else x2.shape[0], nnz=self.salient_cols.numel(), k=self.in_features,
             n=self.out_features, n_groups=self.n_groups, salient_bits=self.salient_bits, x_dtype=dtype,
