@@ -43,9 +43,11 @@ def test_export_holds_packed_layers(smollm2_export):
     assert result.sage_bytes == expected["stored_bytes"]
     assert result.sage_true_bits == pytest.approx(expected["true_bits"], rel=1e-12)
     # float16 embeddings (49152 x 576, tied with lm_head) plus norms and the packed layers; the 106 M quantized
-    # weights are not stored densely
+    # weights are not stored densely. Tensors under 1 KiB (k/v's row scales, norms) sit inside model.onnx, so the
+    # two files are counted together.
     embeddings = 49152 * 576 * 2
-    assert embeddings + result.sage_bytes < result.data_bytes < embeddings + result.sage_bytes + 1_000_000
+    stored = result.onnx_bytes + result.data_bytes
+    assert embeddings + result.sage_bytes < stored < embeddings + result.sage_bytes + 1_000_000
 
 
 @pytest.fixture(scope="module")
