@@ -24,6 +24,7 @@ import os
 import platform
 import re
 import shlex
+import subprocess
 import sys
 import tempfile
 import time
@@ -131,6 +132,18 @@ def machine_name() -> str:
     return f"{cpu} ({platform.machine()}), {os.cpu_count()} cores, torch CPU"
 
 
+def git_commit() -> str:
+    """HEAD, marked when tracked files differ from it: rows from many commits share one table."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True).stdout.strip()
+        return head + ("+uncommitted" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def merge(path: Path, new_rows: list[dict]) -> list[dict]:
     rows = json.loads(path.read_text())["rows"] if path.is_file() else []
     keys = {row_key(r) for r in new_rows}
@@ -183,8 +196,13 @@ def render_md(doc: dict) -> str:
                     "|---|---|---|---|---|", *table]
     out += ["", "![perplexity against true bits](pareto.png)", "",
             "Measured with (each row's command, machine and date in quality.json):", ""]
-    out += sorted({f"- `{r['command']}` ({r['machine']}, {r['date']})" for r in doc["rows"]})
+    out += sorted({f"- `{r['command']}` ({r['machine']}, {r['date']}{commit_note(r)})" for r in doc["rows"]})
     return "\n".join(out) + "\n"
+
+
+def commit_note(row: dict) -> str:
+    """Rows measured before commits were recorded have none; the date then dates them against git log."""
+    return f", commit {row['commit']}" if row.get("commit") else ""
 
 
 def is_plain_v2(row: dict) -> bool:
@@ -357,6 +375,7 @@ def main() -> int:
     v2_cache: dict = {}
     stamp = {"machine": machine_name(),
              "date": dt.date.today().isoformat(),
+             "commit": git_commit(),
              "command": "python tools/bench_quality.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
     for method in methods:
         rows = measure(loaded, method, ids, args, calib, v2_cache)

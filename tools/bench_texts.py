@@ -26,7 +26,6 @@ import datetime as dt
 import hashlib
 import json
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
 
-from bench_quality import machine_name, parse_variant  # noqa: E402
+from bench_quality import git_commit, machine_name, parse_variant  # noqa: E402
 from sage_export.eval.code_text import read_code_text  # noqa: E402
 from sage_export.eval.perplexity import perplexity, read_eval_text, tokenize_text  # noqa: E402
 from sage_export.models import load_model  # noqa: E402
@@ -50,17 +49,6 @@ def parse_text(spec: str) -> tuple[str, Path]:
     if not Path(path).is_file():
         raise argparse.ArgumentTypeError(f"no such file: {path}")
     return kind, Path(path)
-
-
-def git_commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True).stdout.strip()
-        return head + ("+uncommitted" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def quantize(loaded, method, seed: int, calib=None, calib_info: dict | None = None,
