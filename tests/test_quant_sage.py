@@ -195,6 +195,7 @@ def test_config_round_trip_and_defaults():
     ({"graph_samples": 1.5}, "graph_samples"),
     ({"brent_xatol": 0.0}, "brent_xatol"),
     ({"lloyd_steps": -1}, "lloyd_steps"),
+    ({"unit_gain": 1}, "unit_gain"),
 ])
 def test_validate_names_the_bad_field_in_one_line(params, field):
     with pytest.raises(ValueError, match=field) as info:

@@ -173,6 +173,26 @@ def test_row_multipliers_are_priced_as_the_plain_problem_and_never_worse(data, u
             assert weighted_error(matrix, built.dequantize(), h_diag) <= weighted_error(matrix, base.dequantize(), h_diag)
 
 
+@pytest.mark.parametrize("groups", [1, 4])
+def test_unit_gain_scales_keep_the_output_gain_at_one(uneven, groups):
+    # Least-squares α shrinks the layer's output along W by the bands' relative spread; unit_gain does not, and
+    # the error it reports is that of the values it stores.
+    w, h_diag, _ = uneven
+    cfg = replace(V2_MATRIX, fixed_groups=groups, fixed_rho=0.01)
+    plain = quantize_sage(w, cfg, seed=1, col_weight=h_diag)
+    unit = quantize_sage(w, replace(cfg, unit_gain=True), seed=1, col_weight=h_diag)
+
+    def gain(q):
+        unsalient = ~plain.salient_mask
+        return float((q * w * h_diag)[unsalient].sum() / (w * w * h_diag)[unsalient].sum())
+
+    assert gain(plain.dequantize()) < 0.99
+    assert gain(unit.dequantize()) == pytest.approx(1.0, abs=2e-3)
+    assert weighted_error(w, plain.dequantize(), h_diag) < weighted_error(w, unit.dequantize(), h_diag)
+    assert unit.stats["weighted_error"] == pytest.approx(weighted_error(w, unit.dequantize(), h_diag), rel=1e-5)
+    assert unit.stats["stored_bytes"] == plain.stats["stored_bytes"]
+
+
 def test_compensation_keeps_the_row_multipliers(uneven):
     w, h_diag, h = uneven
     base = quantize_sage(w, replace(V2_MATRIX, fixed_groups=4, fixed_rho=0.02, row_multipliers=True), seed=0,

@@ -59,6 +59,10 @@ class SageConfig:
     # the error (quant/sage.py). Off: every r_n is 1, contract v1's meaning.
     row_multipliers: bool = False
     row_fit_rounds: int = 3
+    # α_g = Σc|w|² / Σc|w| instead of the least-squares Σc|w| / Σc. Least squares makes each band's stored values
+    # shrink the layer's output (its regression on the weights has gain 1 − the band's relative spread); this
+    # choice keeps gain 1, for a little more squared error (which is what options and reports then measure).
+    unit_gain: bool = False
 
     def __post_init__(self) -> None:
         # JSON manifests and argparse hand over lists; keep the dataclass hashable and comparable.
@@ -169,6 +173,8 @@ def _check_ablations(c: SageConfig) -> str | None:
         return f"row_multipliers must be true or false, got {c.row_multipliers!r}"
     if not _is_int(c.row_fit_rounds) or c.row_fit_rounds < 1:
         return f"row_fit_rounds must be an integer >= 1, got {c.row_fit_rounds!r}"
+    if not isinstance(c.unit_gain, bool):
+        return f"unit_gain must be true or false, got {c.unit_gain!r}"
     if c.row_multipliers and c.scale_mode != "groups":
         return "row_multipliers applies to scale_mode 'groups' only"
     return None

@@ -192,6 +192,12 @@ class BandSums:
         filled = (self.count > 0) & (self.weight > 0)
         return np.where(filled, self.sum1 / np.where(filled, self.weight, 1), 0.0)
 
+    def unit_gain_scales(self) -> np.ndarray:
+        """Σc|w|² / Σc|w| per band: the scale at which the band's stored values, regressed on its weights, have
+        gain 1 (no shrinkage of the output); 0 for an empty band."""
+        filled = (self.count > 0) & (self.sum1 > 0)
+        return np.where(filled, self.sum2 / np.where(filled, self.sum1, 1), 0.0)
+
 
 class MagnitudeTable:
     """Sorted magnitudes with (weighted) prefix sums: the count, weight, Σc|w| and Σc|w|² of every band cost a

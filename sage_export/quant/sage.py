@@ -272,7 +272,8 @@ class _Matrix:
 
         centres = refine_centres(unsalient_sums, init, self.cfg.lloyd_steps, self.cfg.lloyd_tol)
         sums = unsalient_sums(band_edges(centres))
-        alpha16 = to_float16(sums.means())  # α_g = (weighted) mean |w| of the band, exactly what the bands hold
+        # α_g = (weighted) mean |w| of the band, exactly what the bands hold (or the unit-gain scale)
+        alpha16 = to_float16(sums.unit_gain_scales() if self.cfg.unit_gain else sums.means())
         error = binary_error(sums, alpha16) + fit.error
         nbytes = self.nbytes(count, centres.size)
         return _Plan(rho, count, fit, centres, alpha16, choice, error, nbytes, error + self.cfg.rho_price * nbytes)
