@@ -138,7 +138,7 @@ def render(doc: dict) -> str:
     variants = [k for k in first if isinstance(first[k], dict)]
     bits = {v: np.mean([r[v]["true_bits"] for r in doc["rows"]]) for v in variants}
     out = ["# Column scales for SAGE's matrix-wide codebook (tools/study_column_scales.py)", "",
-           f"Model {doc['model']}; input energies h (and XᵀX) from {doc['calibration'].get('text', 'a dev text')} "
+           f"Model {doc['model']}; input energies h{' and XᵀX' if 'output_error' in first[variants[0]] else ''} from {doc['calibration'].get('text', 'a dev text')} "
            f"({doc['calibration'].get('samples')}×{doc['calibration'].get('seqlen')} tokens). Each cell is one "
            "matrix's relative error (lower is better) at the variant's mean true bits; *a*: column scales "
            "s = h^(a/2) folded in, a = 0 is plain SAGE at fixed G and ρ. *h spread*: √(p99 / median) of h.", ""]
