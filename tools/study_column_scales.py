@@ -35,6 +35,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
 
 from bench_quality import git_commit, machine_name  # noqa: E402
+from sage_export.format.accounting import true_bits  # noqa: E402
 from sage_export.models import load_model, quantizable_linears  # noqa: E402
 from sage_export.pipeline.calibration import calibration_tokens  # noqa: E402
 from sage_export.pipeline.layer_stats import block_hessians, collect_layer_stats  # noqa: E402
@@ -75,16 +76,13 @@ def sage_row(w: np.ndarray, h: np.ndarray, hessian: np.ndarray | None, groups: i
     s = column_scales(h, a) if a else np.ones_like(h)
     result = quantize_sage(w * s, cfg, 0, h / s ** 2)
     q = result.dequantize() / s
-    n, k = w.shape
     # Folding s into the previous RMSNorm or the producer's row scales stores no extra bytes in this matrix.
-    return {**errors(w, q, h, hessian), "true_bits": 8 * int(result.stats["stored_bytes"]) / (n * k)}
+    return {**errors(w, q, h, hessian), "true_bits": true_bits(result.stored_tensors(), *w.shape)}
 
 
 def rtn_row(w: np.ndarray, h: np.ndarray, hessian: np.ndarray | None, bits: int, group_size: int) -> dict:
     result = quantize_rtn(w, bits, group_size)
-    n, k = w.shape
-    stored = sum(t.nbytes for t in result.stored_tensors().values())
-    return {**errors(w, result.dequantize(), h, hessian), "true_bits": 8 * stored / (n * k)}
+    return {**errors(w, result.dequantize(), h, hessian), "true_bits": true_bits(result.stored_tensors(), *w.shape)}
 
 
 def study(args) -> dict:
@@ -137,8 +135,9 @@ def render(doc: dict) -> str:
     first = doc["rows"][0]
     variants = [k for k in first if isinstance(first[k], dict)]
     bits = {v: np.mean([r[v]["true_bits"] for r in doc["rows"]]) for v in variants}
+    inputs = "h and XᵀX" if "output_error" in first[variants[0]] else "h"
     out = ["# Column scales for SAGE's matrix-wide codebook (tools/study_column_scales.py)", "",
-           f"Model {doc['model']}; input energies h{' and XᵀX' if 'output_error' in first[variants[0]] else ''} from {doc['calibration'].get('text', 'a dev text')} "
+           f"Model {doc['model']}; input energies {inputs} from {doc['calibration'].get('text', 'a dev text')} "
            f"({doc['calibration'].get('samples')}×{doc['calibration'].get('seqlen')} tokens). Each cell is one "
            "matrix's relative error (lower is better) at the variant's mean true bits; *a*: column scales "
            "s = h^(a/2) folded in, a = 0 is plain SAGE at fixed G and ρ. *h spread*: √(p99 / median) of h.", ""]
