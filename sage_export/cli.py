@@ -41,6 +41,9 @@ def _add_quantizer_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--group-size", type=int, default=128, help="rtn/gptq group size (32, 64, 128, 256)")
     g.add_argument("--calib-text", type=Path,
                    help="calibration text (default: text the model samples itself, seeded); never the eval text")
+    g.add_argument("--calib-from", choices=["prompts", "bos"], default="prompts",
+                   help="self-sampled calibration starts from built-in prose and code requests in the model's chat "
+                        "template (default), or from BOS alone (the earlier default)")
     g.add_argument("--calib-samples", type=int, default=32, help="calibration sequences (default 32)")
     g.add_argument("--calib-seqlen", type=int, default=128, help="tokens per calibration sequence (default 128)")
     g.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")

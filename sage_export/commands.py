@@ -170,7 +170,8 @@ def _run_stages(timer, args, source, method, eval_text, calib_text, out: Path, d
         held_rows = held_out_rows(args.calib_samples) if method.preset == "v2" else 0
         with timer.step("calibration_text"):
             calib, calib_info = calibration_tokens(loaded, calib_text, args.calib_samples + held_rows,
-                                                   args.calib_seqlen, args.seed)
+                                                   args.calib_seqlen, args.seed,
+                                                   prompted=args.calib_from == "prompts")
         if held_rows:
             calib, held = calib[:args.calib_samples], calib[args.calib_samples:]
             calib_info = dict(calib_info, samples=args.calib_samples, tokens=int(calib.numel()),

@@ -79,4 +79,4 @@ def test_v2_budgets_share_one_measurement_and_name_their_calibration(tiny_llama_
         assert abs(r["true_bits"] - budget) <= 0.05 and r["budget"]["budget_bits"] == budget
         assert r["calibration"]["source"] == "self-generated" and r["calibration"]["tokens"] == 64
     md = out.with_suffix(".md").read_text()
-    assert "| sage-v2(bits=2.5) | self-generated 4×16 | 1 × 64 |" in md
+    assert "| sage-v2(bits=2.5) | self-generated+prompts 4×16 | 1 × 64 |" in md

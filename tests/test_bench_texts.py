@@ -83,6 +83,6 @@ def test_sage_v2_calibrated_rows(tiny_llama_dir, tmp_path):
         assert abs(sum(t["weight_share"] for t in types.values()) - 1) < 1e-9
     assert (tmp_path / "layers" / "sage-v2(bits=3.2).code.dev.txt_4×16.json").is_file()
     md = out.with_suffix(".md").read_text()
-    assert "| self-sampled 4×16 |" in md and "| code.dev.txt 4×16 |" in md and "Chosen G and true bits" in md
+    assert "| self-sampled+prompts 4×16 |" in md and "| code.dev.txt 4×16 |" in md and "Chosen G and true bits" in md
     proc = subprocess.run(cmd + ["--calib-text", str(wiki)], capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0 and "must not be one of the evaluation texts" in proc.stderr

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from sage_export.models import load_model, quantizable_linears
-from sage_export.pipeline.calibration import calibration_tokens, sample_ids
+from sage_export.pipeline import calibration
+from sage_export.pipeline.calibration import calibration_tokens, prompt_rows, sample_ids
 from sage_export.pipeline.layer_stats import collect_layer_stats
 from sage_export.pipeline.methods import Method
 from sage_export.pipeline.quantize import QuantizedModel, layer_seeds
@@ -28,9 +29,46 @@ def test_self_sampled_calibration_repeats_and_depends_on_the_seed(loaded):
     b = sample_ids(loaded.model, loaded.tokenizer, 3, 24, seed=5, progress=False)
     c = sample_ids(loaded.model, loaded.tokenizer, 3, 24, seed=6, progress=False)
     assert a.shape == (3, 24) and torch.equal(a, b) and not torch.equal(a, c)
-    assert (a[:, 0] == loaded.tokenizer.bos_token_id).all()
     ids, info = calibration_tokens(loaded, None, 3, 24, seed=5, progress=False)
     assert torch.equal(ids, a) and info["source"] == "self-generated" and info["tokens"] == 72
+    assert "prompts" in info["sampling"]
+
+
+def test_prompted_rows_hold_only_sampled_text_and_bos_rows_start_with_bos(loaded):
+    tok = loaded.tokenizer
+    prompted = sample_ids(loaded.model, tok, 4, 24, seed=1, progress=False)
+    special = torch.tensor(sorted(set(tok.all_special_ids) | {tok.bos_token_id}))
+    assert prompted.shape == (4, 24) and not torch.isin(prompted, special).any()  # never ends or restarts a row
+    bos = sample_ids(loaded.model, tok, 4, 24, seed=1, progress=False, prompted=False)
+    assert bos.shape == (4, 24) and (bos[:, 0] == tok.bos_token_id).all()
+    _, info = calibration_tokens(loaded, None, 2, 8, seed=1, progress=False, prompted=False)
+    assert "from BOS" in info["sampling"]
+
+
+def test_left_padded_prompts_sample_what_each_prompt_samples_alone(loaded):
+    """Rows of different prompt lengths share one batch by left padding; the padding must not leak into any row.
+    At a tiny temperature sampling is greedy, so each row must match the row sampled on its own."""
+    tok = loaded.tokenizer
+    rows = prompt_rows(tok, 2)
+    assert len(rows[0]) != len(rows[1])
+    both = sample_ids(loaded.model, tok, 2, 12, seed=0, progress=False, temperature=1e-4)
+    first = sample_ids(loaded.model, tok, 1, 12, seed=0, progress=False, temperature=1e-4)
+    assert torch.equal(both[:1], first)
+    with pytest.MonkeyPatch.context() as mp:  # row 1 alone: make its prompt the first
+        mp.setattr(calibration, "CALIB_PROMPTS", calibration.CALIB_PROMPTS[1:])
+        second = sample_ids(loaded.model, tok, 1, 12, seed=0, progress=False, temperature=1e-4)
+    assert torch.equal(both[1:], second)
+
+
+def test_prompts_use_the_chat_template_where_the_tokenizer_has_one(loaded):
+    tok = loaded.tokenizer
+    plain = prompt_rows(tok, 1)[0]
+    assert plain[0] == tok.bos_token_id and tok.decode(plain[1:]) == calibration.CALIB_PROMPTS[0]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tok, "chat_template", "{% for m in messages %}<s>[{{ m['role'] }}] {{ m['content'] }}"
+                                         "{% endfor %}{% if add_generation_prompt %} [assistant]{% endif %}")
+        templated = tok.decode(prompt_rows(tok, 1)[0])
+    assert "[user]" in templated and templated.endswith("[assistant]") and calibration.CALIB_PROMPTS[0] in templated
 
 
 def test_input_energy_is_the_mean_squared_input(loaded):

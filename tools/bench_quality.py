@@ -162,6 +162,8 @@ def calib_label(row: dict) -> str:
     if not info:
         return "—"
     source = "self-generated" if info.get("source") == "self-generated" else Path(info.get("text", "?")).name
+    if "prompts" in info.get("sampling", ""):  # after the built-in prompts; plain: from BOS (rows before 2026-12-06)
+        source += "+prompts"
     return f"{source} {info['samples']}×{info['seqlen']}"
 
 
@@ -352,6 +354,8 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--calib", choices=("wiki", "self"), default="wiki",
                    help="calibration source of calibrated methods: WikiText-2 valid, or text the model samples")
+    p.add_argument("--calib-from", choices=("prompts", "bos"), default="prompts",
+                   help="self-sampled calibration after built-in prompts (default) or from BOS")
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--calib-seqlen", type=int, default=2048)
     p.add_argument("--budgets", type=float, nargs="+",
@@ -369,7 +373,8 @@ def main() -> int:
     calib, args.calib_info = None, None
     if any(m.needs_calibration for m in methods):
         text = WIKI / "wiki.valid.tokens" if args.calib == "wiki" else None
-        calib, args.calib_info = calibration_tokens(loaded, text, args.calib_samples, args.calib_seqlen, args.seed)
+        calib, args.calib_info = calibration_tokens(loaded, text, args.calib_samples, args.calib_seqlen, args.seed,
+                                                    prompted=args.calib_from == "prompts")
         if text is not None:
             args.calib_info["text"] = "wikitext2/wiki.valid.tokens"
     v2_cache: dict = {}

@@ -82,7 +82,10 @@ def calib_label(row: dict) -> str:
     info = row.get("calibration")
     if not info:
         return "—"
-    source = "self-sampled" if info.get("source") == "self-generated" else Path(info["text"]).name
+    if info.get("source") == "self-generated":  # plain "self-sampled": from BOS (every row before 2026-12-06)
+        source = "self-sampled+prompts" if "prompts" in info.get("sampling", "") else "self-sampled"
+    else:
+        source = Path(info["text"]).name
     return f"{source} {info['samples']}×{info['seqlen']}"
 
 
@@ -188,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--windows", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--calib-text", type=Path, help="calibration text of calibrated variants (default: self-sampled)")
+    p.add_argument("--calib-from", choices=["prompts", "bos"], default="prompts",
+                   help="self-sampled calibration after built-in prompts (default) or from BOS")
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--calib-seqlen", type=int, default=128)
     p.add_argument("--layers-out", type=Path, help="also write every quantized layer's stats to DIR/<variant>.json")
@@ -226,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             from sage_export.pipeline.calibration import calibration_tokens
 
             calib, calib_info = calibration_tokens(loaded, args.calib_text, args.calib_samples, args.calib_seqlen,
-                                                   args.seed)
+                                                   args.seed, prompted=args.calib_from == "prompts")
             print(f"calibration: {calib_info}", flush=True)
         base = {"variant": method.label, "method": method.to_dict(), "model": str(loaded.source.description),
                 "model_name": Path(args.model).name, "ctx": args.ctx}

@@ -95,7 +95,8 @@ def cmd_measure(args) -> int:
     cfg = replace(V2_MATRIX, **matrix_fields)
     cfg.validate()
     loaded = load_model(args.model)
-    calib, calib_info = calibration_tokens(loaded, args.calib_text, args.calib_samples, args.calib_seqlen, args.seed)
+    calib, calib_info = calibration_tokens(loaded, args.calib_text, args.calib_samples, args.calib_seqlen, args.seed,
+                                           prompted=args.calib_from == "prompts")
     seeds = layer_seeds(loaded, args.seed)
     with MatrixPool() as pool:
         measurements = measure_v2(loaded, recipe, cfg, seeds, calib, pool)
@@ -185,7 +186,8 @@ def render_md(doc: dict) -> str:
     for r in rows:
         ppl = {(sc["role"], sc["text"]): sc["ppl"] for sc in r["scores"]}
         cal = r["calibration"]
-        cal_label = f"{cal.get('source', '?')} {cal.get('samples', '?')}×{cal.get('seqlen', '?')}"
+        source = cal.get("source", "?") + ("+prompts" if "prompts" in cal.get("sampling", "") else "")
+        cal_label = f"{source} {cal.get('samples', '?')}×{cal.get('seqlen', '?')}"
         fields = ", ".join(f"{k}={v}" for k, v in {**r.get("matrix", {}), **r["fields"]}.items()) or "(default recipe)"
         out.append(f"| {r['model']} | {r['variant']} | {fields} | {cal_label} | {r['true_bits']:.3f} | "
                    + " | ".join(f"{ppl[lab]:.3f}" if lab in ppl else "—" for lab in labels) + " |")
@@ -231,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--calib-text", type=Path)
     m.add_argument("--calib-samples", type=int, default=32)
     m.add_argument("--calib-seqlen", type=int, default=128)
+    m.add_argument("--calib-from", choices=["prompts", "bos"], default="prompts")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--matrix", default="", help="per-matrix SageConfig fields over V2_MATRIX's, key=value,...")
     pl = sub.add_parser("plan")

@@ -32,41 +32,107 @@ def _cache_keyword(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-@torch.no_grad()
-def sample_ids(model, tokenizer, n_samples: int, seqlen: int, seed: int, progress: bool = True,
-               temperature: float = 1.0) -> torch.Tensor:
-    """[n_samples, seqlen] token ids the model writes itself: each row starts with the BOS token and continues by
-    plain ancestral sampling (temperature 1, no top-k/top-p) with a seeded generator, all rows in one batch with
-    the KV cache. Sampling from the model's own distribution makes the squared gradients of its loss an estimate
-    of its true Fisher information, and needs no text at all. Same seed, same model, same machine -> same ids."""
+# Self-sampled calibration starts each row from one of these requests (row i from prompt i mod 16), half prose and
+# half code, written for this project. From BOS alone a model writes whatever its pretraining mix favours:
+# Qwen2.5-Coder-1.5B-Instruct mostly writes Chinese from <|endoftext|>, so its input energies and sensitivities
+# described text unlike what users run. A request in the chat template (raw after BOS where the tokenizer has
+# none) keeps the sample in the model's own distribution while steering it to English prose and code.
+CALIB_PROMPTS: tuple[str, ...] = (
+    "Write an encyclopedia article about the history of a European river port, with dates and names.",
+    "Write a Python module that parses a CSV file of orders and prints totals per customer, with docstrings.",
+    "Explain how vaccines train the immune system, for a curious high-school student.",
+    "Implement a least-recently-used cache class in Python with get and put methods and unit tests.",
+    "Write the plot summary of a nineteenth-century novel about two rival families.",
+    "Write a C function that reverses a singly linked list, and explain each step in comments.",
+    "Describe the career of a fictional football player who played for three clubs in the 1990s.",
+    "Write a Python command-line tool with argparse that renames files by a regular expression.",
+    "Write a news report about a storm that closed schools and roads in a coastal town.",
+    "Write a JavaScript function that debounces another function, with a usage example.",
+    "Explain the causes and the consequences of the Industrial Revolution in Britain.",
+    "Write a Python class for a bank account that raises custom exceptions on overdraft, with tests.",
+    "Write a biography of a fictional botanist who catalogued the plants of an island.",
+    "Write SQL queries that create tables for a library, insert rows, and list overdue loans.",
+    "Describe the geography, climate and economy of a mountain region in South America.",
+    "Write a Python generator that yields prime numbers, and a benchmark comparing two methods.",
+)
+
+
+def prompt_rows(tokenizer, n_samples: int) -> list[list[int]]:
+    """The token ids each sampled row starts from: CALIB_PROMPTS in the tokenizer's chat template (a user turn and
+    the assistant's opening), or BOS + the raw request where it has no template."""
+    rows = []
+    for i in range(n_samples):
+        prompt = CALIB_PROMPTS[i % len(CALIB_PROMPTS)]
+        if getattr(tokenizer, "chat_template", None):
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                tokenize=True)
+            ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+        else:
+            ids = [_start_id(tokenizer)] + tokenizer.encode(prompt, add_special_tokens=False)
+        rows.append([int(t) for t in ids])
+    return rows
+
+
+def _start_id(tokenizer) -> int:
     start_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if start_id is None:
         raise ValueError("the tokenizer has neither a BOS nor an EOS token to start sampling from")
+    return int(start_id)
+
+
+@torch.no_grad()
+def sample_ids(model, tokenizer, n_samples: int, seqlen: int, seed: int, progress: bool = True,
+               temperature: float = 1.0, prompted: bool = True) -> torch.Tensor:
+    """[n_samples, seqlen] token ids the model writes itself by plain ancestral sampling (no top-k/top-p) with a
+    seeded generator, all rows in one batch with the KV cache. Sampling from the model's own distribution makes
+    the squared gradients of its loss an estimate of its Fisher information, and needs no text at all.
+
+    prompted: each row is the seqlen tokens the model writes after one of CALIB_PROMPTS (the prompt itself is not
+    kept: it is the same few dozen tokens in every row); special tokens are never sampled, so a row never ends
+    its answer and drifts. Otherwise each row is BOS and the seqlen − 1 tokens that follow it.
+    Same seed, same model, same machine -> same ids."""
     gen = torch.Generator().manual_seed(seed)
-    ids = torch.full((n_samples, 1), int(start_id), dtype=torch.long)
-    rows, cache_kw, cache = [ids], _cache_keyword(model), None
-    for _ in tqdm(range(seqlen - 1), desc="calibration: sampling text", unit="tok", disable=not progress,
-                  leave=False):
-        out = model(ids, use_cache=True, **({cache_kw: cache} if cache is not None else {}))
+    if prompted:
+        starts = prompt_rows(tokenizer, n_samples)
+        banned = sorted(set(getattr(tokenizer, "all_special_ids", [])) | {_start_id(tokenizer)})
+        steps = seqlen
+    else:
+        starts, banned, steps = [[_start_id(tokenizer)]] * n_samples, [], seqlen - 1
+    width = max(len(r) for r in starts)
+    # Left padding: every row's last prompt token sits in the last column, so one sampled column serves all rows.
+    ids = torch.tensor([[r[0]] * (width - len(r)) + r for r in starts], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in starts], dtype=torch.long)
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    rows, cache_kw, cache = [], _cache_keyword(model), None
+    for _ in tqdm(range(steps), desc="calibration: sampling text", unit="tok", disable=not progress, leave=False):
+        out = model(ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                    **({cache_kw: cache} if cache is not None else {}))
         cache = getattr(out, cache_kw)
-        probs = torch.softmax(out.logits[:, -1].double() / temperature, dim=-1)
-        ids = torch.multinomial(probs, 1, generator=gen)
+        logits = out.logits[:, -1].double() / temperature
+        logits[:, banned] = -torch.inf
+        ids = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=gen)
         rows.append(ids)
-    return torch.cat(rows, dim=1)
+        mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
+        positions = positions[:, -1:] + 1
+    sampled = torch.cat(rows, dim=1)
+    return sampled if prompted else torch.cat([torch.tensor([s[:1] for s in starts]), sampled], dim=1)
 
 
 def calibration_tokens(loaded, text: Path | None, n_samples: int, seqlen: int, seed: int,
-                       progress: bool = True, temperature: float = 1.0) -> tuple[torch.Tensor, dict]:
+                       progress: bool = True, temperature: float = 1.0,
+                       prompted: bool = True) -> tuple[torch.Tensor, dict]:
     """Calibration ids and a description for reports: windows of a text file, or (text=None) sampled by the
-    model itself."""
+    model itself (after CALIB_PROMPTS, or from BOS with prompted=False)."""
     start = time.perf_counter()
     if text is not None:
         ids = calibration_ids(loaded.tokenizer, text, n_samples, seqlen, seed)
         info = {"source": "text", "text": str(text)}
     else:
         with loaded.running_weights():  # streamed: every sampling step reads each block's weights in turn
-            ids = sample_ids(loaded.model, loaded.tokenizer, n_samples, seqlen, seed, progress, temperature)
-        info = {"source": "self-generated", "sampling": f"ancestral, temperature {temperature:g}, from BOS"}
+            ids = sample_ids(loaded.model, loaded.tokenizer, n_samples, seqlen, seed, progress, temperature,
+                             prompted)
+        origin = "after built-in prompts" if prompted else "from BOS"
+        info = {"source": "self-generated", "sampling": f"ancestral, temperature {temperature:g}, {origin}"}
     info.update(samples=n_samples, seqlen=seqlen, tokens=int(ids.numel()), seed=seed,
                 time_s=round(time.perf_counter() - start, 1))
     return ids, info
