@@ -31,7 +31,7 @@ def test_self_sampled_calibration_repeats_and_depends_on_the_seed(loaded):
     assert a.shape == (3, 24) and torch.equal(a, b) and not torch.equal(a, c)
     ids, info = calibration_tokens(loaded, None, 3, 24, seed=5, progress=False)
     assert torch.equal(ids, a) and info["source"] == "self-generated" and info["tokens"] == 72
-    assert "prompts" in info["sampling"]
+    assert "prompts" in info["sampling"] and info["start"] == "prompts"
 
 
 def test_prompted_rows_hold_only_sampled_text_and_bos_rows_start_with_bos(loaded):
@@ -42,7 +42,7 @@ def test_prompted_rows_hold_only_sampled_text_and_bos_rows_start_with_bos(loaded
     bos = sample_ids(loaded.model, tok, 4, 24, seed=1, progress=False, prompted=False)
     assert bos.shape == (4, 24) and (bos[:, 0] == tok.bos_token_id).all()
     _, info = calibration_tokens(loaded, None, 2, 8, seed=1, progress=False, prompted=False)
-    assert "from BOS" in info["sampling"]
+    assert "from BOS" in info["sampling"] and info["start"] == "bos"
 
 
 def test_left_padded_prompts_sample_what_each_prompt_samples_alone(loaded):

@@ -162,7 +162,7 @@ def calib_label(row: dict) -> str:
     if not info:
         return "—"
     source = "self-generated" if info.get("source") == "self-generated" else Path(info.get("text", "?")).name
-    if "prompts" in info.get("sampling", ""):  # after the built-in prompts; plain: from BOS (rows before 2026-12-06)
+    if info.get("start") == "prompts":  # after the built-in prompts; plain: from BOS (rows before 2026-12-06)
         source += "+prompts"
     return f"{source} {info['samples']}×{info['seqlen']}"
 

@@ -83,7 +83,7 @@ def calib_label(row: dict) -> str:
     if not info:
         return "—"
     if info.get("source") == "self-generated":  # plain "self-sampled": from BOS (every row before 2026-12-06)
-        source = "self-sampled+prompts" if "prompts" in info.get("sampling", "") else "self-sampled"
+        source = "self-sampled+prompts" if info.get("start") == "prompts" else "self-sampled"
     else:
         source = Path(info["text"]).name
     return f"{source} {info['samples']}×{info['seqlen']}"

@@ -186,7 +186,7 @@ def render_md(doc: dict) -> str:
     for r in rows:
         ppl = {(sc["role"], sc["text"]): sc["ppl"] for sc in r["scores"]}
         cal = r["calibration"]
-        source = cal.get("source", "?") + ("+prompts" if "prompts" in cal.get("sampling", "") else "")
+        source = cal.get("source", "?") + ("+prompts" if cal.get("start") == "prompts" else "")
         cal_label = f"{source} {cal.get('samples', '?')}×{cal.get('seqlen', '?')}"
         fields = ", ".join(f"{k}={v}" for k, v in {**r.get("matrix", {}), **r["fields"]}.items()) or "(default recipe)"
         out.append(f"| {r['model']} | {r['variant']} | {fields} | {cal_label} | {r['true_bits']:.3f} | "

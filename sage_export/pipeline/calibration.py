@@ -103,7 +103,7 @@ def sample_ids(model, tokenizer, n_samples: int, seqlen: int, seed: int, progres
     ids = torch.tensor([[r[0]] * (width - len(r)) + r for r in starts], dtype=torch.long)
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in starts], dtype=torch.long)
     positions = (mask.cumsum(1) - 1).clamp(min=0)
-    rows, cache_kw, cache = [], _cache_keyword(model), None
+    rows, cache_kw, cache = [] if prompted else [ids], _cache_keyword(model), None
     for _ in tqdm(range(steps), desc="calibration: sampling text", unit="tok", disable=not progress, leave=False):
         out = model(ids, attention_mask=mask, position_ids=positions, use_cache=True,
                     **({cache_kw: cache} if cache is not None else {}))
@@ -114,8 +114,7 @@ def sample_ids(model, tokenizer, n_samples: int, seqlen: int, seed: int, progres
         rows.append(ids)
         mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
         positions = positions[:, -1:] + 1
-    sampled = torch.cat(rows, dim=1)
-    return sampled if prompted else torch.cat([torch.tensor([s[:1] for s in starts]), sampled], dim=1)
+    return torch.cat(rows, dim=1)
 
 
 def calibration_tokens(loaded, text: Path | None, n_samples: int, seqlen: int, seed: int,
@@ -132,7 +131,8 @@ def calibration_tokens(loaded, text: Path | None, n_samples: int, seqlen: int, s
             ids = sample_ids(loaded.model, loaded.tokenizer, n_samples, seqlen, seed, progress, temperature,
                              prompted)
         origin = "after built-in prompts" if prompted else "from BOS"
-        info = {"source": "self-generated", "sampling": f"ancestral, temperature {temperature:g}, {origin}"}
+        info = {"source": "self-generated", "start": "prompts" if prompted else "bos",
+                "sampling": f"ancestral, temperature {temperature:g}, {origin}"}
     info.update(samples=n_samples, seqlen=seqlen, tokens=int(ids.numel()), seed=seed,
                 time_s=round(time.perf_counter() - start, 1))
     return ids, info
