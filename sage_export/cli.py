@@ -31,6 +31,8 @@ def _add_quantizer_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--group-candidates", type=int, nargs=2, metavar=("MIN", "MAX"), help="kNN graph's candidate G")
     g.add_argument("--graph-samples", type=int, help="unsalient values subsampled for the kNN graph")
     g.add_argument("--no-activation-weighting", action="store_true", help="v2 ablation: errors not weighted by h")
+    g.add_argument("--activation-power", type=float, metavar="A",
+                   help="v2: column weights m·(h/m)^A (default 0.5; 1 weights errors by h itself)")
     g.add_argument("--no-sensitivity", action="store_true", help="v2 ablation: layers not weighted by sensitivity")
     g.add_argument("--graph-groups", action="store_true", help="v2 ablation: G from the kNN graph, not the budget")
     g.add_argument("--no-rho-price", action="store_true", help="v2 ablation: ρ search on error alone (no bit price)")

@@ -23,7 +23,8 @@ def _sage_params(args) -> dict:
     params = {"preset": args.preset}
     v2 = args.preset == "v2"
     if not v2:
-        given = [flag for flag in ("bits", *_V2_SWITCHES) if getattr(args, flag, None)]
+        given = [flag for flag in ("bits", "activation_power", *_V2_SWITCHES)
+                 if getattr(args, flag, None) not in (None, False)]
         if given:
             raise UserError(f"--{given[0].replace('_', '-')} needs the v2 preset (the paper preset is data-free "
                             "and has no bit budget)")
@@ -34,6 +35,8 @@ def _sage_params(args) -> dict:
                             "add --preset paper")
         if args.bits is not None:
             params["bits"] = args.bits
+        if getattr(args, "activation_power", None) is not None:
+            params["activation_power"] = args.activation_power
         params.update(dict(field for flag, field in _V2_SWITCHES.items() if getattr(args, flag)))
     params.update({
         "salient_bits": args.salient_bits,

@@ -102,8 +102,9 @@ def test_a_floor_above_every_option_keeps_the_largest():
     assert [t for t in kept] == [[max(t, key=lambda o: (o.nbytes, -o.error))] for t in TABLES]
 
 
-@pytest.mark.parametrize("field,value", [("sensitivity_power", -0.1), ("sensitivity_power", 3), ("floor_gap", -1),
-                                         ("floor_gap", "x"), ("refine_rho", 1)])
+@pytest.mark.parametrize("field,value", [("sensitivity_power", -0.1), ("sensitivity_power", 3),
+                                         ("activation_power", -0.5), ("floor_gap", -1), ("floor_gap", "x"),
+                                         ("refine_rho", 1)])
 def test_recipe_refuses_bad_new_fields(field, value):
     from dataclasses import replace
 

@@ -93,6 +93,38 @@ def test_input_energy_is_the_mean_squared_input(loaded):
     assert all(v > 0 for v in stats.sensitivity.values())
 
 
+def test_sensitivity_is_the_mean_squared_output_gradient(loaded):
+    """s = mean of (∂ℓ/∂y)², ℓ the summed next-token loss, checked against one plain autograd pass over the whole
+    model; and the column weights s·m·(h/m)^a keep the layer's mean for any activation power a."""
+    ids, _ = calibration_tokens(loaded, None, 2, 16, seed=0, progress=False)
+    stats = collect_layer_stats(loaded.model, loaded.architecture, ids, sensitivity=True, progress=False)
+    down = loaded.model.model.layers[1].mlp.down_proj
+    seen = {}
+
+    def grab(module, inputs, output):
+        seen["x"] = inputs[0].detach()
+        output.retain_grad()
+        seen["y"] = output
+
+    handle = down.register_forward_hook(grab)
+    try:
+        logits = loaded.model(ids).logits
+    finally:
+        handle.remove()
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                             ids[:, 1:].reshape(-1), reduction="sum")
+    loss.backward()
+    loaded.model.zero_grad(set_to_none=True)
+    name = "model.layers.1.mlp.down_proj"
+    assert stats.sensitivity[name] == pytest.approx(float((seen["y"].grad.double() ** 2).mean()), rel=1e-3)
+    s, h = stats.sensitivity[name], stats.input_energy[name]
+    np.testing.assert_allclose(stats.column_weights(name), s * h)
+    np.testing.assert_allclose(stats.column_weights(name, activation_power=0.0), np.full_like(h, s * h.mean()))
+    half = stats.column_weights(name, activation_power=0.5)
+    np.testing.assert_allclose(half, s * np.sqrt(h * h.mean()))
+    assert half.max() / half.min() == pytest.approx(np.sqrt(h.max() / h.min()))
+
+
 @pytest.fixture(scope="module")
 def measured(loaded):
     ids, _ = calibration_tokens(loaded, None, 8, 32, seed=0, progress=False)
@@ -168,7 +200,7 @@ def test_compensation_lowers_the_output_error_of_a_layer(loaded, measured):
 
 
 def test_activation_energy_and_sensitivity_reach_option_measurement(loaded, monkeypatch):
-    """The column weights that option measurement sees are s^p·h of the statistics, not None or ones."""
+    """The column weights that option measurement sees are s^p·m·(h/m)^a of the statistics, not None or ones."""
     import sage_export.pipeline.sage_v2 as v2
 
     seen = {}
@@ -189,7 +221,8 @@ def test_activation_energy_and_sensitivity_reach_option_measurement(loaded, monk
     assert len(seen) == len(linears)
     for name, linear in linears.items():
         got = seen[tuple(linear.weight.shape), seeds[name]]
-        want = m.stats.input_energy[name] * m.stats.sensitivity[name] ** 0.5
+        h = m.stats.input_energy[name]
+        want = h.mean() * (h / h.mean()) ** recipe.activation_power * m.stats.sensitivity[name] ** 0.5
         assert got is not None and np.ptp(got) > 0
         np.testing.assert_allclose(got, want, rtol=1e-6)
 

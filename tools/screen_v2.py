@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import re
 import shlex
 import sys
 import time
@@ -44,7 +45,7 @@ from bench_texts import git_commit, machine_name, text_entry  # noqa: E402
 def parse_variant(spec: str) -> tuple[str, dict]:
     name, _, body = spec.partition(":")
     fields = {}
-    for item in filter(None, body.split(",")):
+    for item in filter(None, re.split(r",(?![^\[]*\])", body)):  # commas inside [..] belong to a list
         key, _, value = item.partition("=")
         fields[key] = None if value == "none" else json.loads(value)
     return name, fields
@@ -54,6 +55,9 @@ def recipe_for(base: SageRecipe, fields: dict) -> SageRecipe:
     recipe = replace(base, **fields)
     recipe.validate()
     return recipe
+
+
+MEASURE_FIELDS = ("activation_power",)  # recipe fields the saved statistics were collected with
 
 
 def reweighted(measurements, p0: float, p: float):
@@ -66,6 +70,16 @@ def reweighted(measurements, p0: float, p: float):
               for name, table in zip(measurements.names, measurements.tables)]
     weights = {name: None if w is None else w * factor[name] for name, w in measurements.weights.items()}
     return replace(measurements, tables=tables, weights=weights)
+
+
+def restricted(measurements, group_options):
+    """The measurements with only the options whose G is in group_options (a subset of what was measured)."""
+    measured = {o.n_groups for table in measurements.tables for o in table}
+    missing = sorted(set(group_options) - measured)
+    if missing:
+        raise SystemExit(f"group_options {missing} were not measured (measured: {sorted(measured)})")
+    tables = [[o for o in table if o.n_groups in group_options] for table in measurements.tables]
+    return replace(measurements, tables=tables)
 
 
 def layer_type(name: str) -> str:
@@ -87,19 +101,26 @@ def allocation_summary(measurements, plan) -> dict:
 def cmd_measure(args) -> int:
     from sage_export.pipeline.calibration import calibration_tokens
     from sage_export.pipeline.quantize import layer_seeds
-    from sage_export.pipeline.sage_v2 import measure_v2
+    from sage_export.pipeline.sage_v2 import measure_options, measure_v2
     from sage_export.pipeline.workers import MatrixPool
 
-    recipe = SageRecipe()
+    recipe = recipe_for(SageRecipe(), parse_variant(":" + args.recipe)[1])
     matrix_fields = parse_variant(":" + args.matrix)[1]
     cfg = replace(V2_MATRIX, **matrix_fields)
     cfg.validate()
     loaded = load_model(args.model)
-    calib, calib_info = calibration_tokens(loaded, args.calib_text, args.calib_samples, args.calib_seqlen, args.seed,
-                                           prompted=args.calib_from == "prompts")
-    seeds = layer_seeds(loaded, args.seed)
-    with MatrixPool() as pool:
-        measurements = measure_v2(loaded, recipe, cfg, seeds, calib, pool)
+    if args.stats_from:  # the calibration and statistics of an earlier measurement; only the options are new
+        earlier = load_saved(args.stats_from)
+        calib_info, seeds = earlier["calib_info"], earlier["seeds"]
+        with MatrixPool() as pool:
+            measurements = measure_options(loaded, recipe, cfg, seeds, earlier["measurements"].stats, pool,
+                                           timings={"statistics_from": str(args.stats_from)})
+    else:
+        calib, calib_info = calibration_tokens(loaded, args.calib_text, args.calib_samples, args.calib_seqlen,
+                                               args.seed, prompted=args.calib_from == "prompts")
+        seeds = layer_seeds(loaded, args.seed)
+        with MatrixPool() as pool:
+            measurements = measure_v2(loaded, recipe, cfg, seeds, calib, pool)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".tmp")
     torch.save({"measurements": measurements, "seeds": seeds, "calib_info": calib_info, "model": str(args.model),
@@ -110,14 +131,19 @@ def cmd_measure(args) -> int:
 
 
 def load_saved(path: Path) -> dict:
-    return torch.load(path, weights_only=False)
+    saved = torch.load(path, weights_only=False)
+    saved["recipe"] = {"activation_power": 1.0, **saved["recipe"]}  # saves older than the field measured with 1
+    return saved
 
 
 def planned(saved: dict, fields: dict):
     from sage_export.pipeline.sage_v2 import plan_budget
 
+    if any(key in fields and fields[key] != saved["recipe"].get(key) for key in MEASURE_FIELDS):
+        raise SystemExit(f"{', '.join(MEASURE_FIELDS)} change the statistics: give them to `measure --recipe`")
     recipe = recipe_for(SageRecipe(**saved["recipe"]), fields)
     measurements = reweighted(saved["measurements"], saved["recipe"]["sensitivity_power"], recipe.sensitivity_power)
+    measurements = restricted(measurements, recipe.group_options)
     return recipe, measurements, plan_budget(measurements, saved["seeds"], recipe.bits, recipe.floor_gap)
 
 
@@ -152,7 +178,9 @@ def cmd_finish(args) -> int:
     finish_s = time.perf_counter() - start
     stamp = {"machine": machine_name(), "date": dt.date.today().isoformat(), "commit": git_commit(),
              "command": "python tools/screen_v2.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
-    row = {"variant": name, "fields": fields, "matrix": matrix_fields, "model": Path(args.model).name,
+    measured_with = {k: saved["recipe"][k] for k in MEASURE_FIELDS
+                     if saved["recipe"].get(k, getattr(SageRecipe(), k)) != getattr(SageRecipe(), k)}
+    row = {"variant": name, "fields": {**measured_with, **fields}, "matrix": matrix_fields, "model": Path(args.model).name,
            "calibration": saved["calib_info"],
            "true_bits": summary["true_bits"], "budget_bits": recipe.bits, "finish_s": round(finish_s, 1),
            "by_type": allocation_summary(measurements, plan), "ctx": args.ctx, "windows": args.windows,
@@ -236,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--calib-from", choices=["prompts", "bos"], default="prompts")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--matrix", default="", help="per-matrix SageConfig fields over V2_MATRIX's, key=value,...")
+    m.add_argument("--stats-from", type=Path, help="reuse this saved measurement's calibration and statistics")
+    m.add_argument("--recipe", default="", help="recipe fields the statistics depend on (activation_power=0.5, ...)")
     pl = sub.add_parser("plan")
     pl.add_argument("saved", type=Path)
     pl.add_argument("variants", nargs="+")

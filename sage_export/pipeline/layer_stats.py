@@ -45,18 +45,26 @@ class LayerStats:
     block_kwargs: list[dict] | None = None  # per batch: the keyword arguments blocks are called with
 
     def column_weights(self, name: str, activation: bool = True, sensitivity: bool = True,
-                       power: float = 1.0) -> np.ndarray | None:
-        """The error weight of each input column of one layer: s^power·h (either factor can be left out); None
-        when both are, i.e. data-free."""
+                       power: float = 1.0, activation_power: float = 1.0) -> np.ndarray | None:
+        """The error weight of each input column of one layer: s^power·m·(h/m)^activation_power, m the mean of h
+        (either factor can be left out); None when both are, i.e. data-free. The mean is kept so that the
+        layer's total stays in the units of s·h whatever the exponent."""
         if not (activation or sensitivity):
             return None
         k = self.input_energy[name].shape[0]
-        weights = self.input_energy[name] if activation else np.ones(k)
+        weights = _flattened(self.input_energy[name], activation_power) if activation else np.ones(k)
         if sensitivity:
             if self.sensitivity is None:
                 raise ValueError("these statistics were collected without sensitivities")
             weights = weights * self.sensitivity[name] ** power
         return weights
+
+
+def _flattened(h: np.ndarray, exponent: float) -> np.ndarray:
+    if exponent == 1.0:
+        return h
+    mean = h.mean()
+    return mean * (h / mean) ** exponent if mean > 0 else h
 
 
 def _in_memory(_index: int) -> ContextManager:

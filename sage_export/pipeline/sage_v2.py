@@ -119,12 +119,19 @@ def measure_v2(loaded: LoadedModel, recipe: SageRecipe, cfg: SageConfig, seeds: 
         if not (recipe.activation_weighting or recipe.layer_sensitivity):
             stats.input_energy, stats.sensitivity = {}, None  # compensation only: no weighting anywhere else
     timings = {"statistics_s": round(time.perf_counter() - start, 1)}
+    return measure_options(loaded, recipe, cfg, seeds, stats, pool, progress, timings)
 
+
+def measure_options(loaded: LoadedModel, recipe: SageRecipe, cfg: SageConfig, seeds: dict[str, int],
+                    stats: LayerStats | None, pool: MatrixPool, progress: bool = True,
+                    timings: dict | None = None) -> Measurements:
+    """Step 2 alone: every matrix's options under the recipe's column weights, from statistics already taken."""
+    timings = dict(timings or {})
     start = time.perf_counter()
     linears = quantizable_linears(loaded.model, loaded.architecture)
     weighted = stats is not None and (recipe.activation_weighting or recipe.layer_sensitivity)
     weights = {name: stats.column_weights(name, recipe.activation_weighting, recipe.layer_sensitivity,
-                                          recipe.sensitivity_power)
+                                          recipe.sensitivity_power, recipe.activation_power)
                if weighted else None for name in linears}
     items = ((loaded.weight(name), cfg, recipe, seeds[name], weights[name]) for name in linears)
     measured = list(tqdm(pool.map(_measure, items), total=len(linears), desc="quantize: measuring options",

@@ -205,6 +205,10 @@ class SageRecipe:
     # ... raised to this power: 1 takes the one-pass estimate at face value; below 1 shrinks its spread between
     # layers (a noisy estimate then moves fewer bits), 0 ignores it.
     sensitivity_power: float = 1.0
+    # Column weights are m·(h/m)^activation_power (m: the layer's mean h): below 1 the quantizer of each matrix
+    # spreads its care over more input channels instead of the few with massive activations. Chosen on dev data
+    # (docs/sage_v2.md): 0.5 beat 1 on both dev texts of SmolLM2-135M and of Qwen2.5-Coder-1.5B.
+    activation_power: float = 0.5
     # No matrix is given fewer than bits − floor_gap true bits (None: no floor). The budget then cannot buy a few
     # matrices' precision by pushing others far below the average, where the error model is least reliable.
     floor_gap: float | None = None
@@ -247,6 +251,8 @@ class SageRecipe:
             raise ValueError(f"SAGE recipe: option_rows must be in (0, 1], got {self.option_rows!r}")
         if not _is_number(self.sensitivity_power) or not 0 <= self.sensitivity_power <= 2:
             raise ValueError(f"SAGE recipe: sensitivity_power must be in [0, 2], got {self.sensitivity_power!r}")
+        if not _is_number(self.activation_power) or not 0 <= self.activation_power <= 2:
+            raise ValueError(f"SAGE recipe: activation_power must be in [0, 2], got {self.activation_power!r}")
         if self.floor_gap is not None and (not _is_number(self.floor_gap) or not self.floor_gap >= 0):
             raise ValueError(f"SAGE recipe: floor_gap must be a number >= 0 or null, got {self.floor_gap!r}")
         if not _is_number(self.compensate_min_tokens_per_column) or self.compensate_min_tokens_per_column < 0:
