@@ -94,8 +94,8 @@ def test_input_energy_is_the_mean_squared_input(loaded):
 
 
 def test_sensitivity_is_the_mean_squared_output_gradient(loaded):
-    """s = mean of (∂ℓ/∂y)², ℓ the summed next-token loss, checked against one plain autograd pass over the whole
-    model; and the column weights s·m·(h/m)^a keep the layer's mean for any activation power a."""
+    """s = mean of (∂ℓ/∂y)², ℓ the summed next-token loss, checked against one plain autograd pass over the
+    whole model; and the column weights s·m·(h/m)^a keep the layer's mean for any activation power a."""
     ids, _ = calibration_tokens(loaded, None, 2, 16, seed=0, progress=False)
     stats = collect_layer_stats(loaded.model, loaded.architecture, ids, sensitivity=True, progress=False)
     down = loaded.model.model.layers[1].mlp.down_proj

@@ -9,8 +9,10 @@ run so that the chosen row needs no second quantization, and are kept apart in t
 Variants are recipe fields, `name:key=value,...` (e.g. `floor:floor_gap=0.5`). Per-matrix settings change the
 options themselves, so they are fixed at `measure` (`--matrix key=value,...`) and kept with the save; `finish
 --matrix` may add fields that only act when a matrix is built (row_multipliers, row_fit_rounds).
-sensitivity_power is applied to the saved measurements exactly: a matrix's errors and column weights all carry the
-same factor s, so changing the power from p0 to p multiplies them by s^(p − p0).
+Recipe fields that change the options themselves (activation_power) are given to `measure --recipe`; `measure
+--stats-from SAVED` re-measures only the options on SAVED's calibration and statistics (minutes instead of the
+sampling and the backward pass). sensitivity_power is applied to the saved measurements exactly: a matrix's errors
+and column weights all carry the same factor s, so changing the power from p0 to p multiplies them by s^(p − p0).
 
     python tools/screen_v2.py measure --model M.gguf --out out/screen/qwen.pt
     python tools/screen_v2.py plan out/screen/qwen.pt base: floor:floor_gap=0.5
@@ -57,7 +59,7 @@ def recipe_for(base: SageRecipe, fields: dict) -> SageRecipe:
     return recipe
 
 
-MEASURE_FIELDS = ("activation_power",)  # recipe fields the saved statistics were collected with
+MEASURE_FIELDS = ("activation_power",)  # recipe fields the saved options were measured with
 
 
 def reweighted(measurements, p0: float, p: float):
@@ -140,7 +142,7 @@ def planned(saved: dict, fields: dict):
     from sage_export.pipeline.sage_v2 import plan_budget
 
     if any(key in fields and fields[key] != saved["recipe"].get(key) for key in MEASURE_FIELDS):
-        raise SystemExit(f"{', '.join(MEASURE_FIELDS)} change the statistics: give them to `measure --recipe`")
+        raise SystemExit(f"{', '.join(MEASURE_FIELDS)} change the options: give them to `measure --recipe`")
     recipe = recipe_for(SageRecipe(**saved["recipe"]), fields)
     measurements = reweighted(saved["measurements"], saved["recipe"]["sensitivity_power"], recipe.sensitivity_power)
     measurements = restricted(measurements, recipe.group_options)
@@ -180,7 +182,8 @@ def cmd_finish(args) -> int:
              "command": "python tools/screen_v2.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
     measured_with = {k: saved["recipe"][k] for k in MEASURE_FIELDS
                      if saved["recipe"].get(k, getattr(SageRecipe(), k)) != getattr(SageRecipe(), k)}
-    row = {"variant": name, "fields": {**measured_with, **fields}, "matrix": matrix_fields, "model": Path(args.model).name,
+    row = {"variant": name, "fields": {**measured_with, **fields}, "matrix": matrix_fields,
+           "model": Path(args.model).name,
            "calibration": saved["calib_info"],
            "true_bits": summary["true_bits"], "budget_bits": recipe.bits, "finish_s": round(finish_s, 1),
            "by_type": allocation_summary(measurements, plan), "ctx": args.ctx, "windows": args.windows,
@@ -265,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--matrix", default="", help="per-matrix SageConfig fields over V2_MATRIX's, key=value,...")
     m.add_argument("--stats-from", type=Path, help="reuse this saved measurement's calibration and statistics")
-    m.add_argument("--recipe", default="", help="recipe fields the statistics depend on (activation_power=0.5, ...)")
+    m.add_argument("--recipe", default="", help="recipe fields the options depend on (activation_power=1, ...)")
     pl = sub.add_parser("plan")
     pl.add_argument("saved", type=Path)
     pl.add_argument("variants", nargs="+")
