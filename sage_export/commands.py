@@ -35,7 +35,7 @@ def _sage_params(args) -> dict:
                             "add --preset paper")
         if args.bits is not None:
             params["bits"] = args.bits
-        if getattr(args, "activation_power", None) is not None:
+        if args.activation_power is not None:
             params["activation_power"] = args.activation_power
         params.update(dict(field for flag, field in _V2_SWITCHES.items() if getattr(args, flag)))
     params.update({

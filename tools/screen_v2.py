@@ -141,7 +141,7 @@ def load_saved(path: Path) -> dict:
 def planned(saved: dict, fields: dict):
     from sage_export.pipeline.sage_v2 import plan_budget
 
-    if any(key in fields and fields[key] != saved["recipe"].get(key) for key in MEASURE_FIELDS):
+    if any(key in fields and fields[key] != saved["recipe"][key] for key in MEASURE_FIELDS):
         raise SystemExit(f"{', '.join(MEASURE_FIELDS)} change the options: give them to `measure --recipe`")
     recipe = recipe_for(SageRecipe(**saved["recipe"]), fields)
     measurements = reweighted(saved["measurements"], saved["recipe"]["sensitivity_power"], recipe.sensitivity_power)
@@ -180,8 +180,7 @@ def cmd_finish(args) -> int:
     finish_s = time.perf_counter() - start
     stamp = {"machine": machine_name(), "date": dt.date.today().isoformat(), "commit": git_commit(),
              "command": "python tools/screen_v2.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
-    measured_with = {k: saved["recipe"][k] for k in MEASURE_FIELDS
-                     if saved["recipe"].get(k, getattr(SageRecipe(), k)) != getattr(SageRecipe(), k)}
+    measured_with = {k: saved["recipe"][k] for k in MEASURE_FIELDS if saved["recipe"][k] != getattr(SageRecipe(), k)}
     row = {"variant": name, "fields": {**measured_with, **fields}, "matrix": matrix_fields,
            "model": Path(args.model).name,
            "calibration": saved["calib_info"],

@@ -62,7 +62,7 @@ class LayerStats:
 
 def _flattened(h: np.ndarray, exponent: float) -> np.ndarray:
     if exponent == 1.0:
-        return h
+        return h  # exactly h: m·(h/m) can differ from it in the last bit, and a = 1 must reproduce earlier runs
     mean = h.mean()
     return mean * (h / mean) ** exponent if mean > 0 else h
 
