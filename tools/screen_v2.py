@@ -10,8 +10,8 @@ Variants are recipe fields, `name:key=value,...` (e.g. `floor:floor_gap=0.5`). P
 options themselves, so they are fixed at `measure` (`--matrix key=value,...`) and kept with the save; `finish
 --matrix` may add fields that only act when a matrix is built (row_multipliers, row_fit_rounds).
 Recipe fields that change the options themselves (activation_power) are given to `measure --recipe`; `measure
---stats-from SAVED` re-measures only the options on SAVED's calibration and statistics (minutes instead of the
-sampling and the backward pass). sensitivity_power is applied to the saved measurements exactly: a matrix's errors
+--stats-from SAVED` re-measures only the options on SAVED's calibration, seeds and statistics (minutes instead of the
+sampling and the backward pass; calibration options are refused there, since they could not act). sensitivity_power is applied to the saved measurements exactly: a matrix's errors
 and column weights all carry the same factor s, so changing the power from p0 to p multiplies them by s^(p − p0).
 
     python tools/screen_v2.py measure --model M.gguf --out out/screen/qwen.pt
@@ -59,6 +59,7 @@ def recipe_for(base: SageRecipe, fields: dict) -> SageRecipe:
     return recipe
 
 
+CALIB_DEFAULTS = {"calib_samples": 32, "calib_seqlen": 128, "calib_from": "prompts", "seed": 0}  # measure's
 MEASURE_FIELDS = ("activation_power",)  # recipe fields the saved options were measured with
 
 
@@ -113,7 +114,7 @@ def cmd_measure(args) -> int:
     loaded = load_model(args.model)
     if args.stats_from:  # the calibration and statistics of an earlier measurement; only the options are new
         earlier = load_saved(args.stats_from)
-        calib_info, seeds = earlier["calib_info"], earlier["seeds"]
+        calib_info, seeds, args.seed = earlier["calib_info"], earlier["seeds"], earlier["seed"]
         with MatrixPool() as pool:
             measurements = measure_options(loaded, recipe, cfg, seeds, earlier["measurements"].stats, pool,
                                            timings={"statistics_from": str(args.stats_from)})
@@ -261,10 +262,10 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--model", required=True)
     m.add_argument("--out", type=Path, required=True)
     m.add_argument("--calib-text", type=Path)
-    m.add_argument("--calib-samples", type=int, default=32)
-    m.add_argument("--calib-seqlen", type=int, default=128)
-    m.add_argument("--calib-from", choices=["prompts", "bos"], default="prompts")
-    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--calib-samples", type=int, help=f"default {CALIB_DEFAULTS['calib_samples']}")
+    m.add_argument("--calib-seqlen", type=int, help=f"default {CALIB_DEFAULTS['calib_seqlen']}")
+    m.add_argument("--calib-from", choices=["prompts", "bos"], help=f"default {CALIB_DEFAULTS['calib_from']}")
+    m.add_argument("--seed", type=int, help=f"default {CALIB_DEFAULTS['seed']}")
     m.add_argument("--matrix", default="", help="per-matrix SageConfig fields over V2_MATRIX's, key=value,...")
     m.add_argument("--stats-from", type=Path, help="reuse this saved measurement's calibration and statistics")
     m.add_argument("--recipe", default="", help="recipe fields the options depend on (activation_power=1, ...)")
@@ -285,6 +286,14 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("json", type=Path)
     t.add_argument("--note", action="append", help="a line for the notes (replaces the notes in the JSON)")
     args = p.parse_args(argv)
+    if args.cmd == "measure":
+        given = [name for name in ("calib_text", *CALIB_DEFAULTS) if getattr(args, name) is not None]
+        if args.stats_from and given:
+            p.error("--stats-from reuses the saved calibration and seeds; drop "
+                    + ", ".join("--" + name.replace("_", "-") for name in given))
+        for name, value in CALIB_DEFAULTS.items():
+            if getattr(args, name) is None:
+                setattr(args, name, value)
     return {"measure": cmd_measure, "plan": cmd_plan, "finish": cmd_finish, "table": cmd_table}[args.cmd](args)
 
 

@@ -1,0 +1,43 @@
+"""tools/screen_v2.py measure on the tiny model: --stats-from keeps the saved calibration and seeds, re-measures the
+options under the new recipe, and refuses calibration options it would otherwise ignore."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SCREEN = REPO / "tools" / "screen_v2.py"
+
+
+def _measure(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCREEN), "measure", *args], capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_stats_from_refuses_calibration_options(tmp_path):
+    proc = _measure("--model", "unused", "--out", str(tmp_path / "x.pt"), "--stats-from", str(tmp_path / "y.pt"),
+                    "--seed", "3", "--calib-samples", "8")
+    assert proc.returncode == 2
+    assert "--stats-from reuses the saved calibration" in proc.stderr
+    assert "--calib-samples, --seed" in proc.stderr
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_stats_from_keeps_calibration_and_remeasures_options(tiny_llama_dir, tmp_path):
+    first, second = tmp_path / "a05.pt", tmp_path / "a1.pt"
+    proc = _measure("--model", str(tiny_llama_dir), "--out", str(first), "--calib-samples", "4",
+                    "--calib-seqlen", "16", "--seed", "5")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = _measure("--model", str(tiny_llama_dir), "--out", str(second), "--stats-from", str(first),
+                    "--recipe", "activation_power=1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    a, b = (torch.load(p, weights_only=False) for p in (first, second))
+    assert b["seed"] == a["seed"] == 5 and b["seeds"] == a["seeds"] and b["calib_info"] == a["calib_info"]
+    assert (a["recipe"]["activation_power"], b["recipe"]["activation_power"]) == (0.5, 1.0)
+    name = a["measurements"].names[0]
+    assert not (a["measurements"].weights[name] == b["measurements"].weights[name]).all()
+    assert [o.error for o in a["measurements"].tables[0]] != [o.error for o in b["measurements"].tables[0]]
