@@ -11,8 +11,9 @@ options themselves, so they are fixed at `measure` (`--matrix key=value,...`) an
 --matrix` may add fields that only act when a matrix is built (row_multipliers, row_fit_rounds).
 Recipe fields that change the options themselves (activation_power) are given to `measure --recipe`; `measure
 --stats-from SAVED` re-measures only the options on SAVED's calibration, seeds and statistics (minutes instead of the
-sampling and the backward pass; calibration options are refused there, since they could not act). sensitivity_power is applied to the saved measurements exactly: a matrix's errors
-and column weights all carry the same factor s, so changing the power from p0 to p multiplies them by s^(p − p0).
+sampling and the backward pass; calibration options are refused there, since they could not act).
+sensitivity_power is applied to the saved measurements exactly: a matrix's errors and column weights all carry the
+same factor s, so changing the power from p0 to p multiplies them by s^(p − p0).
 
     python tools/screen_v2.py measure --model M.gguf --out out/screen/qwen.pt
     python tools/screen_v2.py plan out/screen/qwen.pt base: floor:floor_gap=0.5
