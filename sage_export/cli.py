@@ -46,7 +46,9 @@ def _add_quantizer_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--calib-from", choices=["prompts", "bos"], default="prompts",
                    help="self-sampled calibration starts from built-in prose and code requests in the model's chat "
                         "template (default), or from BOS alone (the earlier default)")
-    g.add_argument("--calib-samples", type=int, default=32, help="calibration sequences (default 32)")
+    # 64: on dev texts 64 rows of 128 beat 32 on SmolLM2 (both texts) and on Qwen2.5-Coder's wiki, not its code
+    # (docs/sage_v2.md, "How many calibration tokens"); more tokens also compensate more matrices.
+    g.add_argument("--calib-samples", type=int, default=64, help="calibration sequences (default 64)")
     g.add_argument("--calib-seqlen", type=int, default=128, help="tokens per calibration sequence (default 128)")
     g.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
     g.add_argument("--jobs", type=int, help="worker processes for the per-matrix work (default: every core)")

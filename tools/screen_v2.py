@@ -60,7 +60,7 @@ def recipe_for(base: SageRecipe, fields: dict) -> SageRecipe:
     return recipe
 
 
-CALIB_DEFAULTS = {"calib_samples": 32, "calib_seqlen": 128, "calib_from": "prompts", "seed": 0}  # measure's
+CALIB_DEFAULTS = {"calib_samples": 64, "calib_seqlen": 128, "calib_from": "prompts", "seed": 0}  # measure's
 MEASURE_FIELDS = ("activation_power",)  # recipe fields the saved options were measured with
 
 

@@ -220,8 +220,9 @@ class SageRecipe:
     compensate: bool = True  # GPTQ-style compensation with the chosen codebook
     # ... only for matrices whose calibration has at least this many tokens per input column: below, XᵀX is (near)
     # rank-deficient and the error feedback fits the calibration tokens rather than the model (0: every matrix).
-    # Chosen on dev data (benchmarks/screen_v2_*.md): at 4 the default 4,096 tokens compensate SmolLM2's K = 576
-    # matrices and none of Qwen2.5-1.5B's (K = 1,536 and 8,960), where compensation made both dev texts worse.
+    # Chosen on dev data (benchmarks/screen_v2_*.md): with 4,096 tokens, compensating Qwen2.5-1.5B's K = 1,536
+    # matrices at 2.7 tokens per column made its dev code text worse. The default 8,192 tokens compensate every
+    # SmolLM2 matrix and Qwen's K = 1,536 ones (5.3 per column), not its K = 8,960 down_proj.
     compensate_min_tokens_per_column: float = 4.0
     act_order: bool = True  # ... handling columns by decreasing h first
     # Options are measured on this fraction of each matrix's rows (at least option_min_rows): see sage_options;
