@@ -82,6 +82,21 @@ def test_rtn_weights_are_in_place_only_while_a_block_runs(loaded, held):
     assert nll_rtn != mean_nll(loaded.model, held)
 
 
+def test_rtn_is_decoded_once_per_batch_and_batching_keeps_the_loss(loaded, held):
+    block = loaded.model.get_submodule(loaded.architecture.blocks)[0]
+    calls = []
+    handle = block.register_forward_pre_hook(lambda _m, _a: calls.append(1))
+    try:
+        with rtn_while_running(loaded, 3, 32):
+            batched = mean_nll(loaded.model, held)
+            assert len(calls) == 1  # both rows in one forward call: RTN decoded once, not once per row
+            row_by_row = mean_nll(loaded.model, held, batch_tokens=held.shape[1])
+            assert len(calls) == 1 + held.shape[0]
+    finally:
+        handle.remove()
+    assert batched == pytest.approx(row_by_row, rel=1e-5)
+
+
 def test_guard_scores_and_verdict(loaded, held):
     guard = score_before(loaded, held, 4.5)
     assert guard["rtn"] is not None and guard["rtn"]["true_bits"] <= 4.48
