@@ -12,6 +12,10 @@ from pathlib import Path
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
+# Calibration defaults of `sage-export` (tools/screen_v2.py measures with the same). 64 rows of 128: on dev texts
+# they beat 32 on SmolLM2 (both texts) and on Qwen2.5-Coder's wiki, not its code (docs/sage_v2.md, "How many
+# calibration tokens"); more tokens also compensate more matrices.
+CALIB_DEFAULTS = {"calib_samples": 64, "calib_seqlen": 128, "calib_from": "prompts", "seed": 0}
 
 
 def _add_quantizer_options(p: argparse.ArgumentParser) -> None:
@@ -43,14 +47,15 @@ def _add_quantizer_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--group-size", type=int, default=128, help="rtn/gptq group size (32, 64, 128, 256)")
     g.add_argument("--calib-text", type=Path,
                    help="calibration text (default: text the model samples itself, seeded); never the eval text")
-    g.add_argument("--calib-from", choices=["prompts", "bos"], default="prompts",
+    g.add_argument("--calib-from", choices=["prompts", "bos"], default=CALIB_DEFAULTS["calib_from"],
                    help="self-sampled calibration starts from built-in prose and code requests in the model's chat "
                         "template (default), or from BOS alone (the earlier default)")
-    # 64: on dev texts 64 rows of 128 beat 32 on SmolLM2 (both texts) and on Qwen2.5-Coder's wiki, not its code
-    # (docs/sage_v2.md, "How many calibration tokens"); more tokens also compensate more matrices.
-    g.add_argument("--calib-samples", type=int, default=64, help="calibration sequences (default 64)")
-    g.add_argument("--calib-seqlen", type=int, default=128, help="tokens per calibration sequence (default 128)")
-    g.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
+    g.add_argument("--calib-samples", type=int, default=CALIB_DEFAULTS["calib_samples"],
+                   help=f"calibration sequences (default {CALIB_DEFAULTS['calib_samples']})")
+    g.add_argument("--calib-seqlen", type=int, default=CALIB_DEFAULTS["calib_seqlen"],
+                   help=f"tokens per calibration sequence (default {CALIB_DEFAULTS['calib_seqlen']})")
+    g.add_argument("--seed", type=int, default=CALIB_DEFAULTS["seed"],
+                   help=f"seed of every random choice (default {CALIB_DEFAULTS['seed']})")
     g.add_argument("--jobs", type=int, help="worker processes for the per-matrix work (default: every core)")
     g.add_argument("--stream", default="auto", choices=["auto", "yes", "no"],
                    help="read the weights to quantize from the model file one block or matrix at a time, so "

@@ -39,6 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from sage_export.cli import CALIB_DEFAULTS  # noqa: E402  (measure calibrates like the CLI)
 from sage_export.models import load_model  # noqa: E402
 from sage_export.quant.config import V2_MATRIX, SageRecipe  # noqa: E402
 
@@ -60,7 +61,6 @@ def recipe_for(base: SageRecipe, fields: dict) -> SageRecipe:
     return recipe
 
 
-CALIB_DEFAULTS = {"calib_samples": 64, "calib_seqlen": 128, "calib_from": "prompts", "seed": 0}  # measure's
 MEASURE_FIELDS = ("activation_power",)  # recipe fields the saved options were measured with
 
 

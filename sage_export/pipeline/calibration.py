@@ -147,7 +147,8 @@ class _StopForward(Exception):
 BATCH_TOKENS = 2048
 
 
-def _batches(calib: torch.Tensor, batch_tokens: int = BATCH_TOKENS) -> list[torch.Tensor]:
+def row_batches(calib: torch.Tensor, batch_tokens: int = BATCH_TOKENS) -> list[torch.Tensor]:
+    """The rows of calib in consecutive batches of about batch_tokens tokens (at least one row each)."""
     rows = max(1, batch_tokens // calib.shape[1])
     return [calib[i : i + rows] for i in range(0, calib.shape[0], rows)]
 
@@ -167,7 +168,7 @@ def _block0_inputs(model, blocks, calib: torch.Tensor) -> tuple[list[torch.Tenso
 
     handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
     try:
-        for batch in _batches(calib):
+        for batch in row_batches(calib):
             try:
                 model(batch, use_cache=False)
             except _StopForward:

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 import torch
 
 from ..models import LoadedModel, quantizable_linears
+from .calibration import row_batches
 from ..quant.rtn import SUPPORTED_BITS, n_groups, quantize_rtn
 
 GROUP_SIZES = (32, 64, 128, 256)
@@ -50,9 +51,10 @@ def uniform_setting(shapes: list[tuple[int, int]], max_bits: float) -> dict | No
 @torch.no_grad()
 def mean_nll(model, ids: torch.Tensor, batch_tokens: int = 1024) -> float:
     """Mean next-token loss over every predicted token of the rows of ids, several rows per forward call: the RTN
-    hooks decode every Linear once per call, so one row per call made the guard cost 60 s of a 6-minute run."""
+    hooks decode every Linear once per call (one row per call made the guard 61 s of a 354 s default run), and
+    1,024 tokens keep the logits of a 152k-word vocabulary near 0.6 GB."""
     total = 0.0
-    for rows in ids.split(max(1, batch_tokens // ids.shape[1])):
+    for rows in row_batches(ids, batch_tokens):
         logits = model(rows, use_cache=False).logits[:, :-1].float()
         total += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), rows[:, 1:].reshape(-1),
                                                    reduction="sum").item()
