@@ -80,3 +80,34 @@ def test_v2_budgets_share_one_measurement_and_name_their_calibration(tiny_llama_
         assert r["calibration"]["source"] == "self-generated" and r["calibration"]["tokens"] == 64
     md = out.with_suffix(".md").read_text()
     assert "| sage-v2(bits=2.5) | self-generated+prompts 4×16 | 1 × 64 |" in md
+
+
+def test_second_family_rows_import_test_texts_only_and_compare_with_rtn(bench_doc, tmp_path):
+    """--import-rows copies chosen rows of bench_texts / screen_v2 JSON (test texts only: dev scores chose the
+    recipe) into quality.json's second_family and renders each SAGE line against RTN within 0.15 bits."""
+    out = tmp_path / "quality.json"
+    out.write_bytes(bench_doc.read_bytes())
+    stamp = {"ctx": 2048, "commit": "abc", "date": "2026-12-06", "machine": "m", "command": "c"}
+    texts = tmp_path / "texts.json"
+    texts.write_text(json.dumps({"rows": [
+        dict(stamp, model="m.gguf", model_name="m.gguf", variant=v, text=t, ppl=p, n_windows=2, true_bits=b)
+        for v, b, t, p in (("rtn-w3g64", 3.297, "wiki:wiki.test.raw", 16.0), ("rtn-w3g64", 3.297, "code:code.test.txt", 3.5),
+                           ("rtn-w3g64", 3.297, "code:code.dev.txt", 2.8), ("fp", None, "wiki:wiki.test.raw", 13.0))]}))
+    screen = tmp_path / "screen.json"
+    screen.write_text(json.dumps({"rows": [dict(stamp, model="m.gguf", variant="s64", true_bits=3.2, calibration={
+        "source": "self-generated", "start": "prompts", "samples": 64, "seqlen": 128}, scores=[
+        {"text": "wiki-valid", "role": "dev", "ppl": 10.0, "n_windows": 2},
+        {"text": "wiki-test", "role": "test", "ppl": 15.7, "n_windows": 2},
+        {"text": "code-test", "role": "test", "ppl": 3.6, "n_windows": 2}])]}))
+    run_bench(out, "--import-rows", str(texts), "rtn-w3g64", "fp")
+    run_bench(out, "--import-rows", str(screen), "sage-v2(bits=3.2)=s64")
+    family = json.loads(out.read_text())["second_family"]
+    assert sorted((r["variant"], r["text"]) for r in family) == [
+        ("fp", "wiki-test"), ("rtn-w3g64", "code-test"), ("rtn-w3g64", "wiki-test"),
+        ("sage-v2(bits=3.2)", "code-test"), ("sage-v2(bits=3.2)", "wiki-test")]
+    md = out.with_suffix(".md").read_text()
+    assert "| sage-v2(bits=3.2) | self-generated+prompts 64×128 | **3.200** | 15.700 | 3.600 |" in md
+    assert ("| sage-v2(bits=3.2) (self-generated+prompts 64×128) at 3.200 | rtn-w3g64 at 3.297 | **SAGE better** | "
+            "RTN better |") in md
+    run_bench(out, "--import-rows", str(screen), "sage-v2(bits=3.2)=s64")  # a rerun replaces, never duplicates
+    assert len(json.loads(out.read_text())["second_family"]) == 5

@@ -116,6 +116,19 @@ def test_compensation_lowers_output_error_and_keeps_every_size(data):
         np.testing.assert_array_equal(dequantize(packed), comp.dequantize())
 
 
+def test_compensation_shrink_interpolates_between_full_feedback_and_none(data):
+    """shrink scales only H's off-diagonal part: at 1 no error is fed forward, exactly as under diag(H); between,
+    the output error lies between full compensation's and none's."""
+    w, h_diag, h = data
+    base = quantize_sage(w, replace(V2_MATRIX, fixed_groups=4, fixed_rho=0.02), seed=0, col_weight=h_diag)
+    none = compensate_sage(w, h, base, shrink=1.0)
+    diagonal = compensate_sage(w, np.diag(np.diag(h)), base)
+    np.testing.assert_array_equal(none.dequantize(), diagonal.dequantize())
+    full, half = compensate_sage(w, h, base), compensate_sage(w, h, base, shrink=0.5)
+    assert full.stats["hessian_error"] < half.stats["hessian_error"] < none.stats["hessian_error"]
+    assert half.stats["compensate_shrink"] == 0.5
+
+
 def test_compensation_zeroes_dead_columns(data):
     w, h_diag, h = data
     h = h.copy()

@@ -239,3 +239,29 @@ def test_compensation_skips_matrices_with_too_few_tokens_per_column(loaded, meas
     for name in gated:
         want = off if name.endswith("down_proj") else full
         np.testing.assert_array_equal(gated[name].dequantize(), want[name].dequantize(), err_msg=name)
+
+
+def test_sequential_inputs_take_later_hessians_after_the_quantized_blocks(loaded, measured, monkeypatch):
+    """sequential_inputs: block 0 is compensated exactly as from the kept inputs (nothing runs before it); every
+    later block's XᵀX comes from inputs that went through the already-quantized blocks, so its result differs."""
+    import sage_export.pipeline.sage_v2 as v2
+
+    seeds, m = measured
+    seen = []
+    real = v2.block_hessians
+
+    def spy(model, arch, stats, index, block_weights, inputs=None):
+        seen.append((index, inputs is None or inputs is stats.block_inputs[index]))
+        return real(model, arch, stats, index, block_weights, inputs)
+
+    monkeypatch.setattr(v2, "block_hessians", spy)
+    kept, _ = finished(loaded, seeds, m, bits=3.2, compensate_min_tokens_per_column=0)
+    n = len(m.stats.block_inputs)
+    assert seen == [(i, True) for i in range(n)]
+    seen.clear()
+    chained, _ = finished(loaded, seeds, m, bits=3.2, compensate_min_tokens_per_column=0, sequential_inputs=True)
+    assert seen == [(0, True)] + [(i, False) for i in range(1, n)]
+    assert list(chained) == list(kept)
+    for name in kept:
+        same = np.array_equal(chained[name].dequantize(), kept[name].dequantize())
+        assert same == (".layers.0." in name), name

@@ -192,8 +192,10 @@ def collect_layer_stats(model, arch: Architecture, calib: torch.Tensor, sensitiv
 
 @torch.no_grad()
 def block_hessians(model, arch: Architecture, stats: LayerStats, index: int,
-                   block_weights: Callable[[int], ContextManager] = _in_memory) -> dict[str, np.ndarray]:
-    """H = 2·XᵀX/n of every quantized Linear of block `index`, from its kept (unquantized-model) inputs."""
+                   block_weights: Callable[[int], ContextManager] = _in_memory,
+                   inputs: list[torch.Tensor] | None = None) -> dict[str, np.ndarray]:
+    """H = 2·XᵀX/n of every quantized Linear of block `index`, from its kept (unquantized-model) inputs, or from
+    `inputs` (the block's inputs after the already-quantized blocks before it: see block_outputs)."""
     if stats.block_inputs is None:
         raise ValueError("these statistics were collected without keep_inputs")
     block = model.get_submodule(arch.blocks)[index]
@@ -201,11 +203,20 @@ def block_hessians(model, arch: Architecture, stats: LayerStats, index: int,
     handles = _hessian_hooks(block, arch.linears, hessians, counts)
     try:
         with block_weights(index):
-            _run_block(block, stats.block_inputs[index], stats.block_kwargs)
+            _run_block(block, stats.block_inputs[index] if inputs is None else inputs, stats.block_kwargs)
     finally:
         _remove(handles)
     averaged = averaged_hessians(hessians, counts)
     return {f"{arch.blocks}.{index}.{n}": h for n, h in averaged.items()}
+
+
+@torch.no_grad()
+def block_outputs(model, arch: Architecture, stats: LayerStats, index: int, inputs: list[torch.Tensor],
+                  block_weights: Callable[[int], ContextManager] = _in_memory) -> list[torch.Tensor]:
+    """Block `index` run, as the model holds it now, on these inputs (batches as kept): the next block's inputs."""
+    block = model.get_submodule(arch.blocks)[index]
+    with block_weights(index):
+        return _run_block(block, inputs, stats.block_kwargs)
 
 
 def _pull_back(block, x: torch.Tensor, grad_out: torch.Tensor, kwargs: dict) -> torch.Tensor:

@@ -28,7 +28,7 @@ from ..quant.budget import Allocation, BudgetError, Option, allocate, floored, n
 from ..quant.compensate import compensate_sage
 from ..quant.config import V2_MATRIX, SageConfig, SageRecipe
 from ..quant.sage import quantize_sage, sage_options
-from .layer_stats import LayerStats, block_hessians, collect_layer_stats
+from .layer_stats import LayerStats, block_hessians, block_outputs, collect_layer_stats
 from .workers import MatrixPool
 
 
@@ -180,11 +180,11 @@ def compensated(recipe: SageRecipe, stats: LayerStats | None, in_features: int) 
 
 def _finish(item: tuple):
     """Worker: step 4 (and 5 when a Hessian is given) for one matrix."""
-    w, cfg, seed, col_weight, proposal, option, price, hessian, act_order = item
+    w, cfg, seed, col_weight, proposal, option, price, hessian, act_order, shrink = item
     result = quantize_sage(w, cfg, seed, col_weight, proposal=proposal)
     result.stats.update(budget_groups=option.n_groups, budget_rho=option.rho, budget_price=price)
     if hessian is not None:
-        result = compensate_sage(w, hessian, result, act_order=act_order)
+        result = compensate_sage(w, hessian, result, act_order=act_order, shrink=shrink)
     return result.compact()  # the packed tensors only: 10x less to send back and to hold until export
 
 
@@ -192,7 +192,8 @@ def _finish_item(plan: BudgetPlan, recipe: SageRecipe, cfg: SageConfig, name: st
                  hessian: np.ndarray | None) -> tuple:
     option, price = plan.option(name), plan.allocation.price
     return (w, search_config(cfg, recipe, option, price), plan.seeds[name], plan.weights[name],
-            plan.graph_groups[name], option, price, hessian, recipe.act_order)
+            plan.graph_groups[name], option, price, hessian, recipe.act_order,
+            recipe.compensate_shrink)
 
 
 def quantize_v2(loaded: LoadedModel, recipe: SageRecipe, cfg: SageConfig, seeds: dict[str, int],
@@ -214,25 +215,44 @@ def finish_v2(loaded: LoadedModel, recipe: SageRecipe, cfg: SageConfig, seeds: d
     stats = measurements.stats
     linears = quantizable_linears(loaded.model, loaded.architecture)
 
-    def items():
-        # Block by block, so that at most one block's Hessians exist at a time.
-        for i in range(len(loaded.model.get_submodule(loaded.architecture.blocks))):
-            hessians = (block_hessians(loaded.model, loaded.architecture, stats, i, loaded.block_weights)
-                        if recipe.compensate else {})
-            for name in linears:
-                if name.startswith(f"{loaded.architecture.blocks}.{i}."):
-                    w = loaded.weight(name)
-                    hessian = hessians.get(name) if compensated(recipe, stats, w.shape[1]) else None
-                    yield _finish_item(plan, recipe, cfg, name, w, hessian)
+    blocks = loaded.architecture.blocks
+    n_blocks = len(loaded.model.get_submodule(blocks))
+    sequential = recipe.compensate and recipe.sequential_inputs and stats is not None
+
+    def block_items(i: int, inputs: list[torch.Tensor] | None):
+        # One block's Hessians at a time; inputs None: the kept inputs of the unquantized model.
+        hessians = (block_hessians(loaded.model, loaded.architecture, stats, i, loaded.block_weights, inputs)
+                    if recipe.compensate else {})
+        for name in linears:
+            if name.startswith(f"{blocks}.{i}."):
+                w = loaded.weight(name)
+                hessian = hessians.get(name) if compensated(recipe, stats, w.shape[1]) else None
+                yield _finish_item(plan, recipe, cfg, name, w, hessian)
+
+    def finished():
+        """(name, result) in the order of `linears`."""
+        if not sequential:  # every block from kept inputs: blocks overlap in the pool
+            yield from zip(linears, pool.map(_finish, (it for i in range(n_blocks) for it in block_items(i, None))))
+            return
+        # GPTQ's usual order: block i's Hessians from inputs that ran through the quantized blocks before it, so
+        # its compensation also answers their errors. Each block waits for the one before it.
+        inputs = stats.block_inputs[0]
+        for i in range(n_blocks):
+            done = list(zip([n for n in linears if n.startswith(f"{blocks}.{i}.")],
+                            pool.map(_finish, block_items(i, inputs))))
+            yield from done  # installed by the caller (streamed) before this generator resumes
+            if not loaded.streamed:
+                apply_dequantized(loaded.model, dict(done))
+            if i + 1 < n_blocks:
+                inputs = block_outputs(loaded.model, loaded.architecture, stats, i, inputs, loaded.block_weights)
 
     desc = "quantize: ρ search + compensation" if recipe.compensate else "quantize: ρ search"
     results = {}
-    for name, result in zip(linears, tqdm(pool.map(_finish, items()), total=len(linears), desc=desc,
-                                          unit="layer", disable=not progress)):
+    for name, result in tqdm(finished(), total=len(linears), desc=desc, unit="layer", disable=not progress):
         results[name] = result
         if loaded.streamed:
-            # Packed as it arrives. Block i+1's Hessians were taken before its first result came back, so the
-            # blocks still to be finished run unquantized, as in memory.
+            # Packed as it arrives. Without sequential_inputs, block i+1's Hessians were taken before its first
+            # result came back, so the blocks still to be finished run unquantized, as in memory.
             install_packed(loaded.model, name, result)
     if not loaded.streamed:
         apply_dequantized(loaded.model, results)

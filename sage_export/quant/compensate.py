@@ -68,10 +68,10 @@ class _Codebook:
 
 
 def _compensate(w: np.ndarray, h: np.ndarray, codebook: _Codebook, order: np.ndarray, blocksize: int,
-                percdamp: float) -> np.ndarray:
+                percdamp: float, shrink: float) -> np.ndarray:
     """The decoded [N, K] matrix after column-by-column quantization with OBS updates (columns in `order`)."""
     w_t = np.ascontiguousarray(w[:, order].T)  # [K, N]: row j is processed column j
-    u = inverse_hessian_cholesky_direct(h[np.ix_(order, order)], percdamp)
+    u = inverse_hessian_cholesky_direct(h[np.ix_(order, order)], percdamp, shrink)
     decoded_t = np.empty_like(w_t)
     k = w_t.shape[0]
     for start in range(0, k, blocksize):
@@ -89,9 +89,10 @@ def _compensate(w: np.ndarray, h: np.ndarray, codebook: _Codebook, order: np.nda
 
 
 def compensate_sage(w: np.ndarray, hessian: np.ndarray, result: SageResult, blocksize: int = 128,
-                    percdamp: float = 0.01, act_order: bool = True) -> SageResult:
+                    percdamp: float = 0.01, act_order: bool = True, shrink: float = 0.0) -> SageResult:
     """Re-choose the stored values of `result` (a groups-mode SageResult of W) column by column with GPTQ
-    compensation under H = XᵀX (any positive multiple). act_order handles columns by decreasing H_jj first.
+    compensation under H = XᵀX (any positive multiple). act_order handles columns by decreasing H_jj first;
+    shrink scales H's off-diagonal part by 1 − shrink (see gptq.inverse_hessian_cholesky_direct).
     Dead columns (H_jj = 0) are quantized as zeros, since their inputs never fire."""
     start = time.perf_counter()
     if result.per_row:
@@ -103,7 +104,7 @@ def compensate_sage(w: np.ndarray, hessian: np.ndarray, result: SageResult, bloc
     live = np.where(dead_columns(h)[None, :], 0.0, w)
     order = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(w.shape[1])
     codebook = _Codebook(result, order)
-    _compensate(live, h, codebook, order, blocksize, percdamp)
+    _compensate(live, h, codebook, order, blocksize, percdamp, shrink)
     signs, group_index, salient_q = (np.empty(result.shape, a.dtype) for a in
                                      (codebook.positive_t, codebook.group_t, codebook.q_t))
     signs[:, order], group_index[:, order], salient_q[:, order] = (codebook.positive_t.T, codebook.group_t.T,
@@ -114,5 +115,6 @@ def compensate_sage(w: np.ndarray, hessian: np.ndarray, result: SageResult, bloc
     w_hat = out.dequantize()
     planned = {f"planned_{k}": out.stats.pop(k) for k in ("weighted_error", "weighted_rel_error") if k in out.stats}
     out.stats.update(error_stats(w, w_hat), **planned, compensated=True, act_order=act_order,
+                     compensate_shrink=shrink,
                      hessian_error=hessian_error(w, w_hat, h), compensate_time_s=time.perf_counter() - start)
     return out

@@ -225,6 +225,12 @@ class SageRecipe:
     # SmolLM2 matrix and Qwen's K = 1,536 ones (5.3 per column), not its K = 8,960 down_proj.
     compensate_min_tokens_per_column: float = 4.0
     act_order: bool = True  # ... handling columns by decreasing h first
+    # ... with H's off-diagonal entries scaled by 1 − compensate_shrink: the cross-correlations are what a few
+    # thousand tokens sample worst; 1 feeds no error forward (nearest rounding in the same codebook).
+    compensate_shrink: float = 0.0
+    # ... with each block's XᵀX from inputs that ran through the already-quantized blocks before it (GPTQ's
+    # order), not from the unquantized model's kept inputs: later blocks then also answer earlier blocks' errors.
+    sequential_inputs: bool = False
     # Options are measured on this fraction of each matrix's rows (at least option_min_rows): see sage_options;
     # and their band centres stop once no centre moves more than option_lloyd_tol × the largest. Measured on a
     # SmolLM2 q_proj: 1e-3 instead of 1e-4 halves the measuring time and changes errors by under 3 %.
@@ -259,6 +265,8 @@ class SageRecipe:
         if not _is_number(self.compensate_min_tokens_per_column) or self.compensate_min_tokens_per_column < 0:
             raise ValueError("SAGE recipe: compensate_min_tokens_per_column must be a number >= 0, got "
                              f"{self.compensate_min_tokens_per_column!r}")
+        if not _is_number(self.compensate_shrink) or not 0 <= self.compensate_shrink <= 1:
+            raise ValueError(f"SAGE recipe: compensate_shrink must be in [0, 1], got {self.compensate_shrink!r}")
         if not _is_number(self.option_lloyd_tol) or not 0 <= self.option_lloyd_tol < 1:
             raise ValueError(f"SAGE recipe: option_lloyd_tol must be in [0, 1), got {self.option_lloyd_tol!r}")
         if not _is_int(self.option_min_rows) or self.option_min_rows < 1:
@@ -267,7 +275,7 @@ class SageRecipe:
             raise ValueError(f"SAGE recipe: group_choice must be one of {', '.join(GROUP_CHOICES)}, "
                              f"got {self.group_choice!r}")
         for name in ("activation_weighting", "layer_sensitivity", "price_rho", "refine_rho", "compensate",
-                     "act_order"):
+                     "act_order", "sequential_inputs"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"SAGE recipe: {name} must be true or false, got {getattr(self, name)!r}")
 
