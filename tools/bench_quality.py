@@ -9,6 +9,11 @@ regenerates benchmarks/quality.md from the whole JSON, so headline rows (all win
     python tools/bench_quality.py --variants "sage:fixed_groups=1" --windows 40
     python tools/bench_quality.py --render-only                           # table and plot from the JSON
     python tools/bench_quality.py --variants sage:preset=v2 --budgets 2.5 3 --calib self --calib-seqlen 128
+    python tools/bench_quality.py --import-rows benchmarks/qwen_coder_fp_rtn.json fp rtn-w3g64   # second family
+
+A second model family is measured on two texts by tools/bench_texts.py (FP, RTN) and tools/screen_v2.py (SAGE v2
+from one saved measurement); --import-rows copies chosen rows of those JSON files, test texts only, into
+quality.json's "second_family" list, so that the acceptance rows of every model sit in one file.
 
 SAGE v2 rows at several --budgets share one measurement (statistics and per-matrix options do not depend on the
 budget); each row's quant time is that measurement's time plus its own finishing time, what one run would take.
@@ -199,7 +204,101 @@ def render_md(doc: dict) -> str:
     out += ["", "![perplexity against true bits](pareto.png)", "",
             "Measured with (each row's command, machine and date in quality.json):", ""]
     out += sorted({f"- `{r['command']}` ({r['machine']}, {r['date']}{commit_note(r)})" for r in doc["rows"]})
+    out += render_family(doc.get("second_family", []))
     return "\n".join(out) + "\n"
+
+
+def import_rows(path: Path, wanted: list[str]) -> list[dict]:
+    """One row per (variant, test text) from a bench_texts JSON (a row per text) or a screen_v2 JSON (a row per
+    variant, its texts under 'scores', dev and test). wanted: variant names, or 'LABEL=SCREEN_VARIANT' to give a
+    screen row the label it has in this table. Dev scores stay behind: they chose the recipe."""
+    names = _label_map(wanted)
+    out = []
+    for row in json.loads(path.read_text())["rows"]:
+        if row["variant"] not in names:
+            continue
+        base = {"model": row.get("model_name", row["model"]), "variant": names[row["variant"]],
+                "source": f"{path.name}:{row['variant']}", "calibration": row.get("calibration"),
+                "true_bits": row.get("true_bits"), "ctx": row["ctx"],
+                **{k: row.get(k) for k in ("commit", "date", "machine", "command")}}
+        if "scores" in row:  # screen_v2: one row, several texts
+            texts = [(s["text"], s["ppl"], s["n_windows"]) for s in row["scores"] if s["role"] == "test"]
+        else:  # bench_texts: one row per text, dev files (qwen_coder_dev_*) hold none to import
+            texts = [(row["text"], row["ppl"], row["n_windows"])] if "test" in row["text"] else []
+        out += [dict(base, text=_text_name(t), ppl=ppl, n_windows=n) for t, ppl, n in texts]
+    missing = set(names.values()) - {r["variant"] for r in out}
+    if missing:
+        raise SystemExit(f"{path}: no test-text rows for {', '.join(sorted(missing))}")
+    return out
+
+
+def _label_map(wanted: list[str]) -> dict[str, str]:
+    """{source variant: label}. 'sage-v2(bits=3.2)=s64-3.2' splits at its last '='; a plain name is its own label."""
+    out = {}
+    for w in wanted:
+        label, sep, source = w.rpartition("=")
+        if sep and label.endswith(")"):
+            out[source] = label
+        else:
+            out[w] = w
+    return out
+
+
+def _text_name(text: str) -> str:
+    """bench_texts names a text 'wiki:wiki.test.raw', screen_v2 'wiki-test': one name for both."""
+    return "wiki-test" if "wiki" in text else "code-test" if "code" in text else text
+
+
+def merge_family(rows: list[dict], new_rows: list[dict]) -> list[dict]:
+    key = lambda r: (r["model"], r["variant"], family_calib(r), r["text"], r["ctx"], r["n_windows"])  # noqa: E731
+    keys = {key(r) for r in new_rows}
+    rows = [r for r in rows if key(r) not in keys] + new_rows
+    return sorted(rows, key=lambda r: (r["model"], r.get("true_bits") or 99, r["variant"], family_calib(r), r["text"]))
+
+
+def family_calib(row: dict) -> str:
+    return calib_label(row) if row.get("calibration") else "—"
+
+
+def render_family(rows: list[dict]) -> list[str]:
+    """One table per model: a line per (variant, calibration), a column per test text, and each SAGE line against
+    every RTN line within 0.15 true bits of it, text by text."""
+    out = []
+    for model in sorted({r["model"] for r in rows}):
+        mine = [r for r in rows if r["model"] == model]
+        texts = sorted({r["text"] for r in mine}, reverse=True)
+        lines: dict[tuple, dict] = {}
+        for r in mine:
+            lines.setdefault((r["variant"], family_calib(r)), {"bits": r["true_bits"], "rows": {}})["rows"][r["text"]] = r
+        windows = sorted({f"{r['n_windows']} × {r['ctx']}" for r in mine})
+        out += ["", f"## Second family: {model}", "",
+                f"Test texts only (WikiText-2 test; the code text's test half, tools/make_code_text.py), "
+                f"{', '.join(windows)} tokens per text: a quick check at this size, not a headline. Every recipe "
+                "choice was made on the dev texts (benchmarks/screen_v2_qwen.md).", "",
+                "| variant | calibration | true bits | " + " | ".join(texts) + " |",
+                "|---|---|---|" + "---|" * len(texts)]
+        ordered = sorted(lines.items(), key=lambda kv: (kv[1]["bits"] or 99, kv[0]))
+        for (variant, calib), line in ordered:
+            bits = f"**{line['bits']:.3f}**" if line["bits"] else "32 (FP)"
+            cells = [f"{line['rows'][t]['ppl']:.3f}" if t in line["rows"] else "—" for t in texts]
+            out.append(f"| {variant} | {calib} | {bits} | " + " | ".join(cells) + " |")
+        versus = []
+        for (variant, calib), line in ordered:
+            if not variant.startswith("sage") or not line["bits"]:
+                continue
+            for (rival, _), other in ordered:
+                if rival.startswith("rtn") and abs(other["bits"] - line["bits"]) <= 0.15:
+                    verdicts = [("**SAGE better**" if line["rows"][t]["ppl"] < other["rows"][t]["ppl"] else
+                                 "RTN better") if t in line["rows"] and t in other["rows"] else "—" for t in texts]
+                    versus.append(f"| {variant} ({calib}) at {line['bits']:.3f} | {rival} at {other['bits']:.3f} | "
+                                  + " | ".join(verdicts) + " |")
+        if versus:
+            out += ["", "SAGE v2 against RTN within 0.15 true bits:", "",
+                    "| SAGE v2 | RTN | " + " | ".join(texts) + " |", "|---|---|" + "---|" * len(texts), *versus]
+        out += ["", "Measured with:", ""]
+        out += sorted({f"- `{r['command']}` ({r['machine']}, {r['date']}{commit_note(r)}; row {r['source']})"
+                       for r in mine})
+    return out
 
 
 def commit_note(row: dict) -> str:
@@ -361,7 +460,17 @@ def main() -> int:
     p.add_argument("--budgets", type=float, nargs="+",
                    help="SAGE v2 variants: one row per budget (true bits), sharing one measurement")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "quality.json")
+    p.add_argument("--import-rows", nargs="+", metavar=("FILE", "VARIANT"),
+                   help="copy these variants' test-text rows from a bench_texts or screen_v2 JSON into "
+                        "quality.json's second_family list (SAGE rows: name them 'sage-v2(bits=B)=SCREEN_VARIANT')")
     args = p.parse_args()
+    if args.import_rows:
+        doc = json.loads(args.out.read_text())
+        doc["second_family"] = merge_family(doc.get("second_family", []),
+                                            import_rows(Path(args.import_rows[0]), args.import_rows[1:]))
+        args.out.write_text(json.dumps(doc, indent=1, sort_keys=True, default=float) + "\n")
+        write_outputs(args.out, doc)
+        return 0
     if args.render_only:
         write_outputs(args.out, json.loads(args.out.read_text()))
         return 0
