@@ -82,7 +82,7 @@ def test_v2_budgets_share_one_measurement_and_name_their_calibration(tiny_llama_
     assert "| sage-v2(bits=2.5) | self-generated+prompts 4×16 | 1 × 64 |" in md
 
 
-def test_second_family_rows_import_test_texts_only_and_compare_with_rtn(bench_doc, tmp_path):
+def test_second_family_rows_import_test_texts_only_and_compare_with_rtn(bench_doc, tiny_llama_dir, tmp_path):
     """--import-rows copies chosen rows of bench_texts / screen_v2 JSON (test texts only: dev scores chose the
     recipe) into quality.json's second_family and renders each SAGE line against RTN within 0.15 bits."""
     out = tmp_path / "quality.json"
@@ -111,3 +111,5 @@ def test_second_family_rows_import_test_texts_only_and_compare_with_rtn(bench_do
             "RTN better |") in md
     run_bench(out, "--import-rows", str(screen), "sage-v2(bits=3.2)=s64")  # a rerun replaces, never duplicates
     assert len(json.loads(out.read_text())["second_family"]) == 5
+    run_bench(out, "--model", str(tiny_llama_dir), "--ctx", "64", "--windows", "1", "--variants", "fp")
+    assert len(json.loads(out.read_text())["second_family"]) == 5  # measuring SmolLM2-style rows keeps them

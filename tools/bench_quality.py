@@ -497,7 +497,8 @@ def main() -> int:
             row.update(stamp)
             print(f"{row['variant']} ({row['n_windows']} windows): ppl {row['ppl']:.3f} "
                   f"true bits {row.get('true_bits', 32):.3f}", flush=True)
-        doc = {"rows": merge(args.out, rows)}
+        doc = json.loads(args.out.read_text()) if args.out.exists() else {}
+        doc["rows"] = merge(args.out, rows)  # second_family rows stay as they are
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(doc, indent=1, sort_keys=True, default=float) + "\n")
         write_outputs(args.out, doc)
