@@ -226,10 +226,12 @@ class SageRecipe:
     compensate_min_tokens_per_column: float = 4.0
     act_order: bool = True  # ... handling columns by decreasing h first
     # ... with H's off-diagonal entries scaled by 1 − compensate_shrink: the cross-correlations are what a few
-    # thousand tokens sample worst; 1 feeds no error forward (nearest rounding in the same codebook).
+    # thousand tokens sample worst; 1 feeds no error forward (nearest rounding in the same codebook). Screened on
+    # Qwen2.5-Coder's dev texts at 0.5 (docs/sage_v2.md): wiki worse, code better, a trade; so 0.
     compensate_shrink: float = 0.0
     # ... with each block's XᵀX from inputs that ran through the already-quantized blocks before it (GPTQ's
     # order), not from the unquantized model's kept inputs: later blocks then also answer earlier blocks' errors.
+    # Worse on both of Qwen2.5-Coder's dev texts (docs/sage_v2.md), so off.
     sequential_inputs: bool = False
     # Options are measured on this fraction of each matrix's rows (at least option_min_rows): see sage_options;
     # and their band centres stop once no centre moves more than option_lloyd_tol × the largest. Measured on a
