@@ -287,22 +287,29 @@ def render_family(rows: list[dict]) -> list[str]:
             bits = f"**{line['bits']:.3f}**" if line["bits"] else "32 (FP)"
             cells = [f"{line['rows'][t]['ppl']:.3f}" if t in line["rows"] else "—" for t in texts]
             out.append(f"| {variant} | {calib} | {bits} | " + " | ".join(cells) + " |")
-        versus = []
-        for (variant, calib), line in ordered:
-            if not variant.startswith("sage") or not line["bits"]:
-                continue
-            for (rival, _), other in ordered:
-                if rival.startswith("rtn") and abs(other["bits"] - line["bits"]) <= 0.15:
-                    verdicts = [("**SAGE better**" if line["rows"][t]["ppl"] < other["rows"][t]["ppl"] else
-                                 "RTN better") if t in line["rows"] and t in other["rows"] else "—" for t in texts]
-                    versus.append(f"| {variant} ({calib}) at {line['bits']:.3f} | {rival} at {other['bits']:.3f} | "
-                                  + " | ".join(verdicts) + " |")
+        versus = _family_versus(ordered, texts)
         if versus:
             out += ["", "SAGE v2 against RTN within 0.15 true bits:", "",
                     "| SAGE v2 | RTN | " + " | ".join(texts) + " |", "|---|---|" + "---|" * len(texts), *versus]
         out += ["", "Measured with:", ""]
         out += sorted({f"- `{r['command']}` ({r['machine']}, {r['date']}{commit_note(r)}; row {r['source']})"
                        for r in mine})
+    return out
+
+
+def _family_versus(ordered: list[tuple], texts: list[str]) -> list[str]:
+    """Markdown rows: each SAGE line against each RTN line within 0.15 true bits, a verdict per text."""
+    out = []
+    for (variant, calib), line in ordered:
+        if not variant.startswith("sage") or not line["bits"]:
+            continue
+        for (rival, _), other in ordered:
+            if not rival.startswith("rtn") or abs(other["bits"] - line["bits"]) > 0.15:
+                continue
+            verdicts = [("**SAGE better**" if line["rows"][t]["ppl"] < other["rows"][t]["ppl"] else "RTN better")
+                        if t in line["rows"] and t in other["rows"] else "—" for t in texts]
+            out.append(f"| {variant} ({calib}) at {line['bits']:.3f} | {rival} at {other['bits']:.3f} | "
+                       + " | ".join(verdicts) + " |")
     return out
 
 
