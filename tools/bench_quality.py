@@ -253,14 +253,10 @@ def _text_name(text: str) -> str:
 
 
 def merge_family(rows: list[dict], new_rows: list[dict]) -> list[dict]:
-    key = lambda r: (r["model"], r["variant"], family_calib(r), r["text"], r["ctx"], r["n_windows"])  # noqa: E731
+    key = lambda r: (r["model"], r["variant"], calib_label(r), r["text"], r["ctx"], r["n_windows"])  # noqa: E731
     keys = {key(r) for r in new_rows}
     rows = [r for r in rows if key(r) not in keys] + new_rows
-    return sorted(rows, key=lambda r: (r["model"], r.get("true_bits") or 99, r["variant"], family_calib(r), r["text"]))
-
-
-def family_calib(row: dict) -> str:
-    return calib_label(row) if row.get("calibration") else "—"
+    return sorted(rows, key=lambda r: (r["model"], r.get("true_bits") or 99, r["variant"], calib_label(r), r["text"]))
 
 
 def render_family(rows: list[dict]) -> list[str]:
@@ -272,7 +268,7 @@ def render_family(rows: list[dict]) -> list[str]:
         texts = sorted({r["text"] for r in mine}, reverse=True)
         lines: dict[tuple, dict] = {}
         for r in mine:
-            lines.setdefault((r["variant"], family_calib(r)), {"bits": r["true_bits"], "rows": {}})["rows"][r["text"]] = r
+            lines.setdefault((r["variant"], calib_label(r)), {"bits": r["true_bits"], "rows": {}})["rows"][r["text"]] = r
         windows = sorted({f"{r['n_windows']} × {r['ctx']}" for r in mine})
         out += ["", f"## Second family: {model}", "",
                 f"Test texts only (WikiText-2 test; the code text's test half, tools/make_code_text.py), "

@@ -219,30 +219,31 @@ def finish_v2(loaded: LoadedModel, recipe: SageRecipe, cfg: SageConfig, seeds: d
     n_blocks = len(loaded.model.get_submodule(blocks))
     sequential = recipe.compensate and recipe.sequential_inputs and stats is not None
 
+    names = [[n for n in linears if n.startswith(f"{blocks}.{i}.")] for i in range(n_blocks)]
+
     def block_items(i: int, inputs: list[torch.Tensor] | None):
         # One block's Hessians at a time; inputs None: the kept inputs of the unquantized model.
         hessians = (block_hessians(loaded.model, loaded.architecture, stats, i, loaded.block_weights, inputs)
                     if recipe.compensate else {})
-        for name in linears:
-            if name.startswith(f"{blocks}.{i}."):
-                w = loaded.weight(name)
-                hessian = hessians.get(name) if compensated(recipe, stats, w.shape[1]) else None
-                yield _finish_item(plan, recipe, cfg, name, w, hessian)
+        for name in names[i]:
+            w = loaded.weight(name)
+            hessian = hessians.get(name) if compensated(recipe, stats, w.shape[1]) else None
+            yield _finish_item(plan, recipe, cfg, name, w, hessian)
 
     def finished():
-        """(name, result) in the order of `linears`."""
+        """(name, result), block by block."""
         if not sequential:  # every block from kept inputs: blocks overlap in the pool
-            yield from zip(linears, pool.map(_finish, (it for i in range(n_blocks) for it in block_items(i, None))))
+            yield from zip((n for block in names for n in block),
+                           pool.map(_finish, (it for i in range(n_blocks) for it in block_items(i, None))))
             return
         # GPTQ's usual order: block i's Hessians from inputs that ran through the quantized blocks before it, so
         # its compensation also answers their errors. Each block waits for the one before it.
         inputs = stats.block_inputs[0]
         for i in range(n_blocks):
-            done = list(zip([n for n in linears if n.startswith(f"{blocks}.{i}.")],
-                            pool.map(_finish, block_items(i, inputs))))
+            done = list(zip(names[i], pool.map(_finish, block_items(i, inputs))))
             yield from done  # installed by the caller (streamed) before this generator resumes
             if not loaded.streamed:
-                apply_dequantized(loaded.model, dict(done))
+                apply_dequantized(loaded.model, dict(done))  # already in place when the loop below ends
             if i + 1 < n_blocks:
                 inputs = block_outputs(loaded.model, loaded.architecture, stats, i, inputs, loaded.block_weights)
 
@@ -254,7 +255,7 @@ def finish_v2(loaded: LoadedModel, recipe: SageRecipe, cfg: SageConfig, seeds: d
             # Packed as it arrives. Without sequential_inputs, block i+1's Hessians were taken before its first
             # result came back, so the blocks still to be finished run unquantized, as in memory.
             install_packed(loaded.model, name, result)
-    if not loaded.streamed:
+    if not loaded.streamed and not sequential:
         apply_dequantized(loaded.model, results)
     if stats is not None and not keep_measurements:
         stats.block_inputs = None  # free the kept activations
