@@ -41,6 +41,9 @@ def _add_quantizer_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--graph-groups", action="store_true", help="v2 ablation: G from the kNN graph, not the budget")
     g.add_argument("--no-rho-price", action="store_true", help="v2 ablation: ρ search on error alone (no bit price)")
     g.add_argument("--no-compensation", action="store_true", help="v2 ablation: no GPTQ-style compensation")
+    g.add_argument("--compensate-candidates", type=float, nargs="+", metavar="S",
+                   help="v2 option: per matrix, compensate with each shrink S of XᵀX's cross terms (1: none) and keep "
+                        "the lowest output error on extra self-held-out rows (e.g. 0 0.5 1; see docs/sage_v2.md)")
     g.add_argument("--row-multipliers", action="store_true",
                    help="v2 option: fit contract v2's per-row multipliers r_n (not the default: see docs/sage_v2.md)")
     g.add_argument("--code-bits", type=int, default=4, help="rtn/gptq: bits of each code (2, 3, 4)")

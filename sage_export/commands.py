@@ -23,7 +23,7 @@ def _sage_params(args) -> dict:
     params = {"preset": args.preset}
     v2 = args.preset == "v2"
     if not v2:
-        given = [flag for flag in ("bits", "activation_power", *_V2_SWITCHES)
+        given = [flag for flag in ("bits", "activation_power", "compensate_candidates", *_V2_SWITCHES)
                  if getattr(args, flag, None) not in (None, False)]
         if given:
             raise UserError(f"--{given[0].replace('_', '-')} needs the v2 preset (the paper preset is data-free "
@@ -37,6 +37,8 @@ def _sage_params(args) -> dict:
             params["bits"] = args.bits
         if args.activation_power is not None:
             params["activation_power"] = args.activation_power
+        if getattr(args, "compensate_candidates", None) is not None:
+            params["compensate_candidates"] = tuple(args.compensate_candidates)
         params.update(dict(field for flag, field in _V2_SWITCHES.items() if getattr(args, flag)))
     params.update({
         "salient_bits": args.salient_bits,
@@ -148,7 +150,7 @@ def run_pipeline(args, source, method, eval_text, calib_text, out: Path, do_onnx
 def _run_stages(timer, args, source, method, eval_text, calib_text, out: Path, do_onnx: bool) -> dict:
     from .models import choose_streaming, load_model
     from .pipeline.artifact import deterministic_info, round_float_params, write_checkpoint
-    from .pipeline.calibration import calibration_tokens
+    from .pipeline.calibration import calibration_tokens, validation_tokens
     from .pipeline.guard import held_out_rows, score_after, score_before, warning_line
     from .pipeline.quantize import quantize_model
     from .report.build import bits_summary, layer_rows
@@ -168,21 +170,27 @@ def _run_stages(timer, args, source, method, eval_text, calib_text, out: Path, d
             raise UserError(str(exc)) from None
         if note:
             print(note, file=sys.stderr)
-    calib, calib_info, guard = None, None, None
+    calib, calib_info, guard, validation = None, None, None, None
     if method.needs_calibration:
-        held_rows = held_out_rows(args.calib_samples) if method.preset == "v2" else 0
+        recipe = method.sage_recipe()
+        held_rows = held_out_rows(args.calib_samples) if recipe else 0
         with timer.step("calibration_text"):
             calib, calib_info = calibration_tokens(loaded, calib_text, args.calib_samples + held_rows,
                                                    args.calib_seqlen, args.seed,
                                                    prompted=args.calib_from == "prompts")
+            if recipe and recipe.validates_compensation:
+                validation = validation_tokens(loaded, calib_text, held_out_rows(args.calib_samples),
+                                               args.calib_seqlen, args.seed, prompted=args.calib_from == "prompts")
         if held_rows:
             calib, held = calib[:args.calib_samples], calib[args.calib_samples:]
             calib_info = dict(calib_info, samples=args.calib_samples, tokens=int(calib.numel()),
                               held_out_samples=held_rows)
+            if validation is not None:
+                calib_info["validation_samples"] = validation.shape[0]
             with timer.step("guard_fp_rtn"):
-                guard = score_before(loaded, held, method.sage_recipe().bits)
+                guard = score_before(loaded, held, recipe.bits)
     with timer.step("quantize"):
-        qmodel = quantize_model(loaded, method, args.seed, calib, calib_info, jobs=args.jobs)
+        qmodel = quantize_model(loaded, method, args.seed, calib, calib_info, jobs=args.jobs, validation=validation)
     if guard is not None:
         with timer.step("guard_result"):
             guard = score_after(loaded.model, held, guard, qmodel.budget["true_bits"])

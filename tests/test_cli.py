@@ -94,6 +94,22 @@ def test_another_seed_gives_other_bytes(tiny_llama_dir, tiny_run, tmp_path):
         (tiny_run / "checkpoint" / "packed.safetensors").read_bytes()
 
 
+def test_compensate_candidates_sample_validation_rows_apart_from_the_guard(tiny_llama_dir, tiny_run, tmp_path):
+    """--compensate-candidates: extra rows (seed + 1) judge each matrix's compensation, so the calibration and
+    guard rows are the default run's own; the paper preset refuses the option in one line."""
+    out = tmp_path / "validated"
+    assert main(["quantize", str(tiny_llama_dir), "--out", str(out), "--seed", "3", "--compensate-candidates", "0",
+                 "0.5", "1", *FAST]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    plain = json.loads((tiny_run / "report.json").read_text())
+    assert rep["calibration"]["validation_samples"] == 2 and "validation_samples" not in plain["calibration"]
+    assert rep["calibration"]["tokens"] == plain["calibration"]["tokens"]
+    assert rep["guard"]["fp_ppl"] == plain["guard"]["fp_ppl"]  # the same held-out rows, scored the same
+    assert rep["method"]["params"]["compensate_candidates"] == [0.0, 0.5, 1.0]
+    assert_one_line_error(run_cli("quantize", tiny_llama_dir, "--out", tmp_path / "p", "--preset", "paper",
+                                  "--compensate-candidates", "0", "1"), "--compensate-candidates needs the v2")
+
+
 def test_a_wrong_onnx_result_fails_the_command(tiny_llama_dir, tmp_path, monkeypatch, capsys):
     """The exported file is corrupted after export (every sign bit of one layer flipped): ONNX Runtime then
     computes another function than PyTorch, and the command must say so and exit non-zero."""

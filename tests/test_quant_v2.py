@@ -9,7 +9,7 @@ import pytest
 
 from sage_export.format.sage_layout import dequantize, pack_sage, stored_bytes
 from sage_export.quant.common import hessian_error
-from sage_export.quant.compensate import compensate_sage
+from sage_export.quant.compensate import compensate_sage, compensate_validated
 from sage_export.quant.config import V2_MATRIX
 from sage_export.quant.sage import quantize_sage, sage_options
 from sage_export.quant.saliency import SaliencyOrder
@@ -127,6 +127,23 @@ def test_compensation_shrink_interpolates_between_full_feedback_and_none(data):
     full, half = compensate_sage(w, h, base), compensate_sage(w, h, base, shrink=0.5)
     assert full.stats["hessian_error"] < half.stats["hessian_error"] < none.stats["hessian_error"]
     assert half.stats["compensate_shrink"] == 0.5
+
+
+def test_validated_compensation_keeps_the_candidate_with_the_lowest_held_out_error(data):
+    """Each shrink is tried (1: the uncompensated result itself) and the lowest tr(ΔW·H_v·ΔWᵀ) wins; validation
+    tokens unlike the calibration ones can make no compensation the winner."""
+    w, h_diag, h = data
+    base = quantize_sage(w, replace(V2_MATRIX, fixed_groups=4, fixed_rho=0.02), seed=0, col_weight=h_diag)
+    same = compensate_validated(w, h, h, base, (0.0, 0.5, 1.0))  # validated on the calibration's own XᵀX
+    assert same.stats["compensate_shrink"] == 0.0 and same.stats["compensated"]
+    np.testing.assert_array_equal(same.dequantize(), compensate_sage(w, h, base).dequantize())
+    errors = same.stats["validation_errors"]
+    assert set(errors) == {"0", "0.5", "1"} and errors["0"] == min(errors.values())
+    assert errors["1"] == pytest.approx(hessian_error(w, base.dequantize(), h))
+    # Validation inputs whose energy sits in the channels the calibration barely used: that is where the feedback
+    # put the error, so the uncompensated result wins and is returned as it was.
+    other = compensate_validated(w, h, np.diag(1.0 / h_diag), base, (0.0, 0.5, 1.0))
+    assert other.stats["compensate_shrink"] == 1.0 and not other.stats["compensated"] and other is base
 
 
 def test_compensation_zeroes_dead_columns(data):

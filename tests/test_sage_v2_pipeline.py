@@ -11,7 +11,7 @@ import torch
 from sage_export.models import load_model, quantizable_linears
 from sage_export.pipeline import calibration
 from sage_export.pipeline.calibration import calibration_tokens, prompt_rows, sample_ids
-from sage_export.pipeline.layer_stats import collect_layer_stats
+from sage_export.pipeline.layer_stats import block_hessians, collect_layer_stats
 from sage_export.pipeline.methods import Method
 from sage_export.pipeline.quantize import QuantizedModel, layer_seeds
 from sage_export.pipeline.sage_v2 import finish_v2, measure_v2
@@ -265,3 +265,33 @@ def test_sequential_inputs_take_later_hessians_after_the_quantized_blocks(loaded
     for name in kept:
         same = np.array_equal(chained[name].dequantize(), kept[name].dequantize())
         assert same == (".layers.0." in name), name
+
+
+def test_validation_rows_stay_out_of_the_statistics_and_pick_each_compensation(loaded):
+    """Validation rows change no statistic (h, s, the kept inputs), give each block a second XᵀX of their own, and
+    with compensate_candidates every compensated matrix records which shrink its validation error kept."""
+    ids, _ = calibration_tokens(loaded, None, 8, 32, seed=0, progress=False)
+    held, _ = calibration_tokens(loaded, None, 2, 32, seed=1, progress=False)
+    method = Method("sage", {"preset": "v2"})
+    seeds = layer_seeds(loaded, 0)
+    with MatrixPool(1) as pool:
+        plain = measure_v2(loaded, method.sage_recipe(), method.sage_config(), seeds, ids, pool, progress=False)
+        m = measure_v2(loaded, method.sage_recipe(), method.sage_config(), seeds, ids, pool, progress=False,
+                       validation=held)
+    assert plain.stats.validation_inputs is None and len(m.stats.validation_inputs) == len(m.stats.block_inputs)
+    assert m.stats.sensitivity == plain.stats.sensitivity
+    for name, h in plain.stats.input_energy.items():
+        np.testing.assert_array_equal(m.stats.input_energy[name], h)
+    arch = loaded.architecture
+    fit = block_hessians(loaded.model, arch, m.stats, 1)
+    val = block_hessians(loaded.model, arch, m.stats, 1, validation=True)
+    assert fit.keys() == val.keys() and not any(np.allclose(fit[n], val[n]) for n in fit)
+    with pytest.raises(ValueError, match="validation rows"):
+        finished(loaded, seeds, plain, compensate_min_tokens_per_column=0, compensate_candidates=(0.0, 1.0))
+    results, _ = finished(loaded, seeds, m, compensate_min_tokens_per_column=0, compensate_candidates=(0.0, 1.0))
+    kept = [r.stats["compensate_shrink"] for r in results.values()]
+    assert all("validation_errors" in r.stats for r in results.values()) and set(kept) <= {0.0, 1.0}
+    reference, _ = finished(loaded, seeds, m, compensate_min_tokens_per_column=0)
+    for name, r in results.items():  # shrink 0 kept: exactly the plain compensation's values
+        if r.stats["compensate_shrink"] == 0.0:
+            np.testing.assert_array_equal(r.dequantize(), reference[name].dequantize())

@@ -40,8 +40,9 @@ sys.path.insert(0, str(REPO))
 
 from sage_export.eval.perplexity import perplexity, read_eval_text, tokenize_text  # noqa: E402
 from sage_export.models import load_model  # noqa: E402
-from sage_export.pipeline.calibration import calibration_tokens  # noqa: E402
+from sage_export.pipeline.calibration import calibration_tokens, validation_tokens  # noqa: E402
 from sage_export.pipeline.methods import Method  # noqa: E402
+from sage_export.pipeline.guard import held_out_rows  # noqa: E402
 from sage_export.pipeline.quantize import QuantizedModel, layer_seeds, quantize_model  # noqa: E402
 from sage_export.pipeline.workers import MatrixPool  # noqa: E402
 
@@ -101,7 +102,8 @@ def quantize_v2_shared(loaded, work, method: Method, args, calib, cache: dict) -
     with MatrixPool(None) as pool:
         if key not in cache:
             cache.clear()  # one measurement at a time: the kept activations are the largest thing here
-            cache[key] = measure_v2(loaded, recipe, cfg, seeds, calib if recipe.needs_calibration else None, pool)
+            cache[key] = measure_v2(loaded, recipe, cfg, seeds, calib if recipe.needs_calibration else None, pool,
+                                    validation=args.validation if recipe.validates_compensation else None)
         measurements = cache[key]
         results, budget = finish_v2(work, recipe, cfg, seeds, measurements, pool, keep_measurements=True)
     finish_s = time.perf_counter() - start
@@ -487,11 +489,16 @@ def main() -> int:
     methods = expand_budgets([parse_variant(v) for v in args.variants], args.budgets)
     loaded = load_model(args.model)
     ids = tokenize_text(loaded.tokenizer, read_eval_text(WIKI / "wiki.test.raw"))
-    calib, args.calib_info = None, None
+    calib, args.calib_info, args.validation = None, None, None
     if any(m.needs_calibration for m in methods):
         text = WIKI / "wiki.valid.tokens" if args.calib == "wiki" else None
         calib, args.calib_info = calibration_tokens(loaded, text, args.calib_samples, args.calib_seqlen, args.seed,
                                                     prompted=args.calib_from == "prompts")
+        if any(m.preset == "v2" and m.sage_recipe().validates_compensation for m in methods):
+            rows = held_out_rows(args.calib_samples)  # as many as a sage-export run holds out for this
+            args.validation = validation_tokens(loaded, text, rows, args.calib_seqlen, args.seed,
+                                                prompted=args.calib_from == "prompts")
+            args.calib_info["validation_samples"] = rows
         if text is not None:
             args.calib_info["text"] = "wikitext2/wiki.valid.tokens"
     v2_cache: dict = {}

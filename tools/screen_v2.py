@@ -103,7 +103,7 @@ def allocation_summary(measurements, plan) -> dict:
 
 
 def cmd_measure(args) -> int:
-    from sage_export.pipeline.calibration import calibration_tokens
+    from sage_export.pipeline.calibration import calibration_tokens, validation_tokens
     from sage_export.pipeline.quantize import layer_seeds
     from sage_export.pipeline.sage_v2 import measure_options, measure_v2
     from sage_export.pipeline.workers import MatrixPool
@@ -122,9 +122,14 @@ def cmd_measure(args) -> int:
     else:
         calib, calib_info = calibration_tokens(loaded, args.calib_text, args.calib_samples, args.calib_seqlen,
                                                args.seed, prompted=args.calib_from == "prompts")
+        validation = None
+        if args.validation_samples:  # sampled apart (seed + 1), so the calibration rows stay those of a plain measure
+            validation = validation_tokens(loaded, args.calib_text, args.validation_samples, args.calib_seqlen,
+                                           args.seed, prompted=args.calib_from == "prompts")
+            calib_info = dict(calib_info, validation_samples=args.validation_samples)
         seeds = layer_seeds(loaded, args.seed)
         with MatrixPool() as pool:
-            measurements = measure_v2(loaded, recipe, cfg, seeds, calib, pool)
+            measurements = measure_v2(loaded, recipe, cfg, seeds, calib, pool, validation=validation)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".tmp")
     torch.save({"measurements": measurements, "seeds": seeds, "calib_info": calib_info, "model": str(args.model),
@@ -149,6 +154,15 @@ def planned(saved: dict, fields: dict):
     measurements = reweighted(saved["measurements"], saved["recipe"]["sensitivity_power"], recipe.sensitivity_power)
     measurements = restricted(measurements, recipe.group_options)
     return recipe, measurements, plan_budget(measurements, saved["seeds"], recipe.bits, recipe.floor_gap)
+
+
+def chosen_shrinks(results: dict) -> dict:
+    """Per layer type: how many matrices kept each compensate_candidates shrink (1: uncompensated)."""
+    counts = defaultdict(Counter)
+    for name, result in results.items():
+        if "validation_errors" in result.stats:
+            counts[layer_type(name)][f"{result.stats['compensate_shrink']:g}"] += 1
+    return {kind: dict(sorted(c.items())) for kind, c in counts.items()}
 
 
 def cmd_plan(args) -> int:
@@ -178,7 +192,8 @@ def cmd_finish(args) -> int:
              for role, specs in (("dev", args.dev_text), ("test", args.test_text)) for label, path in specs]
     start = time.perf_counter()
     with MatrixPool() as pool:
-        _, summary = finish_v2(loaded, recipe, cfg, saved["seeds"], measurements, pool, keep_measurements=True)
+        results, summary = finish_v2(loaded, recipe, cfg, saved["seeds"], measurements, pool,
+                                     keep_measurements=True)
     finish_s = time.perf_counter() - start
     stamp = {"machine": machine_name(), "date": dt.date.today().isoformat(), "commit": git_commit(),
              "command": "python tools/screen_v2.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
@@ -188,6 +203,7 @@ def cmd_finish(args) -> int:
            "calibration": saved["calib_info"],
            "true_bits": summary["true_bits"], "budget_bits": recipe.bits, "finish_s": round(finish_s, 1),
            "by_type": allocation_summary(measurements, plan), "ctx": args.ctx, "windows": args.windows,
+           **({"shrink_chosen": chosen_shrinks(results)} if recipe.compensate_candidates else {}),
            "scores": [], **stamp}
     for t in texts:
         res = perplexity(loaded.model, t["ids"], args.ctx, args.windows, text=t["label"])
@@ -231,6 +247,10 @@ def render_md(doc: dict) -> str:
         kinds = "; ".join(f"{k} {v['true_bits']:.2f} ({', '.join(f'G{g}: {n}' for g, n in v['G'].items())})"
                           for k, v in r["by_type"].items())
         out.append(f"- {r['variant']}: {kinds}")
+        if r.get("shrink_chosen"):
+            chosen = "; ".join(f"{k} ({', '.join(f'{s}: {n}' for s, n in v.items())})"
+                               for k, v in r["shrink_chosen"].items())
+            out.append(f"  - shrink kept on validation rows: {chosen}")
     if doc.get("notes"):
         out += ["", "Notes:", ""] + [f"- {note}" for note in doc["notes"]]
     out += ["", "Measured with:", ""]
@@ -268,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--calib-from", choices=["prompts", "bos"], help=f"default {CALIB_DEFAULTS['calib_from']}")
     m.add_argument("--seed", type=int, help=f"default {CALIB_DEFAULTS['seed']}")
     m.add_argument("--matrix", default="", help="per-matrix SageConfig fields over V2_MATRIX's, key=value,...")
+    m.add_argument("--validation-samples", type=int, default=0,
+                   help="rows sampled apart (seed + 1) and kept out of the statistics, for compensate_candidates")
     m.add_argument("--stats-from", type=Path, help="reuse this saved measurement's calibration and statistics")
     m.add_argument("--recipe", default="", help="recipe fields the options depend on (activation_power=1, ...)")
     pl = sub.add_parser("plan")

@@ -147,6 +147,15 @@ class _StopForward(Exception):
 BATCH_TOKENS = 2048
 
 
+def validation_tokens(loaded, text: Path | None, n_samples: int, seqlen: int, seed: int,
+                      prompted: bool = True, progress: bool = True) -> torch.Tensor:
+    """Rows that judge the compensation (SageRecipe.compensate_candidates): drawn like the calibration, with seed
+    + 1, so that the calibration rows stay exactly those a run without them takes. From a text, windows are drawn
+    at random, as calibration windows are, and can overlap them."""
+    ids, _ = calibration_tokens(loaded, text, n_samples, seqlen, seed + 1, progress=progress, prompted=prompted)
+    return ids
+
+
 def row_batches(calib: torch.Tensor, batch_tokens: int = BATCH_TOKENS) -> list[torch.Tensor]:
     """The rows of calib in consecutive batches of about batch_tokens tokens (at least one row each)."""
     rows = max(1, batch_tokens // calib.shape[1])

@@ -43,6 +43,10 @@ class LayerStats:
     time_s: float
     block_inputs: list[list[torch.Tensor]] | None = None  # per block, per batch: the block's input (kept on demand)
     block_kwargs: list[dict] | None = None  # per batch: the keyword arguments blocks are called with
+    # The same for validation rows, run through the unquantized blocks but left out of every statistic: their XᵀX
+    # judges the compensation on tokens it did not fit (SageRecipe.compensate_candidates).
+    validation_inputs: list[list[torch.Tensor]] | None = None
+    validation_kwargs: list[dict] | None = None
 
     def column_weights(self, name: str, activation: bool = True, sensitivity: bool = True,
                        power: float = 1.0, activation_power: float = 1.0) -> np.ndarray | None:
@@ -147,10 +151,13 @@ def _block_output(block, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
 
 def collect_layer_stats(model, arch: Architecture, calib: torch.Tensor, sensitivity: bool = True,
                         keep_inputs: bool = False, progress: bool = True,
-                        block_weights: Callable[[int], ContextManager] = _in_memory) -> LayerStats:
+                        block_weights: Callable[[int], ContextManager] = _in_memory,
+                        validation: torch.Tensor | None = None) -> LayerStats:
     """h for every quantized Linear, and (sensitivity=True) its sensitivity, from calibration ids [samples, T].
     keep_inputs keeps every block's inputs in the result, for block_hessians. block_weights(i) is entered around
-    every pass through block i (LoadedModel.block_weights: a streamed model reads the block's weights then)."""
+    every pass through block i (LoadedModel.block_weights: a streamed model reads the block's weights then).
+    validation ids [rows, T], when given, run through the same blocks outside the hooks, and their block inputs
+    are kept (validation_inputs) for block_hessians(..., validation=True)."""
     start = time.perf_counter()
     blocks = model.get_submodule(arch.blocks)
     energy, grad_energy = _Accumulator(), _Accumulator()
@@ -160,11 +167,16 @@ def collect_layer_stats(model, arch: Architecture, calib: torch.Tensor, sensitiv
         with torch.no_grad():
             hidden, kwargs = _block0_inputs(model, blocks, calib)
             saved = [hidden]
+            held, held_kwargs = _block0_inputs(model, blocks, validation) if validation is not None else ([], [])
+            held_saved = [held]
             for i, block in enumerate(blocks):
                 handles = _input_hooks(block, f"{arch.blocks}.{i}", arch.linears, energy)
                 try:
                     with block_weights(i):
                         saved.append(_run_block(block, saved[-1], kwargs))
+                        _remove(handles)  # validation rows stay out of h
+                        if validation is not None and i + 1 < len(blocks):
+                            held_saved.append(_run_block(block, held_saved[-1], held_kwargs))
                 finally:
                     _remove(handles)
                 bar.update()
@@ -186,24 +198,29 @@ def collect_layer_stats(model, arch: Architecture, calib: torch.Tensor, sensitiv
     bar.close()
     tokens = int(calib.numel())
     kept = saved[: len(blocks)] if keep_inputs else None
+    held_kept = held_saved if validation is not None else None
     return LayerStats(energy.means(), sens, tokens, time.perf_counter() - start, kept,
-                      kwargs if keep_inputs else None)
+                      kwargs if keep_inputs else None, held_kept, held_kwargs if validation is not None else None)
 
 
 @torch.no_grad()
 def block_hessians(model, arch: Architecture, stats: LayerStats, index: int,
                    block_weights: Callable[[int], ContextManager] = _in_memory,
-                   inputs: list[torch.Tensor] | None = None) -> dict[str, np.ndarray]:
+                   inputs: list[torch.Tensor] | None = None, validation: bool = False) -> dict[str, np.ndarray]:
     """H = 2·XᵀX/n of every quantized Linear of block `index`, from its kept (unquantized-model) inputs, or from
-    `inputs` (the block's inputs after the already-quantized blocks before it: see block_outputs)."""
-    if stats.block_inputs is None:
-        raise ValueError("these statistics were collected without keep_inputs")
+    `inputs` (the block's inputs after the already-quantized blocks before it: see block_outputs), or
+    (validation=True) from the kept inputs of the validation rows."""
+    kept, kwargs = ((stats.validation_inputs, stats.validation_kwargs) if validation
+                    else (stats.block_inputs, stats.block_kwargs))
+    if kept is None:
+        raise ValueError("these statistics were collected without "
+                         + ("validation rows" if validation else "keep_inputs"))
     block = model.get_submodule(arch.blocks)[index]
     hessians, counts = {}, {}
     handles = _hessian_hooks(block, arch.linears, hessians, counts)
     try:
         with block_weights(index):
-            _run_block(block, stats.block_inputs[index] if inputs is None else inputs, stats.block_kwargs)
+            _run_block(block, kept[index] if inputs is None else inputs, kwargs)
     finally:
         _remove(handles)
     averaged = averaged_hessians(hessians, counts)

@@ -73,9 +73,11 @@ def _apply_one(linear: torch.nn.Linear, result) -> None:
 
 
 def quantize_model(loaded: LoadedModel, method: Method, seed: int = 0, calib: torch.Tensor | None = None,
-                   calib_info: dict | None = None, progress: bool = True, jobs: int | None = None) -> QuantizedModel:
+                   calib_info: dict | None = None, progress: bool = True, jobs: int | None = None,
+                   validation: torch.Tensor | None = None) -> QuantizedModel:
     """Quantize in place: afterwards loaded.model carries the decoded quantized weights. `jobs` worker processes
-    share the per-matrix work (default: every core); results do not depend on it."""
+    share the per-matrix work (default: every core); results do not depend on it. validation: calibration rows
+    held out of the statistics, for SageRecipe.compensate_candidates."""
     start = time.perf_counter()
     if method.needs_calibration and calib is None:
         raise ValueError(f"method {method.label} needs calibration tokens")
@@ -88,7 +90,7 @@ def quantize_model(loaded: LoadedModel, method: Method, seed: int = 0, calib: to
             from .sage_v2 import quantize_v2
 
             results, budget = quantize_v2(loaded, method.sage_recipe(), method.sage_config(), seeds, calib, pool,
-                                          progress)
+                                          progress, validation)
         elif method.needs_calibration:
             def quantize_block(items):
                 return pool.map(_quantize_item, [(method, w, h, seeds[name]) for name, w, h in items])

@@ -25,7 +25,7 @@ from ..materialize import apply_dequantized, install_packed
 from ..models import LoadedModel, quantizable_linears
 from ..format.sage_layout import stored_bytes
 from ..quant.budget import Allocation, BudgetError, Option, allocate, floored, neighbours
-from ..quant.compensate import compensate_sage
+from ..quant.compensate import compensate_sage, compensate_validated
 from ..quant.config import V2_MATRIX, SageConfig, SageRecipe
 from ..quant.sage import quantize_sage, sage_options
 from .layer_stats import LayerStats, block_hessians, block_outputs, collect_layer_stats
@@ -108,14 +108,19 @@ class Measurements:
 
 
 def measure_v2(loaded: LoadedModel, recipe: SageRecipe, cfg: SageConfig, seeds: dict[str, int],
-               calib: torch.Tensor | None, pool: MatrixPool, progress: bool = True) -> Measurements:
-    """Steps 1 and 2 on the unquantized model: calibration statistics, then every matrix's options."""
+               calib: torch.Tensor | None, pool: MatrixPool, progress: bool = True,
+               validation: torch.Tensor | None = None) -> Measurements:
+    """Steps 1 and 2 on the unquantized model: calibration statistics, then every matrix's options.
+    validation: rows kept out of the statistics, for recipe.compensate_candidates."""
     start = time.perf_counter()
     stats = None
+    if recipe.validates_compensation and validation is None:
+        raise ValueError("compensate_candidates needs validation rows")
     if recipe.needs_calibration:
         stats = collect_layer_stats(loaded.model, loaded.architecture, calib, recipe.layer_sensitivity,
                                     keep_inputs=recipe.compensate, progress=progress,
-                                    block_weights=loaded.block_weights)
+                                    block_weights=loaded.block_weights,
+                                    validation=validation if recipe.compensate else None)
         if not (recipe.activation_weighting or recipe.layer_sensitivity):
             stats.input_energy, stats.sensitivity = {}, None  # compensation only: no weighting anywhere else
     timings = {"statistics_s": round(time.perf_counter() - start, 1)}
@@ -180,27 +185,33 @@ def compensated(recipe: SageRecipe, stats: LayerStats | None, in_features: int) 
 
 def _finish(item: tuple):
     """Worker: step 4 (and 5 when a Hessian is given) for one matrix."""
-    w, cfg, seed, col_weight, proposal, option, price, hessian, act_order, shrink = item
+    w, cfg, seed, col_weight, proposal, option, price, hessian, act_order, shrink, validation = item
     result = quantize_sage(w, cfg, seed, col_weight, proposal=proposal)
     result.stats.update(budget_groups=option.n_groups, budget_rho=option.rho, budget_price=price)
-    if hessian is not None:
+    if hessian is not None and validation is not None:
+        h_val, shrinks = validation
+        result = compensate_validated(w, hessian, h_val, result, shrinks, act_order=act_order)
+    elif hessian is not None:
         result = compensate_sage(w, hessian, result, act_order=act_order, shrink=shrink)
     return result.compact()  # the packed tensors only: 10x less to send back and to hold until export
 
 
 def _finish_item(plan: BudgetPlan, recipe: SageRecipe, cfg: SageConfig, name: str, w: np.ndarray,
-                 hessian: np.ndarray | None) -> tuple:
+                 hessian: np.ndarray | None, validation_hessian: np.ndarray | None = None) -> tuple:
     option, price = plan.option(name), plan.allocation.price
+    validation = (None if validation_hessian is None or hessian is None
+                  else (validation_hessian, tuple(recipe.compensate_candidates)))
     return (w, search_config(cfg, recipe, option, price), plan.seeds[name], plan.weights[name],
             plan.graph_groups[name], option, price, hessian, recipe.act_order,
-            recipe.compensate_shrink)
+            recipe.compensate_shrink, validation)
 
 
 def quantize_v2(loaded: LoadedModel, recipe: SageRecipe, cfg: SageConfig, seeds: dict[str, int],
-                calib: torch.Tensor | None, pool: MatrixPool, progress: bool = True) -> tuple[dict, dict]:
+                calib: torch.Tensor | None, pool: MatrixPool, progress: bool = True,
+                validation: torch.Tensor | None = None) -> tuple[dict, dict]:
     """Quantize every declared Linear in place under the recipe's budget. Returns ({name: SageResult}, summary
     for reports: budget, price, planned and achieved bits, timings)."""
-    measurements = measure_v2(loaded, recipe, cfg, seeds, calib, pool, progress)
+    measurements = measure_v2(loaded, recipe, cfg, seeds, calib, pool, progress, validation)
     return finish_v2(loaded, recipe, cfg, seeds, measurements, pool, progress)
 
 
@@ -218,6 +229,9 @@ def finish_v2(loaded: LoadedModel, recipe: SageRecipe, cfg: SageConfig, seeds: d
     blocks = loaded.architecture.blocks
     n_blocks = len(loaded.model.get_submodule(blocks))
     sequential = recipe.compensate and recipe.sequential_inputs and stats is not None
+    validating = recipe.validates_compensation and stats is not None
+    if validating and stats.validation_inputs is None:
+        raise ValueError("compensate_candidates needs statistics collected with validation rows")
 
     names = [[n for n in linears if n.startswith(f"{blocks}.{i}.")] for i in range(n_blocks)]
 
@@ -225,10 +239,12 @@ def finish_v2(loaded: LoadedModel, recipe: SageRecipe, cfg: SageConfig, seeds: d
         # One block's Hessians at a time; inputs None: the kept inputs of the unquantized model.
         hessians = (block_hessians(loaded.model, loaded.architecture, stats, i, loaded.block_weights, inputs)
                     if recipe.compensate else {})
+        held = (block_hessians(loaded.model, loaded.architecture, stats, i, loaded.block_weights, validation=True)
+                if validating else {})
         for name in names[i]:
             w = loaded.weight(name)
             hessian = hessians.get(name) if compensated(recipe, stats, w.shape[1]) else None
-            yield _finish_item(plan, recipe, cfg, name, w, hessian)
+            yield _finish_item(plan, recipe, cfg, name, w, hessian, held.get(name))
 
     def finished():
         """(name, result), block by block."""
@@ -258,7 +274,7 @@ def finish_v2(loaded: LoadedModel, recipe: SageRecipe, cfg: SageConfig, seeds: d
     if not loaded.streamed and not sequential:
         apply_dequantized(loaded.model, results)
     if stats is not None and not keep_measurements:
-        stats.block_inputs = None  # free the kept activations
+        stats.block_inputs = stats.validation_inputs = None  # free the kept activations
     timings["quantize_s"] = round(time.perf_counter() - start, 1)
 
     for name, result in results.items():

@@ -118,3 +118,21 @@ def compensate_sage(w: np.ndarray, hessian: np.ndarray, result: SageResult, bloc
                      compensate_shrink=shrink,
                      hessian_error=hessian_error(w, w_hat, h), compensate_time_s=time.perf_counter() - start)
     return out
+
+
+def compensate_validated(w: np.ndarray, hessian: np.ndarray, validation_hessian: np.ndarray, result: SageResult,
+                         shrinks: tuple[float, ...], act_order: bool = True) -> SageResult:
+    """compensate_sage at each shrink of `shrinks` (1: `result` itself, uncompensated), keeping the result with
+    the lowest output error under validation_hessian, XᵀX of tokens that `hessian` did not see. The feedback is a
+    fit to the calibration tokens; held-out tokens say, matrix by matrix, how much of it generalises."""
+    w = check_weight(w)
+    h_val = check_hessian(validation_hessian, w.shape[1], copy=False)
+    scored = []
+    for shrink in shrinks:
+        candidate = result if shrink == 1 else compensate_sage(w, hessian, result, act_order=act_order,
+                                                                shrink=shrink)
+        scored.append((hessian_error(w, candidate.dequantize(), h_val), shrink, candidate))
+    errors = {f"{shrink:g}": error for error, shrink, _ in scored}
+    error, shrink, best = min(scored, key=lambda t: t[0])  # ties: the earlier candidate
+    best.stats.update(compensate_shrink=shrink, validation_errors=errors, compensated=shrink != 1)
+    return best

@@ -229,6 +229,11 @@ class SageRecipe:
     # thousand tokens sample worst; 1 feeds no error forward (nearest rounding in the same codebook). Screened on
     # Qwen2.5-Coder's dev texts at 0.5 (docs/sage_v2.md): wiki worse, code better, a trade; so 0.
     compensate_shrink: float = 0.0
+    # ... or, per matrix, each of these shrink values, keeping the one whose result has the lowest output error
+    # tr(ΔW·H_v·ΔWᵀ) on validation tokens that XᵀX never saw (1: the uncompensated result). A ridge chosen by
+    # held-out error, since how far the feedback may trust a few tokens per column differs by matrix and by model.
+    # Needs validation tokens (the pipeline samples them; see validation_rows). Empty: compensate_shrink alone.
+    compensate_candidates: tuple[float, ...] = ()
     # ... with each block's XᵀX from inputs that ran through the already-quantized blocks before it (GPTQ's
     # order), not from the unquantized model's kept inputs: later blocks then also answer earlier blocks' errors.
     # Worse on both of Qwen2.5-Coder's dev texts (docs/sage_v2.md), so off.
@@ -243,6 +248,11 @@ class SageRecipe:
     @property
     def needs_calibration(self) -> bool:
         return self.activation_weighting or self.layer_sensitivity or self.compensate
+
+    @property
+    def validates_compensation(self) -> bool:
+        """Whether finishing needs validation rows (compensate_candidates)."""
+        return self.compensate and bool(self.compensate_candidates)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -269,6 +279,9 @@ class SageRecipe:
                              f"{self.compensate_min_tokens_per_column!r}")
         if not _is_number(self.compensate_shrink) or not 0 <= self.compensate_shrink <= 1:
             raise ValueError(f"SAGE recipe: compensate_shrink must be in [0, 1], got {self.compensate_shrink!r}")
+        cands = self.compensate_candidates
+        if not all(_is_number(c) and 0 <= c <= 1 for c in cands) or len(set(cands)) != len(cands):
+            raise ValueError(f"SAGE recipe: compensate_candidates must be distinct numbers in [0, 1], got {cands!r}")
         if not _is_number(self.option_lloyd_tol) or not 0 <= self.option_lloyd_tol < 1:
             raise ValueError(f"SAGE recipe: option_lloyd_tol must be in [0, 1), got {self.option_lloyd_tol!r}")
         if not _is_int(self.option_min_rows) or self.option_min_rows < 1:
