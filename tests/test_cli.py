@@ -106,6 +106,8 @@ def test_compensate_candidates_sample_validation_rows_apart_from_the_guard(tiny_
     assert rep["calibration"]["tokens"] == plain["calibration"]["tokens"]
     assert rep["guard"]["fp_ppl"] == plain["guard"]["fp_ppl"]  # the same held-out rows, scored the same
     assert rep["method"]["params"]["compensate_candidates"] == [0.0, 0.5, 1.0]
+    judged = [layer for layer in rep["layers"] if "validation_errors" in layer]  # what each matrix kept, and why
+    assert judged and all(layer["compensate_shrink"] in (0.0, 0.5, 1.0) for layer in judged)
     assert_one_line_error(run_cli("quantize", tiny_llama_dir, "--out", tmp_path / "p", "--preset", "paper",
                                   "--compensate-candidates", "0", "1"), "--compensate-candidates needs the v2")
 

@@ -239,6 +239,7 @@ def finish_v2(loaded: LoadedModel, recipe: SageRecipe, cfg: SageConfig, seeds: d
         # One block's Hessians at a time; inputs None: the kept inputs of the unquantized model.
         hessians = (block_hessians(loaded.model, loaded.architecture, stats, i, loaded.block_weights, inputs)
                     if recipe.compensate else {})
+        # The validation rows' XᵀX, always through the unquantized blocks (as kept), with sequential_inputs too.
         held = (block_hessians(loaded.model, loaded.architecture, stats, i, loaded.block_weights, validation=True)
                 if validating else {})
         for name in names[i]:

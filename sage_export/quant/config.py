@@ -232,7 +232,9 @@ class SageRecipe:
     # ... or, per matrix, each of these shrink values, keeping the one whose result has the lowest output error
     # tr(ΔW·H_v·ΔWᵀ) on validation tokens that XᵀX never saw (1: the uncompensated result). A ridge chosen by
     # held-out error, since how far the feedback may trust a few tokens per column differs by matrix and by model.
-    # Needs validation tokens (the pipeline samples them; see validation_rows). Empty: compensate_shrink alone.
+    # Needs validation rows (pipeline/calibration.py: validation_tokens). Empty: compensate_shrink alone. Screened at
+    # [0, 0.5, 1] (docs/sage_v2.md): better on both of SmolLM2-135M's dev texts at 3.2 bits, a trade at 4.2 bits and
+    # on Qwen2.5-Coder-1.5B; so opt-in (--compensate-candidates).
     compensate_candidates: tuple[float, ...] = ()
     # ... with each block's XᵀX from inputs that ran through the already-quantized blocks before it (GPTQ's
     # order), not from the unquantized model's kept inputs: later blocks then also answer earlier blocks' errors.
