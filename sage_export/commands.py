@@ -179,8 +179,8 @@ def _run_stages(timer, args, source, method, eval_text, calib_text, out: Path, d
                                                    args.calib_seqlen, args.seed,
                                                    prompted=args.calib_from == "prompts")
             if recipe and recipe.validates_compensation:
-                validation = validation_tokens(loaded, calib_text, held_out_rows(args.calib_samples),
-                                               args.calib_seqlen, args.seed, prompted=args.calib_from == "prompts")
+                validation = validation_tokens(loaded, calib_text, held_rows, args.calib_seqlen, args.seed,
+                                               prompted=args.calib_from == "prompts")  # as many as the guard's
         if held_rows:
             calib, held = calib[:args.calib_samples], calib[args.calib_samples:]
             calib_info = dict(calib_info, samples=args.calib_samples, tokens=int(calib.numel()),

@@ -170,15 +170,14 @@ def collect_layer_stats(model, arch: Architecture, calib: torch.Tensor, sensitiv
             held, held_kwargs = _block0_inputs(model, blocks, validation) if validation is not None else ([], [])
             held_saved = [held]
             for i, block in enumerate(blocks):
-                handles = _input_hooks(block, f"{arch.blocks}.{i}", arch.linears, energy)
-                try:
-                    with block_weights(i):
+                with block_weights(i):
+                    handles = _input_hooks(block, f"{arch.blocks}.{i}", arch.linears, energy)
+                    try:
                         saved.append(_run_block(block, saved[-1], kwargs))
-                        _remove(handles)  # validation rows stay out of h
-                        if validation is not None and i + 1 < len(blocks):
-                            held_saved.append(_run_block(block, held_saved[-1], held_kwargs))
-                finally:
-                    _remove(handles)
+                    finally:
+                        _remove(handles)
+                    if validation is not None and i + 1 < len(blocks):  # after the hooks: not part of h
+                        held_saved.append(_run_block(block, held_saved[-1], held_kwargs))
                 bar.update()
         sens = None
         if sensitivity:
