@@ -23,7 +23,8 @@ def _sage_params(args) -> dict:
     params = {"preset": args.preset}
     v2 = args.preset == "v2"
     if not v2:
-        given = [flag for flag in ("bits", "activation_power", "compensate_candidates", *_V2_SWITCHES)
+        given = [flag for flag in ("bits", "activation_power", "activation_power_candidates", "compensate_candidates",
+                                   *_V2_SWITCHES)
                  if getattr(args, flag, None) not in (None, False)]
         if given:
             raise UserError(f"--{given[0].replace('_', '-')} needs the v2 preset (the paper preset is data-free "
@@ -37,6 +38,8 @@ def _sage_params(args) -> dict:
             params["bits"] = args.bits
         if args.activation_power is not None:
             params["activation_power"] = args.activation_power
+        if getattr(args, "activation_power_candidates", None) is not None:
+            params["activation_power_candidates"] = tuple(args.activation_power_candidates)
         if getattr(args, "compensate_candidates", None) is not None:
             params["compensate_candidates"] = tuple(args.compensate_candidates)
         params.update(dict(field for flag, field in _V2_SWITCHES.items() if getattr(args, flag)))
@@ -178,7 +181,7 @@ def _run_stages(timer, args, source, method, eval_text, calib_text, out: Path, d
             calib, calib_info = calibration_tokens(loaded, calib_text, args.calib_samples + held_rows,
                                                    args.calib_seqlen, args.seed,
                                                    prompted=args.calib_from == "prompts")
-            if recipe and recipe.validates_compensation:
+            if recipe and recipe.needs_validation:
                 validation = validation_tokens(loaded, calib_text, held_rows, args.calib_seqlen, args.seed,
                                                prompted=args.calib_from == "prompts")  # as many as the guard's
         if held_rows:

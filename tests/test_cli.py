@@ -112,6 +112,23 @@ def test_compensate_candidates_sample_validation_rows_apart_from_the_guard(tiny_
                                   "--compensate-candidates", "0", "1"), "--compensate-candidates needs the v2")
 
 
+def test_activation_power_candidates_choose_on_validation_rows_and_say_so(tiny_llama_dir, tiny_run, tmp_path):
+    """--activation-power-candidates: the chosen power and each candidate's validation score reach report.json
+    and report.md; the guard still scores the default run's own held-out rows."""
+    out = tmp_path / "powers"
+    assert main(["quantize", str(tiny_llama_dir), "--out", str(out), "--seed", "3", "--activation-power-candidates",
+                 "0.5", "0.25", *FAST]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    plain = json.loads((tiny_run / "report.json").read_text())
+    choice = rep["budget"]["activation_power_choice"]
+    assert [c["activation_power"] for c in choice["candidates"]] == [0.5, 0.25]
+    assert choice["chosen"] == min(choice["candidates"], key=lambda c: c["validation_ppl"])["activation_power"]
+    assert rep["calibration"]["validation_samples"] == 2 and rep["guard"]["fp_ppl"] == plain["guard"]["fp_ppl"]
+    assert f"Activation power **{choice['chosen']:g}**" in (out / "report.md").read_text()
+    assert_one_line_error(run_cli("quantize", tiny_llama_dir, "--out", tmp_path / "p", "--preset", "paper",
+                                  "--activation-power-candidates", "0.5"), "--activation-power-candidates needs the v2")
+
+
 def test_a_wrong_onnx_result_fails_the_command(tiny_llama_dir, tmp_path, monkeypatch, capsys):
     """The exported file is corrupted after export (every sign bit of one layer flipped): ONNX Runtime then
     computes another function than PyTorch, and the command must say so and exit non-zero."""

@@ -104,7 +104,9 @@ def test_a_floor_above_every_option_keeps_the_largest():
 
 @pytest.mark.parametrize("field,value", [("sensitivity_power", -0.1), ("sensitivity_power", 3),
                                          ("activation_power", -0.5), ("floor_gap", -1), ("floor_gap", "x"),
-                                         ("refine_rho", 1)])
+                                         ("refine_rho", 1), ("activation_power_candidates", (0.5, 0.5)),
+                                         ("activation_power_candidates", (3.0,)),
+                                         ("compensate_candidates", (0.0, 2.0))])
 def test_recipe_refuses_bad_new_fields(field, value):
     from dataclasses import replace
 

@@ -295,3 +295,43 @@ def test_validation_rows_stay_out_of_the_statistics_and_pick_each_compensation(l
     for name, r in results.items():  # shrink 0 kept: exactly the plain compensation's values
         if r.stats["compensate_shrink"] == 0.0:
             np.testing.assert_array_equal(r.dequantize(), reference[name].dequantize())
+
+
+def test_activation_power_is_chosen_by_the_uncompensated_loss_on_validation_rows(loaded):
+    """With activation_power_candidates each power's options are measured, each allocation is built without
+    compensation and scored on the validation rows with the model otherwise untouched; the lowest loss keeps its
+    measurements, exactly those of a plain run at that power."""
+    from sage_export.materialize import apply_dequantized
+    from sage_export.pipeline.guard import mean_nll
+    from sage_export.pipeline.sage_v2 import _finish, _finish_item, plan_budget
+
+    ids, _ = calibration_tokens(loaded, None, 8, 32, seed=0, progress=False)
+    held, _ = calibration_tokens(loaded, None, 2, 32, seed=1, progress=False)
+    method = Method("sage", {"preset": "v2"})
+    cfg, seeds = method.sage_config(), layer_seeds(loaded, 0)
+    recipe = replace(method.sage_recipe(), activation_power_candidates=(1.0, 0.25))
+    before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    fp_ppl = np.exp(mean_nll(loaded.model, held))
+    with MatrixPool(1) as pool:
+        with pytest.raises(ValueError, match="validation rows"):
+            measure_v2(loaded, recipe, cfg, seeds, ids, pool, progress=False)
+        m = measure_v2(loaded, recipe, cfg, seeds, ids, pool, progress=False, validation=held)
+        scores = {c["activation_power"]: c["validation_ppl"] for c in m.power_choice["candidates"]}
+        assert list(scores) == [1.0, 0.25] and m.power_choice["chosen"] == min(scores, key=scores.get)
+        for name, state in loaded.model.state_dict().items():  # trying the powers left the model as it was
+            torch.testing.assert_close(state, before[name], rtol=0, atol=0)
+        for power, ppl in scores.items():  # each score: that power's uncompensated model on the validation rows
+            trial = replace(recipe, activation_power=power, activation_power_candidates=())
+            plain = measure_v2(loaded, trial, cfg, seeds, ids, pool, progress=False)
+            if power == m.power_choice["chosen"]:
+                assert [[o.error for o in t] for t in plain.tables] == [[o.error for o in t] for t in m.tables]
+            plan = plan_budget(plain, seeds, trial.bits)
+            built = {name: _finish(_finish_item(plan, trial, cfg, name, loaded.weight(name), None))
+                     for name in plain.names}
+            work = copy.deepcopy(loaded.model)
+            apply_dequantized(work, built)
+            assert np.exp(mean_nll(work, held)) == pytest.approx(ppl, rel=1e-5)
+            # the quantized weights were the ones that ran: the unquantized model is further off than rel 1e-5
+            assert abs(ppl - fp_ppl) > 1e-4 * fp_ppl
+    _, summary = finished(loaded, seeds, m, activation_power_candidates=(1.0, 0.25))
+    assert summary["activation_power_choice"] == m.power_choice

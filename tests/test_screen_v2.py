@@ -41,3 +41,18 @@ def test_stats_from_keeps_calibration_and_remeasures_options(tiny_llama_dir, tmp
     name = a["measurements"].names[0]
     assert not (a["measurements"].weights[name] == b["measurements"].weights[name]).all()
     assert [o.error for o in a["measurements"].tables[0]] != [o.error for o in b["measurements"].tables[0]]
+
+
+def test_power_candidates_are_chosen_at_measure_and_again_from_saved_statistics(tiny_llama_dir, tmp_path):
+    first, second = tmp_path / "v.pt", tmp_path / "pc.pt"
+    proc = _measure("--model", str(tiny_llama_dir), "--out", str(first), "--calib-samples", "4",
+                    "--calib-seqlen", "16", "--validation-samples", "2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = _measure("--model", str(tiny_llama_dir), "--out", str(second), "--stats-from", str(first),
+                    "--recipe", "activation_power_candidates=[1,0.25]")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    a, b = (torch.load(p, weights_only=False) for p in (first, second))
+    assert a["validation"].shape == (2, 16) and torch.equal(a["validation"], b["validation"])
+    choice = b["measurements"].power_choice
+    assert a["measurements"].power_choice is None and choice["chosen"] in (1, 0.25)
+    assert [c["activation_power"] for c in choice["candidates"]] == [1, 0.25]

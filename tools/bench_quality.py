@@ -103,7 +103,7 @@ def quantize_v2_shared(loaded, work, method: Method, args, calib, cache: dict) -
         if key not in cache:
             cache.clear()  # one measurement at a time: the kept activations are the largest thing here
             cache[key] = measure_v2(loaded, recipe, cfg, seeds, calib if recipe.needs_calibration else None, pool,
-                                    validation=args.validation if recipe.validates_compensation else None)
+                                    validation=args.validation if recipe.needs_validation else None)
         measurements = cache[key]
         results, budget = finish_v2(work, recipe, cfg, seeds, measurements, pool, keep_measurements=True)
     finish_s = time.perf_counter() - start
@@ -494,7 +494,7 @@ def main() -> int:
         text = WIKI / "wiki.valid.tokens" if args.calib == "wiki" else None
         calib, args.calib_info = calibration_tokens(loaded, text, args.calib_samples, args.calib_seqlen, args.seed,
                                                     prompted=args.calib_from == "prompts")
-        if any(m.preset == "v2" and m.sage_recipe().validates_compensation for m in methods):
+        if any(m.preset == "v2" and m.sage_recipe().needs_validation for m in methods):
             rows = held_out_rows(args.calib_samples)  # as many as a sage-export run holds out for this
             args.validation = validation_tokens(loaded, text, rows, args.calib_seqlen, args.seed,
                                                 prompted=args.calib_from == "prompts")

@@ -61,7 +61,8 @@ def recipe_for(base: SageRecipe, fields: dict) -> SageRecipe:
     return recipe
 
 
-MEASURE_FIELDS = ("activation_power",)  # recipe fields the saved options were measured with
+# recipe fields the saved options were measured with
+MEASURE_FIELDS = ("activation_power", "activation_power_candidates")
 
 
 def reweighted(measurements, p0: float, p: float):
@@ -105,7 +106,7 @@ def allocation_summary(measurements, plan) -> dict:
 def cmd_measure(args) -> int:
     from sage_export.pipeline.calibration import calibration_tokens, validation_tokens
     from sage_export.pipeline.quantize import layer_seeds
-    from sage_export.pipeline.sage_v2 import measure_options, measure_v2
+    from sage_export.pipeline.sage_v2 import choose_activation_power, measure_options, measure_v2
     from sage_export.pipeline.workers import MatrixPool
 
     recipe = recipe_for(SageRecipe(), parse_variant(":" + args.recipe)[1])
@@ -116,9 +117,16 @@ def cmd_measure(args) -> int:
     if args.stats_from:  # the calibration and statistics of an earlier measurement; only the options are new
         earlier = load_saved(args.stats_from)
         calib_info, seeds, args.seed = earlier["calib_info"], earlier["seeds"], earlier["seed"]
+        validation = earlier.get("validation")
+        if recipe.activation_power_candidates and validation is None:
+            raise SystemExit(f"{args.stats_from} has no validation rows: measure it with --validation-samples")
+        stats, timings = earlier["measurements"].stats, {"statistics_from": str(args.stats_from)}
         with MatrixPool() as pool:
-            measurements = measure_options(loaded, recipe, cfg, seeds, earlier["measurements"].stats, pool,
-                                           timings={"statistics_from": str(args.stats_from)})
+            if recipe.activation_power_candidates:
+                measurements = choose_activation_power(loaded, recipe, cfg, seeds, stats, pool, validation,
+                                                       timings=timings)
+            else:
+                measurements = measure_options(loaded, recipe, cfg, seeds, stats, pool, timings=timings)
     else:
         calib, calib_info = calibration_tokens(loaded, args.calib_text, args.calib_samples, args.calib_seqlen,
                                                args.seed, prompted=args.calib_from == "prompts")
@@ -133,6 +141,7 @@ def cmd_measure(args) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".tmp")
     torch.save({"measurements": measurements, "seeds": seeds, "calib_info": calib_info, "model": str(args.model),
+                "validation": validation,
                 "recipe": recipe.to_dict(), "matrix": matrix_fields, "seed": args.seed}, tmp)
     tmp.replace(args.out)
     print(f"saved {args.out}: {measurements.timings}")
@@ -141,7 +150,8 @@ def cmd_measure(args) -> int:
 
 def load_saved(path: Path) -> dict:
     saved = torch.load(path, weights_only=False)
-    saved["recipe"] = {"activation_power": 1.0, **saved["recipe"]}  # saves older than the field measured with 1
+    # saves older than a field were measured without it: activation_power 1, no candidates
+    saved["recipe"] = {"activation_power": 1.0, "activation_power_candidates": [], **saved["recipe"]}
     return saved
 
 
@@ -197,13 +207,15 @@ def cmd_finish(args) -> int:
     finish_s = time.perf_counter() - start
     stamp = {"machine": machine_name(), "date": dt.date.today().isoformat(), "commit": git_commit(),
              "command": "python tools/screen_v2.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
-    measured_with = {k: saved["recipe"][k] for k in MEASURE_FIELDS if saved["recipe"][k] != getattr(SageRecipe(), k)}
+    default = SageRecipe().to_dict()  # lists where the recipe holds tuples, as saved
+    measured_with = {k: saved["recipe"][k] for k in MEASURE_FIELDS if saved["recipe"][k] != default[k]}
     row = {"variant": name, "fields": {**measured_with, **fields}, "matrix": matrix_fields,
            "model": Path(args.model).name,
            "calibration": saved["calib_info"],
            "true_bits": summary["true_bits"], "budget_bits": recipe.bits, "finish_s": round(finish_s, 1),
            "by_type": allocation_summary(measurements, plan), "ctx": args.ctx, "windows": args.windows,
            **({"shrink_chosen": chosen_shrinks(results)} if recipe.compensate_candidates else {}),
+           **({"power_choice": measurements.power_choice} if measurements.power_choice else {}),
            "scores": [], **stamp}
     for t in texts:
         res = perplexity(loaded.model, t["ids"], args.ctx, args.windows, text=t["label"])

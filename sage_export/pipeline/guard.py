@@ -62,10 +62,12 @@ def mean_nll(model, ids: torch.Tensor, batch_tokens: int = 1024) -> float:
 
 
 @contextmanager
-def rtn_while_running(loaded: LoadedModel, bits: int, group_size: int):
-    """Inside, each decoder block runs with its Linears' weights replaced by their RTN decoding, computed from the
-    weights it holds when called (streamed: just read in) and put back when it returns."""
-    blocks = loaded.model.get_submodule(loaded.architecture.blocks)
+def decoded_while_running(loaded: LoadedModel, decode):
+    """Inside, each decoder block runs with its Linears' weights replaced by decode(name, weight) (name: the
+    Linear's full name, weight: float32 [N, K] as the block holds it when called, streamed: just read in; None
+    leaves that Linear as it is); the weights are put back when the block returns."""
+    blocks_name = loaded.architecture.blocks
+    blocks = loaded.model.get_submodule(blocks_name)
     saved: dict[int, list] = {}
 
     def swap_in(index):
@@ -73,9 +75,11 @@ def rtn_while_running(loaded: LoadedModel, bits: int, group_size: int):
             saved[index] = []
             for name in loaded.architecture.linears:
                 weight = block.get_submodule(name).weight
-                rtn = quantize_rtn(weight.detach().float().numpy(), bits, group_size).dequantize()
+                decoded = decode(f"{blocks_name}.{index}.{name}", weight.detach().float().numpy())
+                if decoded is None:
+                    continue
                 saved[index].append((weight, weight.data))
-                weight.data = torch.from_numpy(rtn).to(weight.dtype)
+                weight.data = torch.from_numpy(decoded).to(weight.dtype)
         return hook
 
     def swap_out(index):
@@ -97,6 +101,11 @@ def rtn_while_running(loaded: LoadedModel, bits: int, group_size: int):
         for pairs in saved.values():
             for weight, data in pairs:
                 weight.data = data
+
+
+def rtn_while_running(loaded: LoadedModel, bits: int, group_size: int):
+    """Each decoder block runs with its Linears' weights replaced by their RTN decoding (decoded_while_running)."""
+    return decoded_while_running(loaded, lambda _name, w: quantize_rtn(w, bits, group_size).dequantize())
 
 
 def score_before(loaded: LoadedModel, held: torch.Tensor, budget_bits: float) -> dict:

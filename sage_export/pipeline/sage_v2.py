@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, replace
 
@@ -21,13 +22,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..materialize import apply_dequantized, install_packed
+from ..materialize import apply_dequantized, dense_weight, install_packed
 from ..models import LoadedModel, quantizable_linears
 from ..format.sage_layout import stored_bytes
 from ..quant.budget import Allocation, BudgetError, Option, allocate, floored, neighbours
 from ..quant.compensate import compensate_sage, compensate_validated
 from ..quant.config import V2_MATRIX, SageConfig, SageRecipe
 from ..quant.sage import quantize_sage, sage_options
+from .guard import decoded_while_running, mean_nll
 from .layer_stats import LayerStats, block_hessians, block_outputs, collect_layer_stats
 from .workers import MatrixPool
 
@@ -105,17 +107,19 @@ class Measurements:
     n_weights: int
     timings: dict
     sizes: list[int] | None = None  # weights per matrix, in the order of names
+    power_choice: dict | None = None  # recipe.activation_power_candidates: each power's validation score
 
 
 def measure_v2(loaded: LoadedModel, recipe: SageRecipe, cfg: SageConfig, seeds: dict[str, int],
                calib: torch.Tensor | None, pool: MatrixPool, progress: bool = True,
                validation: torch.Tensor | None = None) -> Measurements:
-    """Steps 1 and 2 on the unquantized model: calibration statistics, then every matrix's options.
-    validation: rows kept out of the statistics, for recipe.compensate_candidates."""
+    """Steps 1 and 2 on the unquantized model: calibration statistics, then every matrix's options (at the
+    activation power that validation rows choose, with recipe.activation_power_candidates).
+    validation: rows kept out of the statistics, for the candidates of the recipe."""
     start = time.perf_counter()
     stats = None
-    if recipe.validates_compensation and validation is None:
-        raise ValueError("compensate_candidates needs validation rows")
+    if recipe.needs_validation and validation is None:
+        raise ValueError("compensate_candidates and activation_power_candidates need validation rows")
     if recipe.needs_calibration:
         stats = collect_layer_stats(loaded.model, loaded.architecture, calib, recipe.layer_sensitivity,
                                     keep_inputs=recipe.compensate, progress=progress,
@@ -124,7 +128,54 @@ def measure_v2(loaded: LoadedModel, recipe: SageRecipe, cfg: SageConfig, seeds: 
         if not (recipe.activation_weighting or recipe.layer_sensitivity):
             stats.input_energy, stats.sensitivity = {}, None  # compensation only: no weighting anywhere else
     timings = {"statistics_s": round(time.perf_counter() - start, 1)}
+    if recipe.activation_power_candidates:
+        return choose_activation_power(loaded, recipe, cfg, seeds, stats, pool, validation, progress, timings)
     return measure_options(loaded, recipe, cfg, seeds, stats, pool, progress, timings)
+
+
+def choose_activation_power(loaded: LoadedModel, recipe: SageRecipe, cfg: SageConfig, seeds: dict[str, int],
+                            stats: LayerStats, pool: MatrixPool, validation: torch.Tensor, progress: bool = True,
+                            timings: dict | None = None) -> Measurements:
+    """The options at each of recipe.activation_power_candidates, and the measurements of the power whose
+    allocation, built without compensation (which does not depend on the power), gives the model the lowest
+    mean loss on the validation rows. Those rows are in no statistic, and the guard's rows are not them."""
+    timings = dict(timings or {})
+    start = time.perf_counter()
+    scored = []
+    for power in recipe.activation_power_candidates:
+        trial = replace(recipe, activation_power=power, activation_power_candidates=())
+        measured = measure_options(loaded, trial, cfg, seeds, stats, pool, progress)
+        scored.append((validation_nll(loaded, trial, cfg, seeds, measured, pool, validation, progress), measured))
+    best = min(range(len(scored)), key=lambda i: scored[i][0])  # ties: the first candidate
+    measurements = scored[best][1]
+    timings["activation_power_choice_s"] = round(time.perf_counter() - start, 1)
+    measurements.timings = {**timings, "options_s": measurements.timings["options_s"]}
+    measurements.power_choice = {
+        "chosen": recipe.activation_power_candidates[best],
+        "candidates": [{"activation_power": power, "validation_ppl": math.exp(nll)}
+                       for power, (nll, _) in zip(recipe.activation_power_candidates, scored)],
+        "validation_rows": int(validation.shape[0]),
+        "tokens_scored": int(validation.shape[0] * (validation.shape[1] - 1)),
+    }
+    return measurements
+
+
+def validation_nll(loaded: LoadedModel, recipe: SageRecipe, cfg: SageConfig, seeds: dict[str, int],
+                   measurements: Measurements, pool: MatrixPool, validation: torch.Tensor,
+                   progress: bool = True) -> float:
+    """Mean next-token loss on the validation rows of the model with every matrix at the budget's choice from
+    these measurements, uncompensated; the model itself is left as it was."""
+    plan = plan_budget(measurements, seeds, recipe.bits, recipe.floor_gap)
+    items = (_finish_item(plan, recipe, cfg, name, loaded.weight(name), None) for name in measurements.names)
+    built = dict(zip(measurements.names, tqdm(pool.map(_finish, items), total=len(measurements.names),
+                                              desc=f"quantize: trying a={recipe.activation_power:g}", unit="layer",
+                                              disable=not progress)))
+    with loaded.running_weights(), decoded_while_running(loaded, lambda name, _w: _decoded(built.get(name))):
+        return mean_nll(loaded.model, validation)
+
+
+def _decoded(result) -> np.ndarray | None:
+    return None if result is None else dense_weight(result)
 
 
 def measure_options(loaded: LoadedModel, recipe: SageRecipe, cfg: SageConfig, seeds: dict[str, int],
@@ -290,6 +341,7 @@ def finish_v2(loaded: LoadedModel, recipe: SageRecipe, cfg: SageConfig, seeds: d
         "price": plan.allocation.price,
         "recipe": recipe.to_dict(),
         "statistics_tokens": None if stats is None else stats.tokens,
+        **({"activation_power_choice": measurements.power_choice} if measurements.power_choice else {}),
         "timings": timings,
     }
     return results, summary

@@ -209,6 +209,12 @@ class SageRecipe:
     # spreads its care over more input channels instead of the few with massive activations. Chosen on dev data
     # (docs/sage_v2.md): 0.5 beat 1 on both dev texts of SmolLM2-135M and of Qwen2.5-Coder-1.5B.
     activation_power: float = 0.5
+    # ... or, per model, each of these powers: the options are measured at each, each allocation is built without
+    # compensation, and the model's mean loss on validation rows (sampled apart, never in a statistic) picks the
+    # power the rest of the run uses. The families want different powers (docs/sage_v2.md: ½ for SmolLM2-135M, ¼
+    # for Qwen2.5-Coder-1.5B on their dev texts), and a model's own held-out tokens are all a user's run has.
+    # Empty: activation_power alone.
+    activation_power_candidates: tuple[float, ...] = ()
     # No matrix is given fewer than bits − floor_gap true bits (None: no floor). The budget then cannot buy a few
     # matrices' precision by pushing others far below the average, where the error model is least reliable.
     floor_gap: float | None = None
@@ -256,6 +262,11 @@ class SageRecipe:
         """Whether finishing needs validation rows (compensate_candidates)."""
         return self.compensate and bool(self.compensate_candidates)
 
+    @property
+    def needs_validation(self) -> bool:
+        """Whether the run needs validation rows: to judge the compensation or to choose the activation power."""
+        return self.validates_compensation or bool(self.activation_power_candidates)
+
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
@@ -274,6 +285,12 @@ class SageRecipe:
             raise ValueError(f"SAGE recipe: sensitivity_power must be in [0, 2], got {self.sensitivity_power!r}")
         if not _is_number(self.activation_power) or not 0 <= self.activation_power <= 2:
             raise ValueError(f"SAGE recipe: activation_power must be in [0, 2], got {self.activation_power!r}")
+        powers = self.activation_power_candidates
+        if not all(_is_number(a) and 0 <= a <= 2 for a in powers) or len(set(powers)) != len(powers):
+            raise ValueError("SAGE recipe: activation_power_candidates must be distinct numbers in [0, 2], "
+                             f"got {powers!r}")
+        if powers and not self.activation_weighting:
+            raise ValueError("SAGE recipe: activation_power_candidates needs activation weighting")
         if self.floor_gap is not None and (not _is_number(self.floor_gap) or not self.floor_gap >= 0):
             raise ValueError(f"SAGE recipe: floor_gap must be a number >= 0 or null, got {self.floor_gap!r}")
         if not _is_number(self.compensate_min_tokens_per_column) or self.compensate_min_tokens_per_column < 0:

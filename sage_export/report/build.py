@@ -106,6 +106,8 @@ def render_markdown(rep: dict, plots: list[str]) -> str:
            f"({b['fp16_bytes'] / b['packed_bytes']:.1f}× smaller).", ""]
     if rep.get("files"):
         out += ["| file | bytes |", "|---|---|"] + [f"| {k} | {v:,} |" for k, v in rep["files"].items()] + [""]
+    if (rep.get("budget") or {}).get("activation_power_choice"):
+        out += power_choice_section(rep["budget"]["activation_power_choice"])
     if rep.get("guard"):
         out += guard_section(rep["guard"])
     if rep.get("perplexity"):
@@ -140,6 +142,14 @@ def render_markdown(rep: dict, plots: list[str]) -> str:
     out += [f"| {k} | {v:.1f} | {peaks[k]:,.0f} |" if k in peaks else f"| {k} | {v:.1f} | |"
             for k, v in rep.get("timings", {}).items()]
     return "\n".join(out) + "\n"
+
+
+def power_choice_section(choice: dict) -> list[str]:
+    """Which activation power the validation rows chose (SageRecipe.activation_power_candidates), with each score."""
+    scores = ", ".join(f"a = {c['activation_power']:g}: {c['validation_ppl']:.3f}" for c in choice["candidates"])
+    return [f"Activation power **{choice['chosen']:g}**, chosen by the perplexity of each power's uncompensated "
+            f"result on {choice['tokens_scored']} validation tokens ({choice['validation_rows']} self-sampled rows "
+            f"that no statistic and not the guard used): {scores}.", ""]
 
 
 def guard_section(guard: dict) -> list[str]:
