@@ -36,10 +36,11 @@ def _add_quantizer_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--graph-samples", type=int, help="unsalient values subsampled for the kNN graph")
     g.add_argument("--no-activation-weighting", action="store_true", help="v2 ablation: errors not weighted by h")
     g.add_argument("--activation-power", type=float, metavar="A",
-                   help="v2: column weights m·(h/m)^A (default 0.5; 1 weights errors by h itself)")
+                   help="v2: column weights m·(h/m)^A at this one power (default: chosen per model from "
+                        "--activation-power-candidates; 1 weights errors by h itself)")
     g.add_argument("--activation-power-candidates", type=float, nargs="+", metavar="A",
-                   help="v2 option: try each power A (e.g. 0.5 0.25) and keep the one whose uncompensated result "
-                        "scores best on extra self-held-out rows (see docs/sage_v2.md)")
+                   help="v2: the powers tried (default 0.5 0.25): the one whose uncompensated result scores best on "
+                        "extra self-sampled held-out rows is kept (see docs/sage_v2.md)")
     g.add_argument("--no-sensitivity", action="store_true", help="v2 ablation: layers not weighted by sensitivity")
     g.add_argument("--graph-groups", action="store_true", help="v2 ablation: G from the kNN graph, not the budget")
     g.add_argument("--no-rho-price", action="store_true", help="v2 ablation: ρ search on error alone (no bit price)")

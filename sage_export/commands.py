@@ -34,6 +34,9 @@ def _sage_params(args) -> dict:
         if given:
             raise UserError(f"{given[0]} is a paper-preset option (v2 chooses G and ρ per matrix under --bits); "
                             "add --preset paper")
+        if args.activation_power is not None and getattr(args, "activation_power_candidates", None) is not None:
+            raise UserError("give --activation-power (one power) or --activation-power-candidates (a choice), "
+                            "not both")
         if args.bits is not None:
             params["bits"] = args.bits
         if args.activation_power is not None:

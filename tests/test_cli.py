@@ -102,7 +102,7 @@ def test_compensate_candidates_sample_validation_rows_apart_from_the_guard(tiny_
                  "0.5", "1", *FAST]) == 0
     rep = json.loads((out / "report.json").read_text())
     plain = json.loads((tiny_run / "report.json").read_text())
-    assert rep["calibration"]["validation_samples"] == 2 and "validation_samples" not in plain["calibration"]
+    assert rep["calibration"]["validation_samples"] == plain["calibration"]["validation_samples"] == 2
     assert rep["calibration"]["tokens"] == plain["calibration"]["tokens"]
     assert rep["guard"]["fp_ppl"] == plain["guard"]["fp_ppl"]  # the same held-out rows, scored the same
     assert rep["method"]["params"]["compensate_candidates"] == [0.0, 0.5, 1.0]
@@ -112,21 +112,37 @@ def test_compensate_candidates_sample_validation_rows_apart_from_the_guard(tiny_
                                   "--compensate-candidates", "0", "1"), "--compensate-candidates needs the v2")
 
 
-def test_activation_power_candidates_choose_on_validation_rows_and_say_so(tiny_llama_dir, tiny_run, tmp_path):
-    """--activation-power-candidates: the chosen power and each candidate's validation score reach report.json
-    and report.md; the guard still scores the default run's own held-out rows."""
-    out = tmp_path / "powers"
-    assert main(["quantize", str(tiny_llama_dir), "--out", str(out), "--seed", "3", "--activation-power-candidates",
-                 "0.5", "0.25", *FAST]) == 0
-    rep = json.loads((out / "report.json").read_text())
-    plain = json.loads((tiny_run / "report.json").read_text())
+def test_the_default_chooses_the_activation_power_on_validation_rows_and_says_so(tiny_llama_dir, tiny_run,
+                                                                                  tmp_path):
+    """The default run tries each power of activation_power_candidates and keeps the best on its validation rows:
+    the choice and each candidate's score reach report.json and report.md, the guard still scores its own rows. One
+    --activation-power means that power alone (no validation rows); other candidates can be given."""
+    rep = json.loads((tiny_run / "report.json").read_text())
     choice = rep["budget"]["activation_power_choice"]
     assert [c["activation_power"] for c in choice["candidates"]] == [0.5, 0.25]
     assert choice["chosen"] == min(choice["candidates"], key=lambda c: c["validation_ppl"])["activation_power"]
-    assert rep["calibration"]["validation_samples"] == 2 and rep["guard"]["fp_ppl"] == plain["guard"]["fp_ppl"]
-    assert f"Activation power **{choice['chosen']:g}**" in (out / "report.md").read_text()
+    assert rep["budget"]["recipe"]["activation_power_candidates"] == [0.5, 0.25]
+    assert rep["calibration"]["validation_samples"] == 2 and rep["guard"]["held_out"]["rows"] == 2
+    assert f"Activation power **{choice['chosen']:g}**" in (tiny_run / "report.md").read_text()
+    out = tmp_path / "one"
+    assert main(["quantize", str(tiny_llama_dir), "--out", str(out), "--seed", "3", "--activation-power", "0.5",
+                 *FAST]) == 0
+    one = json.loads((out / "report.json").read_text())
+    assert "activation_power_choice" not in one["budget"] and "validation_samples" not in one["calibration"]
+    assert one["guard"]["fp_ppl"] == rep["guard"]["fp_ppl"]  # the same held-out rows
+    if choice["chosen"] == 0.5:  # then the default run is exactly this one-power run
+        assert (out / "checkpoint" / "packed.safetensors").read_bytes() == \
+            (tiny_run / "checkpoint" / "packed.safetensors").read_bytes()
+    out = tmp_path / "three"
+    assert main(["quantize", str(tiny_llama_dir), "--out", str(out), "--seed", "3", "--activation-power-candidates",
+                 "1", "0.5", "0.25", *FAST]) == 0
+    three = json.loads((out / "report.json").read_text())["budget"]["activation_power_choice"]
+    assert [c["activation_power"] for c in three["candidates"]] == [1.0, 0.5, 0.25]
     assert_one_line_error(run_cli("quantize", tiny_llama_dir, "--out", tmp_path / "p", "--preset", "paper",
                                   "--activation-power-candidates", "0.5"), "--activation-power-candidates needs the v2")
+    assert_one_line_error(run_cli("quantize", tiny_llama_dir, "--out", tmp_path / "b", "--activation-power", "0.5",
+                                  "--activation-power-candidates", "0.5", "0.25"), "not both")
+    assert not (tmp_path / "b").exists()
 
 
 def test_a_wrong_onnx_result_fails_the_command(tiny_llama_dir, tmp_path, monkeypatch, capsys):

@@ -128,10 +128,13 @@ def test_sensitivity_is_the_mean_squared_output_gradient(loaded):
 @pytest.fixture(scope="module")
 def measured(loaded):
     ids, _ = calibration_tokens(loaded, None, 8, 32, seed=0, progress=False)
+    held, _ = calibration_tokens(loaded, None, 2, 32, seed=1, progress=False)  # the default chooses the power
     method = Method("sage", {"preset": "v2"})
     seeds = layer_seeds(loaded, 0)
     with MatrixPool(1) as pool:
-        m = measure_v2(loaded, method.sage_recipe(), method.sage_config(), seeds, ids, pool, progress=False)
+        m = measure_v2(loaded, method.sage_recipe(), method.sage_config(), seeds, ids, pool, progress=False,
+                       validation=held)
+    assert m.power_choice["chosen"] in method.sage_recipe().activation_power_candidates
     return seeds, m
 
 
@@ -213,7 +216,7 @@ def test_activation_energy_and_sensitivity_reach_option_measurement(loaded, monk
     monkeypatch.setattr(v2, "sage_options", spy)
     ids, _ = calibration_tokens(loaded, None, 4, 16, seed=0, progress=False)
     method = Method("sage", {"preset": "v2"})
-    recipe = replace(method.sage_recipe(), sensitivity_power=0.5)
+    recipe = replace(method.sage_recipe(), sensitivity_power=0.5, activation_power_candidates=())  # one pass
     seeds = layer_seeds(loaded, 0)
     with MatrixPool(1) as pool:
         m = measure_v2(loaded, recipe, method.sage_config(), seeds, ids, pool, progress=False)
@@ -272,7 +275,7 @@ def test_validation_rows_stay_out_of_the_statistics_and_pick_each_compensation(l
     with compensate_candidates every compensated matrix records which shrink its validation error kept."""
     ids, _ = calibration_tokens(loaded, None, 8, 32, seed=0, progress=False)
     held, _ = calibration_tokens(loaded, None, 2, 32, seed=1, progress=False)
-    method = Method("sage", {"preset": "v2"})
+    method = Method("sage", {"preset": "v2", "activation_power": 0.5})  # one power: no rows needed for it
     seeds = layer_seeds(loaded, 0)
     with MatrixPool(1) as pool:
         plain = measure_v2(loaded, method.sage_recipe(), method.sage_config(), seeds, ids, pool, progress=False)

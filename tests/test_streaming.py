@@ -95,10 +95,12 @@ def test_streamed_v2_matches_in_memory_from_sampled_calibration_to_packed_bytes(
                                    for b in blocks if hasattr(b.self_attn.q_proj, "weight")))
 
     handles = [b.register_forward_pre_hook(count) for b in blocks]
-    q_streamed = quantize_model(streamed, V2, seed=4, calib=ids_s, progress=False, jobs=1)
+    held, _ = calibration_tokens(full, None, 2, 24, seed=3, progress=False)  # the power is chosen on these
+    q_streamed = quantize_model(streamed, V2, seed=4, calib=ids_s, progress=False, jobs=1, validation=held)
     for h in handles:
         h.remove()
-    q_full = quantize_model(full, V2, seed=4, calib=ids_f, progress=False, jobs=1)
+    q_full = quantize_model(full, V2, seed=4, calib=ids_f, progress=False, jobs=1, validation=held)
+    assert q_streamed.budget["activation_power_choice"] == q_full.budget["activation_power_choice"]
     assert resident_blocks and max(resident_blocks) == 1
     assert q_streamed.budget["true_bits"] == q_full.budget["true_bits"]
     for name, result in q_streamed.layers.items():
@@ -118,8 +120,9 @@ def test_streamed_sequential_inputs_match_in_memory(biased_dir):
     method = Method("sage", {**V2.params, "sequential_inputs": True, "compensate_min_tokens_per_column": 0})
     streamed, full = load_model(biased_dir, stream=True), load_model(biased_dir)
     ids, _ = calibration_tokens(full, None, 4, 24, seed=2, progress=False)
-    q_streamed = quantize_model(streamed, method, seed=4, calib=ids, progress=False, jobs=1)
-    q_full = quantize_model(full, method, seed=4, calib=ids, progress=False, jobs=1)
+    held, _ = calibration_tokens(full, None, 2, 24, seed=3, progress=False)
+    q_streamed = quantize_model(streamed, method, seed=4, calib=ids, progress=False, jobs=1, validation=held)
+    q_full = quantize_model(full, method, seed=4, calib=ids, progress=False, jobs=1, validation=held)
     assert q_streamed.budget["recipe"]["sequential_inputs"] is True
     for name, result in q_streamed.layers.items():
         a, b = result.packed().tensors(), q_full.layers[name].packed().tensors()

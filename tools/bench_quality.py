@@ -97,7 +97,10 @@ def quantize_v2_shared(loaded, work, method: Method, args, calib, cache: dict) -
 
     recipe, cfg = method.sage_recipe(), method.sage_config()
     seeds = layer_seeds(loaded, args.seed)
-    key = json.dumps({k: v for k, v in method.params.items() if k != "bits"}, sort_keys=True)
+    # One measurement serves every budget, except that the activation power is chosen at the budget (its trial
+    # builds are allocations at recipe.bits).
+    shared = {k: v for k, v in method.params.items() if k != "bits" or recipe.activation_power_candidates}
+    key = json.dumps(shared, sort_keys=True)
     start = time.perf_counter()
     with MatrixPool(None) as pool:
         if key not in cache:

@@ -52,11 +52,11 @@ def parse_text(spec: str) -> tuple[str, Path]:
 
 
 def quantize(loaded, method, seed: int, calib=None, calib_info: dict | None = None,
-             layers_out: Path | None = None) -> dict:
+             layers_out: Path | None = None, validation=None) -> dict:
     from sage_export.pipeline.quantize import quantize_model
     from sage_export.report.build import bits_summary, layer_rows
 
-    qmodel = quantize_model(loaded, method, seed, calib, calib_info)
+    qmodel = quantize_model(loaded, method, seed, calib, calib_info, validation=validation)
     layers = layer_rows(qmodel.layers)
     bits = bits_summary(layers)
     out = {"true_bits": bits["true_bits"], "paper_weight_bits": bits["paper_weight_bits"],
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     stamp = {"machine": machine_name(), "date": dt.date.today().isoformat(), "commit": git_commit(),
              "command": "python tools/bench_texts.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
     loaded, texts, dirty = None, None, True
-    calib, calib_info = None, None
+    calib, calib_info, validation = None, None, None
     for method in methods:
         if dirty:
             start = time.perf_counter()
@@ -233,11 +233,20 @@ def main(argv: list[str] | None = None) -> int:
             calib, calib_info = calibration_tokens(loaded, args.calib_text, args.calib_samples, args.calib_seqlen,
                                                    args.seed, prompted=args.calib_from == "prompts")
             print(f"calibration: {calib_info}", flush=True)
+        if method.preset == "v2" and method.sage_recipe().needs_validation and validation is None:
+            from sage_export.pipeline.calibration import validation_tokens
+            from sage_export.pipeline.guard import held_out_rows
+
+            rows = held_out_rows(args.calib_samples)  # as many as a sage-export run samples
+            validation = validation_tokens(loaded, args.calib_text, rows, args.calib_seqlen, args.seed,
+                                           prompted=args.calib_from == "prompts")
+            calib_info = dict(calib_info, validation_samples=rows)
         base = {"variant": method.label, "method": method.to_dict(), "model": str(loaded.source.description),
                 "model_name": Path(args.model).name, "ctx": args.ctx}
         if method.name != "fp":
             base.update(quantize(loaded, method, args.seed, calib if method.needs_calibration else None,
-                                 calib_info if method.needs_calibration else None, args.layers_out))
+                                 calib_info if method.needs_calibration else None, args.layers_out,
+                                 validation if method.preset == "v2" else None))
             dirty = True
             print(f"{method.label}: {base['true_bits']:.3f} true bits, quantized in {base['quant_time_s']} s",
                   flush=True)

@@ -55,8 +55,9 @@ def parse_variant(spec: str) -> tuple[str, dict]:
     return name, fields
 
 
-def recipe_for(base: SageRecipe, fields: dict) -> SageRecipe:
-    recipe = replace(base, **fields)
+def recipe_for(base: SageRecipe | None, fields: dict) -> SageRecipe:
+    """base with fields over it; base None: the defaults, as the CLI builds them (SageRecipe.from_fields)."""
+    recipe = SageRecipe.from_fields(fields) if base is None else replace(base, **fields)
     recipe.validate()
     return recipe
 
@@ -105,11 +106,12 @@ def allocation_summary(measurements, plan) -> dict:
 
 def cmd_measure(args) -> int:
     from sage_export.pipeline.calibration import calibration_tokens, validation_tokens
+    from sage_export.pipeline.guard import held_out_rows
     from sage_export.pipeline.quantize import layer_seeds
     from sage_export.pipeline.sage_v2 import choose_activation_power, measure_options, measure_v2
     from sage_export.pipeline.workers import MatrixPool
 
-    recipe = recipe_for(SageRecipe(), parse_variant(":" + args.recipe)[1])
+    recipe = recipe_for(None, parse_variant(":" + args.recipe)[1])
     matrix_fields = parse_variant(":" + args.matrix)[1]
     cfg = replace(V2_MATRIX, **matrix_fields)
     cfg.validate()
@@ -131,6 +133,8 @@ def cmd_measure(args) -> int:
         calib, calib_info = calibration_tokens(loaded, args.calib_text, args.calib_samples, args.calib_seqlen,
                                                args.seed, prompted=args.calib_from == "prompts")
         validation = None
+        if recipe.needs_validation and not args.validation_samples:
+            args.validation_samples = held_out_rows(args.calib_samples)  # as many as a sage-export run samples
         if args.validation_samples:  # sampled apart (seed + 1), so the calibration rows stay those of a plain measure
             validation = validation_tokens(loaded, args.calib_text, args.validation_samples, args.calib_seqlen,
                                            args.seed, prompted=args.calib_from == "prompts")
@@ -249,6 +253,9 @@ def render_md(doc: dict) -> str:
         source = cal.get("source", "?") + ("+prompts" if cal.get("start") == "prompts" else "")
         cal_label = f"{source} {cal.get('samples', '?')}×{cal.get('seqlen', '?')}"
         fields = ", ".join(f"{k}={v}" for k, v in {**r.get("matrix", {}), **r["fields"]}.items()) or "(default recipe)"
+        if r.get("power_choice"):
+            choice = r["power_choice"]
+            fields += f" (a = {choice['chosen']:g} chosen at {choice.get('budget_bits', '?')} bits)"
         out.append(f"| {r['model']} | {r['variant']} | {fields} | {cal_label} | {r['true_bits']:.3f} | "
                    + " | ".join(f"{ppl[lab]:.3f}" if lab in ppl else "—" for lab in labels) + " |")
     first = rows[0] if rows else None
@@ -301,7 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--seed", type=int, help=f"default {CALIB_DEFAULTS['seed']}")
     m.add_argument("--matrix", default="", help="per-matrix SageConfig fields over V2_MATRIX's, key=value,...")
     m.add_argument("--validation-samples", type=int, default=0,
-                   help="rows sampled apart (seed + 1) and kept out of the statistics, for compensate_candidates")
+                   help="rows sampled apart (seed + 1) and kept out of the statistics, for compensate_candidates and "
+                        "activation_power_candidates (default: an eighth of the calibration where the recipe needs "
+                        "them, else none)")
     m.add_argument("--stats-from", type=Path, help="reuse this saved measurement's calibration and statistics")
     m.add_argument("--recipe", default="", help="recipe fields the options depend on (activation_power=1, ...)")
     pl = sub.add_parser("plan")

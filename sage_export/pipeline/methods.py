@@ -57,7 +57,7 @@ class Method:
 
         if self.preset != "v2":
             return None
-        return SageRecipe(**{k: v for k, v in self.params.items() if k in RECIPE_FIELDS})
+        return SageRecipe.from_fields({k: v for k, v in self.params.items() if k in RECIPE_FIELDS})
 
     def sage_config(self):
         """The per-matrix SageConfig: SPEC §2's defaults for the paper preset, V2_MATRIX's for v2, each with the

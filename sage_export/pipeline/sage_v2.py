@@ -3,7 +3,8 @@
 1. Calibration statistics from the unquantized model (layer_stats.py): each Linear's input energy h and its
    loss sensitivity s, so that errors are weighted the way the model feels them.
 2. Options: every matrix is measured at each G of the recipe and each ρ of its grid (weighted error, exact
-   stored bytes); the kNN graph's proposed G is recorded next to them.
+   stored bytes); the kNN graph's proposed G is recorded next to them. With activation_power_candidates this runs
+   once per column-weight power, and the power whose uncompensated allocation scores best on validation rows stays.
 3. Budget: one price per stored byte is found at which the matrices' cheapest options (error + price·bytes)
    meet the target true bits (quant/budget.py).
 4. Per matrix, the Brent search refines ρ between the chosen grid point's neighbours, minimising
@@ -152,6 +153,7 @@ def choose_activation_power(loaded: LoadedModel, recipe: SageRecipe, cfg: SageCo
     measurements.timings = {**timings, "options_s": measurements.timings["options_s"]}
     measurements.power_choice = {
         "chosen": recipe.activation_power_candidates[best],
+        "budget_bits": recipe.bits,  # the trial allocations' budget
         "candidates": [{"activation_power": power, "validation_ppl": math.exp(nll)}
                        for power, (nll, _) in zip(recipe.activation_power_candidates, scored)],
         "validation_rows": int(validation.shape[0]),

@@ -209,12 +209,12 @@ class SageRecipe:
     # spreads its care over more input channels instead of the few with massive activations. Chosen on dev data
     # (docs/sage_v2.md): 0.5 beat 1 on both dev texts of SmolLM2-135M and of Qwen2.5-Coder-1.5B.
     activation_power: float = 0.5
-    # ... or, per model, each of these powers: the options are measured at each, each allocation is built without
-    # compensation, and the model's mean loss on validation rows (sampled apart, never in a statistic) picks the
-    # power the rest of the run uses. The families want different powers (docs/sage_v2.md: ½ for SmolLM2-135M, ¼
-    # for Qwen2.5-Coder-1.5B on their dev texts), and a model's own held-out tokens are all a user's run has.
-    # Empty: activation_power alone.
-    activation_power_candidates: tuple[float, ...] = ()
+    # ... or rather, per model, the best of these powers: the options are measured at each, each allocation is built
+    # without compensation, and the model's mean loss on validation rows (sampled apart, in no statistic) picks the
+    # power the rest of the run uses. The families want different powers on their dev texts (docs/sage_v2.md: ½
+    # for SmolLM2-135M, ¼ for Qwen2.5-Coder-1.5B), and this choice picks each one's. Empty: activation_power alone
+    # (an explicit activation_power means that, see from_fields).
+    activation_power_candidates: tuple[float, ...] = (0.5, 0.25)
     # No matrix is given fewer than bits − floor_gap true bits (None: no floor). The budget then cannot buy a few
     # matrices' precision by pushing others far below the average, where the error model is least reliable.
     floor_gap: float | None = None
@@ -252,6 +252,16 @@ class SageRecipe:
     option_rows: float = 1.0
     option_min_rows: int = 256
     option_lloyd_tol: float = 1e-3
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, Any]) -> "SageRecipe":
+        """The recipe with these fields over the defaults, where a power given alone, or no activation weighting,
+        also empties the default activation_power_candidates: asking for one power means that power."""
+        fields = dict(fields)
+        if "activation_power_candidates" not in fields and ("activation_power" in fields
+                                                             or fields.get("activation_weighting") is False):
+            fields["activation_power_candidates"] = ()
+        return cls(**fields)
 
     @property
     def needs_calibration(self) -> bool:
