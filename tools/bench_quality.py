@@ -84,7 +84,8 @@ def quantize_and_measure_bits(loaded, method: Method, args, calib, v2_cache: dic
     row.update(quant_time_s=round(qmodel.time_s, 1), calibration=qmodel.calibration,
                n_groups_mean=_mean(rows, "n_groups"), rho_mean=_mean(rows, "realised_rho"), _model=work.model)
     if qmodel.budget:
-        row["budget"] = {k: qmodel.budget[k] for k in ("budget_bits", "planned_bits", "true_bits", "timings")}
+        row["budget"] = {k: qmodel.budget[k] for k in ("budget_bits", "planned_bits", "true_bits", "timings",
+                                                        "activation_power_choice") if k in qmodel.budget}
     with tempfile.TemporaryDirectory() as tmp:
         write_checkpoint(Path(tmp), work, qmodel, {"variant": method.label})
         row["packed_file_bytes"] = (Path(tmp) / "packed.safetensors").stat().st_size
@@ -174,7 +175,9 @@ def calib_label(row: dict) -> str:
     source = "self-generated" if info.get("source") == "self-generated" else Path(info.get("text", "?")).name
     if info.get("start") == "prompts":  # after the built-in prompts; plain: from BOS (rows before 2026-12-06)
         source += "+prompts"
-    return f"{source} {info['samples']}×{info['seqlen']}"
+    # validation rows (seed + 1) chose something (the activation power, compensations): a row of its own
+    extra = f" +{info['validation_samples']} validation" if info.get("validation_samples") else ""
+    return f"{source} {info['samples']}×{info['seqlen']}{extra}"
 
 
 def render_md(doc: dict) -> str:
