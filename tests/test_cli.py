@@ -122,6 +122,7 @@ def test_the_default_chooses_the_activation_power_on_validation_rows_and_says_so
     assert [c["activation_power"] for c in choice["candidates"]] == [0.5, 0.25]
     assert choice["chosen"] == min(choice["candidates"], key=lambda c: c["validation_ppl"])["activation_power"]
     assert rep["budget"]["recipe"]["activation_power_candidates"] == [0.5, 0.25]
+    assert rep["budget"]["recipe"]["activation_power"] == choice["chosen"]  # the recipe as it ran
     assert rep["calibration"]["validation_samples"] == 2 and rep["guard"]["held_out"]["rows"] == 2
     assert f"Activation power **{choice['chosen']:g}**" in (tiny_run / "report.md").read_text()
     out = tmp_path / "one"

@@ -268,6 +268,14 @@ def quantize_v2(loaded: LoadedModel, recipe: SageRecipe, cfg: SageConfig, seeds:
     return finish_v2(loaded, recipe, cfg, seeds, measurements, pool, progress)
 
 
+def effective_recipe(recipe: SageRecipe, measurements: Measurements) -> dict:
+    """The recipe as it ran: with the activation power the validation rows chose, where they chose one."""
+    ran = recipe.to_dict()
+    if measurements.power_choice:
+        ran["activation_power"] = measurements.power_choice["chosen"]
+    return ran
+
+
 def finish_v2(loaded: LoadedModel, recipe: SageRecipe, cfg: SageConfig, seeds: dict[str, int],
               measurements: Measurements, pool: MatrixPool, progress: bool = True,
               keep_measurements: bool = False) -> tuple[dict, dict]:
@@ -341,7 +349,7 @@ def finish_v2(loaded: LoadedModel, recipe: SageRecipe, cfg: SageConfig, seeds: d
         "planned_bits": plan.allocation.true_bits,
         "true_bits": 8 * n_bytes / plan.allocation.n_weights,
         "price": plan.allocation.price,
-        "recipe": recipe.to_dict(),
+        "recipe": effective_recipe(recipe, measurements),
         "statistics_tokens": None if stats is None else stats.tokens,
         **({"activation_power_choice": measurements.power_choice} if measurements.power_choice else {}),
         "timings": timings,
