@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,11 +28,18 @@ def test_stats_from_refuses_calibration_options(tmp_path):
     assert not (tmp_path / "x.pt").exists()
 
 
-def test_stats_from_keeps_calibration_and_remeasures_options(tiny_llama_dir, tmp_path):
-    first, second = tmp_path / "a05.pt", tmp_path / "a1.pt"
-    proc = _measure("--model", str(tiny_llama_dir), "--out", str(first), "--calib-samples", "4",
+@pytest.fixture(scope="module")
+def first(tiny_llama_dir, tmp_path_factory) -> Path:
+    """A default measurement (which samples its validation rows: the default chooses the activation power)."""
+    out = tmp_path_factory.mktemp("screen") / "first.pt"
+    proc = _measure("--model", str(tiny_llama_dir), "--out", str(out), "--calib-samples", "4",
                     "--calib-seqlen", "16", "--seed", "5")
     assert proc.returncode == 0, proc.stderr[-2000:]
+    return out
+
+
+def test_stats_from_keeps_calibration_and_remeasures_options(tiny_llama_dir, first, tmp_path):
+    second = tmp_path / "a1.pt"
     proc = _measure("--model", str(tiny_llama_dir), "--out", str(second), "--stats-from", str(first),
                     "--recipe", "activation_power=1")
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -43,11 +51,8 @@ def test_stats_from_keeps_calibration_and_remeasures_options(tiny_llama_dir, tmp
     assert [o.error for o in a["measurements"].tables[0]] != [o.error for o in b["measurements"].tables[0]]
 
 
-def test_power_candidates_are_chosen_at_measure_and_again_from_saved_statistics(tiny_llama_dir, tmp_path):
-    first, second = tmp_path / "v.pt", tmp_path / "pc.pt"
-    proc = _measure("--model", str(tiny_llama_dir), "--out", str(first), "--calib-samples", "4",
-                    "--calib-seqlen", "16", "--validation-samples", "2")
-    assert proc.returncode == 0, proc.stderr[-2000:]
+def test_power_candidates_are_chosen_at_measure_and_again_from_saved_statistics(tiny_llama_dir, first, tmp_path):
+    second = tmp_path / "pc.pt"
     proc = _measure("--model", str(tiny_llama_dir), "--out", str(second), "--stats-from", str(first),
                     "--recipe", "activation_power_candidates=[1,0.25]")
     assert proc.returncode == 0, proc.stderr[-2000:]

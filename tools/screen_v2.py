@@ -108,7 +108,7 @@ def cmd_measure(args) -> int:
     from sage_export.pipeline.calibration import calibration_tokens, validation_tokens
     from sage_export.pipeline.guard import held_out_rows
     from sage_export.pipeline.quantize import layer_seeds
-    from sage_export.pipeline.sage_v2 import choose_activation_power, measure_options, measure_v2
+    from sage_export.pipeline.sage_v2 import measure_options, measure_v2
     from sage_export.pipeline.workers import MatrixPool
 
     recipe = recipe_for(None, parse_variant(":" + args.recipe)[1])
@@ -124,11 +124,8 @@ def cmd_measure(args) -> int:
             raise SystemExit(f"{args.stats_from} has no validation rows: measure it with --validation-samples")
         stats, timings = earlier["measurements"].stats, {"statistics_from": str(args.stats_from)}
         with MatrixPool() as pool:
-            if recipe.activation_power_candidates:
-                measurements = choose_activation_power(loaded, recipe, cfg, seeds, stats, pool, validation,
-                                                       timings=timings)
-            else:
-                measurements = measure_options(loaded, recipe, cfg, seeds, stats, pool, timings=timings)
+            measurements = measure_options(loaded, recipe, cfg, seeds, stats, pool, timings=timings,
+                                           validation=validation)
     else:
         calib, calib_info = calibration_tokens(loaded, args.calib_text, args.calib_samples, args.calib_seqlen,
                                                args.seed, prompted=args.calib_from == "prompts")

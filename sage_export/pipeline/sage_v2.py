@@ -129,9 +129,7 @@ def measure_v2(loaded: LoadedModel, recipe: SageRecipe, cfg: SageConfig, seeds: 
         if not (recipe.activation_weighting or recipe.layer_sensitivity):
             stats.input_energy, stats.sensitivity = {}, None  # compensation only: no weighting anywhere else
     timings = {"statistics_s": round(time.perf_counter() - start, 1)}
-    if recipe.activation_power_candidates:
-        return choose_activation_power(loaded, recipe, cfg, seeds, stats, pool, validation, progress, timings)
-    return measure_options(loaded, recipe, cfg, seeds, stats, pool, progress, timings)
+    return measure_options(loaded, recipe, cfg, seeds, stats, pool, progress, timings, validation)
 
 
 def choose_activation_power(loaded: LoadedModel, recipe: SageRecipe, cfg: SageConfig, seeds: dict[str, int],
@@ -182,8 +180,11 @@ def _decoded(result) -> np.ndarray | None:
 
 def measure_options(loaded: LoadedModel, recipe: SageRecipe, cfg: SageConfig, seeds: dict[str, int],
                     stats: LayerStats | None, pool: MatrixPool, progress: bool = True,
-                    timings: dict | None = None) -> Measurements:
-    """Step 2 alone: every matrix's options under the recipe's column weights, from statistics already taken."""
+                    timings: dict | None = None, validation: torch.Tensor | None = None) -> Measurements:
+    """Step 2 alone: every matrix's options under the recipe's column weights, from statistics already taken
+    (with recipe.activation_power_candidates, those of the power the validation rows choose)."""
+    if recipe.activation_power_candidates:
+        return choose_activation_power(loaded, recipe, cfg, seeds, stats, pool, validation, progress, timings)
     timings = dict(timings or {})
     start = time.perf_counter()
     linears = quantizable_linears(loaded.model, loaded.architecture)
