@@ -69,9 +69,9 @@ def test_render_only_regenerates_table_and_plot(bench_doc, tmp_path):
     assert (tmp_path / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_v2_budgets_choose_their_power_and_name_their_calibration(tiny_llama_dir, tmp_path):
-    """The default chooses the activation power at each budget (its trial builds are allocations at that budget),
-    on validation rows the calibration label names."""
+def test_v2_budgets_share_one_power_choice_and_name_their_calibration(tiny_llama_dir, tmp_path):
+    """The default chooses the activation power once, at activation_power_bits whatever the row's budget, so every
+    budget finishes one measurement; the validation rows it chose on are named in the calibration label."""
     out = tmp_path / "quality.json"
     run_bench(out, "--model", str(tiny_llama_dir), "--ctx", "64", "--windows", "1", "--variants", "sage:preset=v2",
               "--budgets", "2.5", "3.5", "--calib", "self", "--calib-samples", "4", "--calib-seqlen", "16")
@@ -81,7 +81,9 @@ def test_v2_budgets_choose_their_power_and_name_their_calibration(tiny_llama_dir
         assert abs(r["true_bits"] - budget) <= 0.05 and r["budget"]["budget_bits"] == budget
         assert r["calibration"]["source"] == "self-generated" and r["calibration"]["tokens"] == 64
         assert r["calibration"]["validation_samples"] == 2
-        assert r["budget"]["activation_power_choice"]["budget_bits"] == budget
+        assert r["budget"]["activation_power_choice"]["budget_bits"] == 3.2
+    assert rows["sage-v2(bits=2.5)"]["budget"]["activation_power_choice"] == \
+        rows["sage-v2(bits=3.5)"]["budget"]["activation_power_choice"]
     md = out.with_suffix(".md").read_text()
     assert "| sage-v2(bits=2.5) | self-generated+prompts 4×16 +2 validation | 1 × 64 |" in md
 

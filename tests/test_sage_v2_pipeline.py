@@ -301,9 +301,10 @@ def test_validation_rows_stay_out_of_the_statistics_and_pick_each_compensation(l
 
 
 def test_activation_power_is_chosen_by_the_uncompensated_loss_on_validation_rows(loaded):
-    """With activation_power_candidates each power's options are measured, each allocation is built without
-    compensation and scored on the validation rows with the model otherwise untouched; the lowest loss keeps its
-    measurements, exactly those of a plain run at that power."""
+    """With activation_power_candidates each power's options are measured, each allocation at
+    activation_power_bits (not the run's budget) is built without compensation and scored on the validation rows
+    with the model otherwise untouched; the lowest loss keeps its measurements, exactly those of a plain run at
+    that power."""
     from sage_export.materialize import apply_dequantized
     from sage_export.pipeline.guard import mean_nll
     from sage_export.pipeline.sage_v2 import _finish, _finish_item, plan_budget
@@ -312,7 +313,8 @@ def test_activation_power_is_chosen_by_the_uncompensated_loss_on_validation_rows
     held, _ = calibration_tokens(loaded, None, 2, 32, seed=1, progress=False)
     method = Method("sage", {"preset": "v2"})
     cfg, seeds = method.sage_config(), layer_seeds(loaded, 0)
-    recipe = replace(method.sage_recipe(), activation_power_candidates=(1.0, 0.25))
+    recipe = replace(method.sage_recipe(), activation_power_candidates=(1.0, 0.25), bits=2.5)
+    assert recipe.activation_power_bits == 3.2
     before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
     fp_ppl = np.exp(mean_nll(loaded.model, held))
     with MatrixPool(1) as pool:
@@ -321,6 +323,7 @@ def test_activation_power_is_chosen_by_the_uncompensated_loss_on_validation_rows
         m = measure_v2(loaded, recipe, cfg, seeds, ids, pool, progress=False, validation=held)
         scores = {c["activation_power"]: c["validation_ppl"] for c in m.power_choice["candidates"]}
         assert list(scores) == [1.0, 0.25] and m.power_choice["chosen"] == min(scores, key=scores.get)
+        assert m.power_choice["budget_bits"] == 3.2
         for name, state in loaded.model.state_dict().items():  # trying the powers left the model as it was
             torch.testing.assert_close(state, before[name], rtol=0, atol=0)
         for power, ppl in scores.items():  # each score: that power's uncompensated model on the validation rows
@@ -328,7 +331,7 @@ def test_activation_power_is_chosen_by_the_uncompensated_loss_on_validation_rows
             plain = measure_v2(loaded, trial, cfg, seeds, ids, pool, progress=False)
             if power == m.power_choice["chosen"]:
                 assert [[o.error for o in t] for t in plain.tables] == [[o.error for o in t] for t in m.tables]
-            plan = plan_budget(plain, seeds, trial.bits)
+            plan = plan_budget(plain, seeds, recipe.activation_power_bits)
             built = {name: _finish(_finish_item(plan, trial, cfg, name, loaded.weight(name), None))
                      for name in plain.names}
             work = copy.deepcopy(loaded.model)
@@ -338,3 +341,20 @@ def test_activation_power_is_chosen_by_the_uncompensated_loss_on_validation_rows
             assert abs(ppl - fp_ppl) > 1e-4 * fp_ppl
     _, summary = finished(loaded, seeds, m, activation_power_candidates=(1.0, 0.25))
     assert summary["activation_power_choice"] == m.power_choice
+
+
+def test_powers_are_compared_at_the_reference_budget_or_the_least_the_options_store():
+    """comparison_bits: activation_power_bits where the options can store it, else their least; None: the run's."""
+    from sage_export.pipeline.sage_v2 import Measurements, comparison_bits
+    from sage_export.quant.budget import Option
+    from sage_export.quant.config import SageRecipe
+
+    def option(nbytes):
+        return Option(n_groups=1, rho=0.0, nnz=0, error=1.0, nbytes=nbytes)
+
+    tables = [[option(100), option(400)], [option(300), option(600)]]  # 1,000 weights: least 3.2 bits
+    m = Measurements(None, ["a", "b"], tables, {}, {}, 1000, {})
+    assert comparison_bits(SageRecipe(bits=2.0), m) == 3.2
+    assert comparison_bits(SageRecipe(bits=2.0, activation_power_bits=5.0), m) == 5.0
+    assert comparison_bits(SageRecipe(bits=2.0, activation_power_bits=1.0), m) == pytest.approx(3.2)
+    assert comparison_bits(SageRecipe(bits=2.0, activation_power_bits=None), m) == 2.0

@@ -98,9 +98,10 @@ def quantize_v2_shared(loaded, work, method: Method, args, calib, cache: dict) -
 
     recipe, cfg = method.sage_recipe(), method.sage_config()
     seeds = layer_seeds(loaded, args.seed)
-    # One measurement serves every budget, except that the activation power is chosen at the budget (its trial
-    # builds are allocations at recipe.bits).
-    shared = {k: v for k, v in method.params.items() if k != "bits" or recipe.activation_power_candidates}
+    # One measurement serves every budget, unless the activation power is chosen at the run's own budget
+    # (activation_power_bits None: its trial builds are allocations at recipe.bits).
+    at_own_budget = recipe.activation_power_candidates and recipe.activation_power_bits is None
+    shared = {k: v for k, v in method.params.items() if k != "bits" or at_own_budget}
     key = json.dumps(shared, sort_keys=True)
     start = time.perf_counter()
     with MatrixPool(None) as pool:

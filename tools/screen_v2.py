@@ -63,7 +63,7 @@ def recipe_for(base: SageRecipe | None, fields: dict) -> SageRecipe:
 
 
 # recipe fields the saved options were measured with
-MEASURE_FIELDS = ("activation_power", "activation_power_candidates")
+MEASURE_FIELDS = ("activation_power", "activation_power_candidates", "activation_power_bits")
 
 
 def reweighted(measurements, p0: float, p: float):
@@ -128,13 +128,15 @@ def cmd_measure(args) -> int:
                                            validation=validation)
     else:
         calib, calib_info = calibration_tokens(loaded, args.calib_text, args.calib_samples, args.calib_seqlen,
-                                               args.seed, prompted=args.calib_from == "prompts")
+                                               args.seed, prompted=args.calib_from == "prompts",
+                                               temperature=args.calib_temperature)
         validation = None
         if recipe.needs_validation and not args.validation_samples:
             args.validation_samples = held_out_rows(args.calib_samples)  # as many as a sage-export run samples
         if args.validation_samples:  # sampled apart (seed + 1), so the calibration rows stay those of a plain measure
             validation = validation_tokens(loaded, args.calib_text, args.validation_samples, args.calib_seqlen,
-                                           args.seed, prompted=args.calib_from == "prompts")
+                                           args.seed, prompted=args.calib_from == "prompts",
+                                           temperature=args.calib_temperature)
             calib_info = dict(calib_info, validation_samples=args.validation_samples)
         seeds = layer_seeds(loaded, args.seed)
         with MatrixPool() as pool:
@@ -151,8 +153,9 @@ def cmd_measure(args) -> int:
 
 def load_saved(path: Path) -> dict:
     saved = torch.load(path, weights_only=False)
-    # saves older than a field were measured without it: activation_power 1, no candidates
-    saved["recipe"] = {"activation_power": 1.0, "activation_power_candidates": [], **saved["recipe"]}
+    # saves older than a field were measured without it: activation_power 1, no candidates, a choice at the budget
+    saved["recipe"] = {"activation_power": 1.0, "activation_power_candidates": [], "activation_power_bits": None,
+                       **saved["recipe"]}
     return saved
 
 
@@ -303,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--calib-seqlen", type=int, help=f"default {CALIB_DEFAULTS['calib_seqlen']}")
     m.add_argument("--calib-from", choices=["prompts", "bos"], help=f"default {CALIB_DEFAULTS['calib_from']}")
     m.add_argument("--seed", type=int, help=f"default {CALIB_DEFAULTS['seed']}")
+    m.add_argument("--calib-temperature", type=float, help="sampling temperature of self-sampled rows (default 1)")
     m.add_argument("--matrix", default="", help="per-matrix SageConfig fields over V2_MATRIX's, key=value,...")
     m.add_argument("--validation-samples", type=int, default=0,
                    help="rows sampled apart (seed + 1) and kept out of the statistics, for compensate_candidates and "
@@ -328,11 +332,12 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--note", action="append", help="a line for the notes (replaces the notes in the JSON)")
     args = p.parse_args(argv)
     if args.cmd == "measure":
-        given = [name for name in ("calib_text", *CALIB_DEFAULTS) if getattr(args, name) is not None]
+        given = [name for name in ("calib_text", "calib_temperature", *CALIB_DEFAULTS)
+                 if getattr(args, name) is not None]
         if args.stats_from and given:
             p.error("--stats-from reuses the saved calibration and seeds; drop "
                     + ", ".join("--" + name.replace("_", "-") for name in given))
-        for name, value in CALIB_DEFAULTS.items():
+        for name, value in {**CALIB_DEFAULTS, "calib_temperature": 1.0}.items():
             if getattr(args, name) is None:
                 setattr(args, name, value)
     return {"measure": cmd_measure, "plan": cmd_plan, "finish": cmd_finish, "table": cmd_table}[args.cmd](args)

@@ -148,11 +148,12 @@ BATCH_TOKENS = 2048
 
 
 def validation_tokens(loaded, text: Path | None, n_samples: int, seqlen: int, seed: int,
-                      prompted: bool = True, progress: bool = True) -> torch.Tensor:
+                      prompted: bool = True, progress: bool = True, temperature: float = 1.0) -> torch.Tensor:
     """Rows that judge the compensation (SageRecipe.compensate_candidates): drawn like the calibration, with seed
     + 1, so that the calibration rows stay exactly those a run without them takes. From a text, windows are drawn
     at random, as calibration windows are, and can overlap them."""
-    ids, _ = calibration_tokens(loaded, text, n_samples, seqlen, seed + 1, progress=progress, prompted=prompted)
+    ids, _ = calibration_tokens(loaded, text, n_samples, seqlen, seed + 1, progress=progress, prompted=prompted,
+                                temperature=temperature)
     return ids
 
 

@@ -136,14 +136,17 @@ def choose_activation_power(loaded: LoadedModel, recipe: SageRecipe, cfg: SageCo
                             stats: LayerStats, pool: MatrixPool, validation: torch.Tensor, progress: bool = True,
                             timings: dict | None = None) -> Measurements:
     """The options at each of recipe.activation_power_candidates, and the measurements of the power whose
-    allocation, built without compensation (which does not depend on the power), gives the model the lowest
-    mean loss on the validation rows. Those rows are in no statistic, and the guard's rows are not them."""
+    allocation at comparison_bits, built without compensation (which does not depend on the power), gives the model the lowest mean
+    loss on the validation rows. Those rows are in no statistic, and the guard's rows are not them."""
     timings = dict(timings or {})
     start = time.perf_counter()
     scored = []
+    budget = None
     for power in recipe.activation_power_candidates:
-        trial = replace(recipe, activation_power=power, activation_power_candidates=())
-        measured = measure_options(loaded, trial, cfg, seeds, stats, pool, progress)
+        measured = measure_options(loaded, replace(recipe, activation_power=power, activation_power_candidates=()),
+                                   cfg, seeds, stats, pool, progress)
+        budget = budget or comparison_bits(recipe, measured)
+        trial = replace(recipe, activation_power=power, activation_power_candidates=(), bits=budget)
         scored.append((validation_nll(loaded, trial, cfg, seeds, measured, pool, validation, progress), measured))
     best = min(range(len(scored)), key=lambda i: scored[i][0])  # ties: the first candidate
     measurements = scored[best][1]
@@ -151,13 +154,24 @@ def choose_activation_power(loaded: LoadedModel, recipe: SageRecipe, cfg: SageCo
     measurements.timings = {**timings, "options_s": measurements.timings["options_s"]}
     measurements.power_choice = {
         "chosen": recipe.activation_power_candidates[best],
-        "budget_bits": recipe.bits,  # the trial allocations' budget
+        "budget_bits": budget,  # the trial allocations' budget
         "candidates": [{"activation_power": power, "validation_ppl": math.exp(nll)}
                        for power, (nll, _) in zip(recipe.activation_power_candidates, scored)],
         "validation_rows": int(validation.shape[0]),
         "tokens_scored": int(validation.shape[0] * (validation.shape[1] - 1)),
     }
     return measurements
+
+
+def comparison_bits(recipe: SageRecipe, measurements: Measurements) -> float:
+    """The budget the activation powers are compared at: recipe.activation_power_bits, or the least these
+    options can store where that is more (a recipe of large G only); the run's own budget where it is None.
+    Either way, with a reference the choice does not depend on the run's budget."""
+    reference = recipe.activation_power_bits
+    if reference is None:
+        return recipe.bits
+    smallest = 8 * sum(min(o.nbytes for o in table) for table in measurements.tables) / measurements.n_weights
+    return max(reference, smallest)
 
 
 def validation_nll(loaded: LoadedModel, recipe: SageRecipe, cfg: SageConfig, seeds: dict[str, int],

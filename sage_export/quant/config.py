@@ -215,6 +215,12 @@ class SageRecipe:
     # for SmolLM2-135M, ¼ for Qwen2.5-Coder-1.5B), and this choice picks each one's. Empty: activation_power alone
     # (an explicit activation_power means that, see from_fields).
     activation_power_candidates: tuple[float, ...] = (0.5, 0.25)
+    # ... comparing the candidates' allocations at this budget, not the run's own (None: the run's): the power
+    # describes the model's activations, not the budget, and the validation rows tell the powers apart where the
+    # budget is tight enough for them to differ and loose enough for the uncompensated builds to rank them as the
+    # compensated results rank (docs/sage_v2.md, "Activation power chosen at 3.2 bits"). Where the options cannot
+    # store this budget, the run's own is used.
+    activation_power_bits: float | None = 3.2
     # No matrix is given fewer than bits − floor_gap true bits (None: no floor). The budget then cannot buy a few
     # matrices' precision by pushing others far below the average, where the error model is least reliable.
     floor_gap: float | None = None
@@ -299,6 +305,10 @@ class SageRecipe:
         if not all(_is_number(a) and 0 <= a <= 2 for a in powers) or len(set(powers)) != len(powers):
             raise ValueError("SAGE recipe: activation_power_candidates must be distinct numbers in [0, 2], "
                              f"got {powers!r}")
+        if self.activation_power_bits is not None and not (_is_number(self.activation_power_bits)
+                                                            and 0 < self.activation_power_bits <= 32):
+            raise ValueError("SAGE recipe: activation_power_bits must be a number in (0, 32] or null, got "
+                             f"{self.activation_power_bits!r}")
         if powers and not self.activation_weighting:
             raise ValueError("SAGE recipe: activation_power_candidates needs activation weighting")
         if self.floor_gap is not None and (not _is_number(self.floor_gap) or not self.floor_gap >= 0):

@@ -148,8 +148,9 @@ def power_choice_section(choice: dict) -> list[str]:
     """Which activation power the validation rows chose (SageRecipe.activation_power_candidates), with each score."""
     scores = ", ".join(f"a = {c['activation_power']:g}: {c['validation_ppl']:.3f}" for c in choice["candidates"])
     return [f"Activation power **{choice['chosen']:g}**, chosen by the perplexity of each power's uncompensated "
-            f"result on {choice['tokens_scored']} validation tokens ({choice['validation_rows']} self-sampled rows "
-            f"that no statistic and not the guard used): {scores}.", ""]
+            f"result at {choice['budget_bits']:g} bits on {choice['tokens_scored']} validation tokens "
+            f"({choice['validation_rows']} self-sampled rows that no statistic and not the guard used): {scores}.",
+            ""]
 
 
 def guard_section(guard: dict) -> list[str]:
