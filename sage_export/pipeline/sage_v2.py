@@ -136,8 +136,9 @@ def choose_activation_power(loaded: LoadedModel, recipe: SageRecipe, cfg: SageCo
                             stats: LayerStats, pool: MatrixPool, validation: torch.Tensor, progress: bool = True,
                             timings: dict | None = None) -> Measurements:
     """The options at each of recipe.activation_power_candidates, and the measurements of the power whose
-    allocation at comparison_bits, built without compensation (which does not depend on the power), gives the model the lowest mean
-    loss on the validation rows. Those rows are in no statistic, and the guard's rows are not them."""
+    allocation at comparison_bits, built without compensation (which does not depend on the power), gives the
+    model the lowest mean loss on the validation rows. Those rows are in no statistic, and the guard's rows are
+    not them."""
     timings = dict(timings or {})
     start = time.perf_counter()
     scored = []

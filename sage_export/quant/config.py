@@ -219,7 +219,7 @@ class SageRecipe:
     # describes the model's activations, not the budget, and the validation rows tell the powers apart where the
     # budget is tight enough for them to differ and loose enough for the uncompensated builds to rank them as the
     # compensated results rank (docs/sage_v2.md, "Activation power chosen at 3.2 bits"). Where the options cannot
-    # store this budget, the run's own is used.
+    # store so few bits, at the least they can store (pipeline/sage_v2.py: comparison_bits).
     activation_power_bits: float | None = 3.2
     # No matrix is given fewer than bits − floor_gap true bits (None: no floor). The budget then cannot buy a few
     # matrices' precision by pushing others far below the average, where the error model is least reliable.
