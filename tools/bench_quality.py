@@ -283,8 +283,9 @@ def render_family(rows: list[dict]) -> list[str]:
                 f"Test texts only (WikiText-2 test; the code text's test half, tools/make_code_text.py), "
                 f"{', '.join(windows)} tokens per text: a quick check at this size, not a headline. Every recipe "
                 "choice was made on the dev texts (benchmarks/screen_v2_qwen.md). A variant names the recipe fields that "
-                "differ from the default of its row's commit; the calibration column tells the 64×128 default from "
-                "the 32×128 one before it.", "",
+                "differ from today's default, and a row without fields is what today's default produces (the same "
+                "calibration, choice and allocation); the calibration column tells the 64×128 default from the "
+                "32×128 one before it.", "",
                 "| variant | calibration | true bits | " + " | ".join(texts) + " |",
                 "|---|---|---|" + "---|" * len(texts)]
         ordered = sorted(lines.items(), key=lambda kv: (kv[1]["bits"] or 99, kv[0]))
