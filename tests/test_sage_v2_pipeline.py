@@ -253,9 +253,9 @@ def test_sequential_inputs_take_later_hessians_after_the_quantized_blocks(loaded
     seen = []
     real = v2.block_hessians
 
-    def spy(model, arch, stats, index, block_weights, inputs=None):
+    def spy(model, arch, stats, index, block_weights, inputs=None, **kwargs):
         seen.append((index, inputs is None or inputs is stats.block_inputs[index]))
-        return real(model, arch, stats, index, block_weights, inputs)
+        return real(model, arch, stats, index, block_weights, inputs, **kwargs)
 
     monkeypatch.setattr(v2, "block_hessians", spy)
     kept, _ = finished(loaded, seeds, m, bits=3.2, compensate_min_tokens_per_column=0)
@@ -268,6 +268,29 @@ def test_sequential_inputs_take_later_hessians_after_the_quantized_blocks(loaded
     for name in kept:
         same = np.array_equal(chained[name].dequantize(), kept[name].dequantize())
         assert same == (".layers.0." in name), name
+
+
+def test_matrices_the_gate_leaves_uncompensated_get_no_hessian(loaded, measured, monkeypatch):
+    """256 calibration tokens at 2 per column gate out down_proj (K = 164) and keep the K = 68 matrices: XᵀX is
+    taken only for those (a K = 8,960 down_proj's would cost K² per token for nothing), and down_proj comes out
+    exactly as with compensation off."""
+    import sage_export.pipeline.sage_v2 as v2
+
+    seeds, m = measured
+    asked = []
+    real = v2.block_hessians
+
+    def spy(*args, linears=None, **kwargs):
+        asked.append(linears)
+        return real(*args, linears=linears, **kwargs)
+
+    monkeypatch.setattr(v2, "block_hessians", spy)
+    gated, _ = finished(loaded, seeds, m, bits=3.2, compensate_min_tokens_per_column=2)
+    assert asked and all("mlp.down_proj" not in names and "self_attn.q_proj" in names for names in asked)
+    plain, _ = finished(loaded, seeds, m, bits=3.2, compensate=False)
+    for name in gated:
+        same = np.array_equal(gated[name].dequantize(), plain[name].dequantize())
+        assert same == name.endswith("mlp.down_proj"), name
 
 
 def test_validation_rows_stay_out_of_the_statistics_and_pick_each_compensation(loaded):

@@ -205,10 +205,14 @@ def collect_layer_stats(model, arch: Architecture, calib: torch.Tensor, sensitiv
 @torch.no_grad()
 def block_hessians(model, arch: Architecture, stats: LayerStats, index: int,
                    block_weights: Callable[[int], ContextManager] = _in_memory,
-                   inputs: list[torch.Tensor] | None = None, validation: bool = False) -> dict[str, np.ndarray]:
-    """H = 2·XᵀX/n of every quantized Linear of block `index`, from its kept (unquantized-model) inputs, or from
-    `inputs` (the block's inputs after the already-quantized blocks before it: see block_outputs), or
-    (validation=True) from the kept inputs of the validation rows."""
+                   inputs: list[torch.Tensor] | None = None, validation: bool = False,
+                   linears: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+    """H = 2·XᵀX/n of the quantized Linears of block `index` (those of `linears`, names inside the block; default
+    all), from its kept (unquantized-model) inputs, or from `inputs` (the block's inputs after the already-quantized
+    blocks before it: see block_outputs), or (validation=True) from the kept inputs of the validation rows."""
+    linears = arch.linears if linears is None else linears
+    if not linears:
+        return {}
     kept, kwargs = ((stats.validation_inputs, stats.validation_kwargs) if validation
                     else (stats.block_inputs, stats.block_kwargs))
     if kept is None:
@@ -216,7 +220,7 @@ def block_hessians(model, arch: Architecture, stats: LayerStats, index: int,
                          + ("validation rows" if validation else "keep_inputs"))
     block = model.get_submodule(arch.blocks)[index]
     hessians, counts = {}, {}
-    handles = _hessian_hooks(block, arch.linears, hessians, counts)
+    handles = _hessian_hooks(block, linears, hessians, counts)
     try:
         with block_weights(index):
             _run_block(block, kept[index] if inputs is None else inputs, kwargs)

@@ -313,16 +313,17 @@ def finish_v2(loaded: LoadedModel, recipe: SageRecipe, cfg: SageConfig, seeds: d
     names = [[n for n in linears if n.startswith(f"{blocks}.{i}.")] for i in range(n_blocks)]
 
     def block_items(i: int, inputs: list[torch.Tensor] | None):
-        # One block's Hessians at a time; inputs None: the kept inputs of the unquantized model.
-        hessians = (block_hessians(loaded.model, loaded.architecture, stats, i, loaded.block_weights, inputs)
-                    if recipe.compensate else {})
+        # One block's Hessians at a time, only of the matrices the gate compensates (Qwen2.5-Coder-1.5B's
+        # K = 8,960 down_proj would cost 8,960² per token for nothing); inputs None: the kept unquantized inputs.
+        prefix = f"{blocks}.{i}."
+        gated = tuple(n[len(prefix):] for n in names[i] if compensated(recipe, stats, linears[n].in_features))
+        hessians = block_hessians(loaded.model, loaded.architecture, stats, i, loaded.block_weights, inputs,
+                                  linears=gated)
         # The validation rows' XᵀX, always through the unquantized blocks (as kept), with sequential_inputs too.
-        held = (block_hessians(loaded.model, loaded.architecture, stats, i, loaded.block_weights, validation=True)
-                if validating else {})
+        held = (block_hessians(loaded.model, loaded.architecture, stats, i, loaded.block_weights, validation=True,
+                               linears=gated) if validating else {})
         for name in names[i]:
-            w = loaded.weight(name)
-            hessian = hessians.get(name) if compensated(recipe, stats, w.shape[1]) else None
-            yield _finish_item(plan, recipe, cfg, name, w, hessian, held.get(name))
+            yield _finish_item(plan, recipe, cfg, name, loaded.weight(name), hessians.get(name), held.get(name))
 
     def finished():
         """(name, result), block by block."""
