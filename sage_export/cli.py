@@ -39,9 +39,12 @@ def _add_quantizer_options(p: argparse.ArgumentParser) -> None:
                    help="v2: column weights m·(h/m)^A at this one power (default: chosen per model from "
                         "--activation-power-candidates; 1 weights errors by h itself)")
     g.add_argument("--activation-power-candidates", type=float, nargs="+", metavar="A",
-                   help="v2: the powers tried (default 0.5 0.25): the one whose uncompensated result at 3.2 bits, "
-                        "whatever --bits, scores best on extra self-sampled held-out rows is kept (see "
+                   help="v2: the powers tried (default 0.5 0.25): the one whose uncompensated result at 3.2 bits "
+                        "(--activation-power-bits), whatever --bits, scores best on extra self-sampled held-out rows is kept (see "
                         "docs/sage_v2.md)")
+    g.add_argument("--activation-power-bits", type=float, metavar="B",
+                   help="v2: the budget the candidate powers are compared at (default 3.2, whatever --bits; give "
+                        "--bits' value to compare them at the run's own budget)")
     g.add_argument("--no-sensitivity", action="store_true", help="v2 ablation: layers not weighted by sensitivity")
     g.add_argument("--graph-groups", action="store_true", help="v2 ablation: G from the kNN graph, not the budget")
     g.add_argument("--no-rho-price", action="store_true", help="v2 ablation: ρ search on error alone (no bit price)")

@@ -23,8 +23,8 @@ def _sage_params(args) -> dict:
     params = {"preset": args.preset}
     v2 = args.preset == "v2"
     if not v2:
-        given = [flag for flag in ("bits", "activation_power", "activation_power_candidates", "compensate_candidates",
-                                   *_V2_SWITCHES)
+        given = [flag for flag in ("bits", "activation_power", "activation_power_candidates", "activation_power_bits",
+                                   "compensate_candidates", *_V2_SWITCHES)
                  if getattr(args, flag, None) not in (None, False)]
         if given:
             raise UserError(f"--{given[0].replace('_', '-')} needs the v2 preset (the paper preset is data-free "
@@ -37,8 +37,13 @@ def _sage_params(args) -> dict:
         if args.activation_power is not None and getattr(args, "activation_power_candidates", None) is not None:
             raise UserError("give --activation-power (one power) or --activation-power-candidates (a choice), "
                             "not both")
+        if args.activation_power is not None and getattr(args, "activation_power_bits", None) is not None:
+            raise UserError("--activation-power-bits is where candidate powers are compared; one --activation-power "
+                            "compares nothing")
         if args.bits is not None:
             params["bits"] = args.bits
+        if getattr(args, "activation_power_bits", None) is not None:
+            params["activation_power_bits"] = args.activation_power_bits
         if args.activation_power is not None:
             params["activation_power"] = args.activation_power
         if getattr(args, "activation_power_candidates", None) is not None:

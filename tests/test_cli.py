@@ -146,6 +146,24 @@ def test_the_default_chooses_the_activation_power_on_validation_rows_and_says_so
     assert not (tmp_path / "b").exists()
 
 
+def test_activation_power_bits_sets_where_the_candidates_are_compared(tiny_llama_dir, tmp_path):
+    """--activation-power-bits B compares the candidate powers' allocations at B instead of 3.2 (report and recipe
+    say so); it needs the v2 preset, candidates to compare, and a number in (0, 32], each refused in one line."""
+    out = tmp_path / "at4"
+    assert main(["quantize", str(tiny_llama_dir), "--out", str(out), "--seed", "3", "--activation-power-bits", "4",
+                 *FAST]) == 0
+    budget = json.loads((out / "report.json").read_text())["budget"]
+    assert budget["activation_power_choice"]["budget_bits"] == 4.0
+    assert budget["recipe"]["activation_power_bits"] == 4.0
+    for extra, pattern in ((["--preset", "paper"], "--activation-power-bits needs the v2"),
+                           (["--activation-power", "0.5"], "one --activation-power compares nothing"),
+                           ([], "activation_power_bits must be a number in (0, 32]")):
+        bits = "-1" if not extra else "4"
+        assert_one_line_error(run_cli("quantize", tiny_llama_dir, "--out", tmp_path / "bad",
+                                      "--activation-power-bits", bits, *extra), pattern)
+        assert not (tmp_path / "bad").exists()
+
+
 def test_a_wrong_onnx_result_fails_the_command(tiny_llama_dir, tmp_path, monkeypatch, capsys):
     """The exported file is corrupted after export (every sign bit of one layer flipped): ONNX Runtime then
     computes another function than PyTorch, and the command must say so and exit non-zero."""
