@@ -40,8 +40,8 @@ def _add_quantizer_options(p: argparse.ArgumentParser) -> None:
                         "--activation-power-candidates; 1 weights errors by h itself)")
     g.add_argument("--activation-power-candidates", type=float, nargs="+", metavar="A",
                    help="v2: the powers tried (default 0.5 0.25): the one whose uncompensated result at 3.2 bits "
-                        "(--activation-power-bits), whatever --bits, scores best on extra self-sampled held-out rows is kept (see "
-                        "docs/sage_v2.md)")
+                        "(--activation-power-bits), whatever --bits, scores best on extra self-sampled held-out rows "
+                        "is kept (see docs/sage_v2.md)")
     g.add_argument("--activation-power-bits", type=float, metavar="B",
                    help="v2: the budget the candidate powers are compared at (default 3.2, whatever --bits; give "
                         "--bits' value to compare them at the run's own budget)")
