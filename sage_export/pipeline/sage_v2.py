@@ -315,8 +315,8 @@ def finish_v2(loaded: LoadedModel, recipe: SageRecipe, cfg: SageConfig, seeds: d
     def block_items(i: int, inputs: list[torch.Tensor] | None):
         # One block's Hessians at a time, only of the matrices the gate compensates (Qwen2.5-Coder-1.5B's
         # K = 8,960 down_proj would cost 8,960² per token for nothing); inputs None: the kept unquantized inputs.
-        prefix = f"{blocks}.{i}."
-        gated = tuple(n[len(prefix):] for n in names[i] if compensated(recipe, stats, linears[n].in_features))
+        gated = tuple(lin for lin in loaded.architecture.linears
+                      if compensated(recipe, stats, linears[f"{blocks}.{i}.{lin}"].in_features))
         hessians = block_hessians(loaded.model, loaded.architecture, stats, i, loaded.block_weights, inputs,
                                   linears=gated)
         # The validation rows' XᵀX, always through the unquantized blocks (as kept), with sequential_inputs too.
