@@ -53,7 +53,7 @@ def _add_quantizer_options(p: argparse.ArgumentParser) -> None:
                    help="v2 option: per matrix, compensate with each shrink S of XᵀX's cross terms (1: none) and keep "
                         "the lowest output error on extra self-held-out rows (e.g. 0 0.5 1; see docs/sage_v2.md)")
     g.add_argument("--row-multipliers", action="store_true",
-                   help="v2 option: fit contract v2's per-row multipliers r_n (not the default: see docs/sage_v2.md)")
+                   help="v2 option: fit per-row multipliers r_n (the op's row_scales) (not the default: see docs/sage_v2.md)")
     g.add_argument("--code-bits", type=int, default=4, help="rtn/gptq: bits of each code (2, 3, 4)")
     g.add_argument("--group-size", type=int, default=128, help="rtn/gptq group size (32, 64, 128, 256)")
     g.add_argument("--calib-text", type=Path,

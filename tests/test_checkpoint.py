@@ -75,7 +75,7 @@ def test_round_trip_is_exact(saved):
     np.testing.assert_array_equal(dequantize(packed["model.layers.0.self_attn.q_proj"]),
                                   dequantize(PackedLinear.from_tensors(original.tensors, **original.attrs)))
     manifest = ckpt.manifest
-    assert manifest["format"] == "sage-export-checkpoint" and manifest["format_version"] == 2
+    assert manifest["format"] == "sage-export-checkpoint" and manifest["format_version"] == 3
     assert manifest["files"]["packed.safetensors"]["bytes"] == (saved / "packed.safetensors").stat().st_size
 
 
@@ -156,8 +156,8 @@ def test_missing_manifest_or_file(saved, tmp_path):
 
 
 def test_wrong_version_is_caught(saved):
-    edit_manifest(saved, lambda m: m.update(format_version=1))  # contract v1 layers have no row_scales
-    with pytest.raises(CheckpointError, match="format_version 1 is not supported"):
+    edit_manifest(saved, lambda m: m.update(format_version=2))  # contract v2 layers stored int32 columns
+    with pytest.raises(CheckpointError, match="format_version 2 is not supported"):
         load_checkpoint(saved)
 
 

@@ -29,7 +29,7 @@ from sage_export.quant.sage import quantize_sage
 from conftest import WIKI_TEST
 
 PACKED_DTYPES = {"sign_bits": TensorProto.INT8, "group_codes": TensorProto.INT8, "group_scales": TensorProto.FLOAT16,
-                 "salient_rowptr": TensorProto.INT32, "salient_cols": TensorProto.INT32,
+                 "salient_rowptr": TensorProto.INT32, "salient_cols": TensorProto.INT8,
                  "salient_q": TensorProto.INT8, "salient_scale": TensorProto.FLOAT16}
 
 
@@ -100,7 +100,7 @@ def test_graph_holds_packed_initializers_not_dense_weights(exported):
     assert {n.domain for n in nodes} == {DOMAIN}
     assert {f"{n.name.split('/')[0]}" for n in nodes} == set(packed)
     assert [f.name for f in model.functions] == [OP_TYPE]
-    assert {o.domain: o.version for o in model.opset_import}[DOMAIN] == 2
+    assert {o.domain: o.version for o in model.opset_import}[DOMAIN] == 3
 
 
 def test_io_names_and_dynamic_axes(exported):

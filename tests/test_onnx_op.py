@@ -81,7 +81,7 @@ def test_node_and_function_carry_the_contract():
     function = model.functions[0]
     assert (function.domain, function.name) == (DOMAIN, OP_TYPE)
     assert {op.domain: op.version for op in function.opset_import} == {"": MIN_OPSET}
-    assert any(op.domain == DOMAIN and op.version == 2 for op in model.opset_import)
+    assert any(op.domain == DOMAIN and op.version == 3 for op in model.opset_import)
     assert len(function.input) == 10 and list(function.output) == ["Y"]
 
 
@@ -116,3 +116,13 @@ def test_ort_inlines_the_function_and_folds_the_decode_only_when_allowed(tmp_pat
     ops = {node.op_type for node in onnx.load(str(tmp_path / "optimized.onnx")).graph.node}
     assert OP_TYPE not in ops
     assert ("BitShift" in ops) is (not constant_folding)
+
+
+@pytest.mark.parametrize("row_multipliers", [False, True])
+@pytest.mark.parametrize("packed_as_inputs", [False, True], ids=["initializers", "inputs"])
+def test_contract_v3_wide_columns_and_empty_row_scales(row_multipliers, packed_as_inputs):
+    """Columns past 255 need both bytes of their 16-bit storage; an empty row_scales decodes as all ones."""
+    packed = random_packed(np.random.default_rng(3), 9, 700, 4, 0.05, row_multipliers=row_multipliers)
+    assert packed.columns.max() > 255 and packed.has_row_scales == row_multipliers
+    got = run_op(packed, np.eye(700, dtype=np.float32)[None], packed_as_inputs=packed_as_inputs)[0]
+    np.testing.assert_array_equal(got, dequantize(packed).T)

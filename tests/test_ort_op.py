@@ -1,7 +1,8 @@
 """The native SageBinaryGemm (native/ort_sage, loaded by sage_export.runtime.ort_op): against the NumPy reference
 on every kernel path, inside ONNX Runtime sessions, on corrupt packings, on the real SmolLM2 model, and the
-fallback to the function body when the library is absent. Contract v2: every random layer has row multipliers
-row_scales (input 8) that are not 1.0, zero and negative ones included, and the bias is input 9.
+fallback to the function body when the library is absent. Contract v3: salient_cols is int8 [nnz, 2], each column
+16 bits little-endian; random layers have row multipliers row_scales (input 8) that are not 1.0, zero and negative
+ones included, or an empty row_scales [0] (every r_n is 1); the bias is input 9.
 
 Tolerances: Ŵ is compared bitwise (X = identity gives Y = Ŵᵀ exactly, whatever the summation order). Products
 with random X agree with the reference up to float32 summation order: |Y − Y_ref| ≤ 1e-5 · max|Y_ref| for float32
@@ -53,29 +54,31 @@ def random_row_scales(rng: np.random.Generator, n: int) -> np.ndarray:
     return scales
 
 
-def layer_case(rng: np.random.Generator, n: int, k: int, g: int, density: float, bits: int) -> PackedLinear:
+def layer_case(rng: np.random.Generator, n: int, k: int, g: int, density: float, bits: int,
+               row_scales: bool = True) -> PackedLinear:
     """A random layer whose sign bits at salient positions are random too: a valid but non-canonical packing,
-    which every decoder must read the same way (those bits are never used)."""
+    which every decoder must read the same way (those bits are never used). row_scales=False: an empty [0]."""
     limit = salient_q_limit(bits)
     mask = rng.random((n, k)) < density
     packed = pack_sage(signs=rng.random((n, k)) < 0.5, group_index=rng.integers(0, g, (n, k)),
                        group_scales=rng.uniform(0.005, 0.1, g), salient_mask=mask,
                        salient_q=rng.integers(-limit, limit + 1, (n, k)), salient_scale=rng.uniform(0.01, 0.2, n),
-                       salient_bits=bits, row_scales=random_row_scales(rng, n))
+                       salient_bits=bits, row_scales=random_row_scales(rng, n) if row_scales else None)
     noise = np.packbits(mask & (rng.random((n, k)) < 0.5), axis=1, bitorder="little").view(np.int8)
     return PackedLinear.from_tensors({**packed.tensors(), "sign_bits": packed.sign_bits ^ noise}, **packed.attrs())
 
 
 def random_cases(seed: int = 0):
-    """(packed, description): G from 1 to 16, b from 2 to 8, nnz = 0 among them, K mostly not a multiple of 8."""
+    """(packed, description): G from 1 to 16, b from 2 to 8, nnz = 0 among them, K mostly not a multiple of 8,
+    every fourth layer with an empty row_scales."""
     rng = np.random.default_rng(seed)
     shapes = [(1, 1), (3, 7), (17, 9), (33, 13), (8, 64), (40, 100), (65, 257), (16, 1000)]
     for i, g in enumerate(range(1, 17)):
         n, k = shapes[i % len(shapes)]
         bits = 2 + i % 7
         density = 0.0 if i % 5 == 0 else (0.02, 0.1, 0.3)[i % 3]
-        packed = layer_case(rng, n, k, g, density, bits)
-        yield packed, f"N={n} K={k} G={g} b={bits} nnz={packed.nnz}"
+        packed = layer_case(rng, n, k, g, density, bits, row_scales=i % 4 != 3)
+        yield packed, f"N={n} K={k} G={g} b={bits} nnz={packed.nnz} R={packed.row_scales.size}"
 
 
 def extreme_row_scales_case(rng: np.random.Generator) -> PackedLinear:
@@ -102,7 +105,7 @@ def bound_ratio(got: np.ndarray, x: np.ndarray, packed: PackedLinear) -> float:
     tensors = packed.tensors()
     w = dequantize(packed)
     binary = decode(packed.in_features, **{**tensors, "salient_rowptr": np.zeros_like(tensors["salient_rowptr"]),
-                                           "salient_cols": np.zeros(0, np.int32), "salient_q": np.zeros(0, np.int8)})
+                                           "salient_cols": np.zeros((0, 2), np.int8), "salient_q": np.zeros(0, np.int8)})
     ref = x.astype(np.float32) @ w.T
     scale = np.abs(x.astype(np.float64)) @ (np.abs(w.astype(np.float64)) + np.abs(binary.astype(np.float64))).T
     return float(np.max(np.abs(got.astype(np.float64) - ref) / (1e-5 * scale + 1e-30)))
@@ -111,7 +114,8 @@ def bound_ratio(got: np.ndarray, x: np.ndarray, packed: PackedLinear) -> float:
 def agreement_report() -> dict:
     """Run in a subprocess with SAGE_CPU_ISA set: the kernels that process chose, whether every decoded Ŵ was
     bitwise the reference's, the worst relative error of Y per X dtype over M = 1 (decode) to 37 (prefill), and
-    the worst bound_ratio of a layer with extreme row multipliers (float32 X)."""
+    the worst bound_ratio of a layer with extreme row multipliers (float32 X). An empty row_scales must give
+    bitwise the Y of N ones (r_n = 1 multiplies exactly), on the fused decode-step path (M ≤ 4) and the other."""
     rng = np.random.default_rng(1)
     worst = {"float32": 0.0, "float16": 0.0}
     not_bitwise = []
@@ -129,6 +133,13 @@ def agreement_report() -> dict:
         eye = ort_op.gemm_numpy(np.eye(k, dtype=np.float32), packed.tensors(), packed.attrs())
         if not np.array_equal(eye.T, dequantize(packed)):
             not_bitwise.append(what)
+        if packed.row_scales.size == 0:
+            ones = {**packed.tensors(), "row_scales": np.ones(n, np.float16)}
+            for m in (1, 4, 37):
+                x = rng.standard_normal((m, k)).astype(np.float32)
+                if not np.array_equal(ort_op.gemm_numpy(x, packed.tensors(), packed.attrs()),
+                                      ort_op.gemm_numpy(x, ones, packed.attrs())):
+                    not_bitwise.append(f"{what}: empty row_scales against ones, M={m}")
         for dtype in ("float32", "float16"):
             for lead in ((1,), (3,), (37,), (2, 3)):
                 x = rng.standard_normal((*lead, k)).astype(dtype)
@@ -161,8 +172,10 @@ def test_sessions_run_the_library_and_match_the_reference(x_dtype):
     from sage_export.onnx.ort_check import make_session, op_model
 
     rng = np.random.default_rng(2)
-    for packed, what in list(random_cases(3))[::3]:
-        assert not np.all(packed.row_scales == 1)
+    cases = list(random_cases(3))[::3]
+    assert {packed.row_scales.size == 0 for packed, _ in cases} == {True, False}  # [0] and [N] both run
+    for packed, what in cases:
+        assert packed.row_scales.size == 0 or not np.all(packed.row_scales == 1)
         for as_inputs in (False, True):
             bias = rng.standard_normal(packed.out_features).astype(np.float32) if as_inputs else None
             model = op_model(packed, x_dtype, bias, as_inputs, x_rank=3)
@@ -210,17 +223,23 @@ def _set(index, value):
     return edit
 
 
+def _set_col(index, col):
+    """Column `col` (unsigned 16-bit, little-endian bytes: contract v3) into entry `index` of salient_cols."""
+    return _set(index, np.array([col & 0xFF, col >> 8], np.uint8).view(np.int8))
+
+
 @pytest.mark.parametrize("change, reason", [
-    ({"salient_cols": _set(2, 21)}, "outside [0, K=21)"),
-    ({"salient_cols": _set(0, -1)}, "outside [0, K=21)"),
-    ({"salient_q": _set(1, 8)}, "|q| <= 7"),
-    ({"salient_q": _set(1, -128)}, "|q| <= 7"),
+    ({"salient_cols": _set_col(2, 21)}, r"\(column 21, q .*\) lies outside \[0, K=21\)"),
+    ({"salient_cols": _set_col(0, 65535)}, r"\(column 65535, q .*\) lies outside \[0, K=21\)"),
+    ({"salient_cols": _set_col(1, 256 + 3)}, r"\(column 259, q .*\) lies outside"),  # the high byte counts
+    ({"salient_q": _set(1, 8)}, r"\|q\| <= 7"),
+    ({"salient_q": _set(1, -128)}, r"\|q\| <= 7"),
 ])
 def test_corrupt_salient_entries_are_refused(layer, change, reason):
     from sage_export.onnx.ort_check import make_session, op_model
 
     x = np.ones((2, 21), np.float32)
-    with pytest.raises(ValueError, match=reason.replace("|", r"\|").replace("[", r"\[").replace(")", r"\)")):
+    with pytest.raises(ValueError, match=reason):
         ort_op.gemm_numpy(x, corrupted(layer, **change), layer.attrs())
     session = make_session(op_model(layer, np.float32, packed_as_inputs=True, x_rank=2).SerializeToString())
     with pytest.raises(Exception, match="SageBinaryGemm: salient entry"):
@@ -232,6 +251,7 @@ def test_corrupt_salient_entries_are_refused(layer, change, reason):
     ({"salient_bits": 9}, "salient_bits must lie in 2..8"),
     ({"in_features": 0}, "in_features and out_features"),
     ({"out_features": (1 << 30) + 1}, "in_features and out_features"),
+    ({"in_features": 65537}, "in_features and out_features must lie in 1..65536"),  # 16-bit columns (v3)
 ])
 def test_attributes_beyond_the_caps_are_refused(layer, attrs, reason):
     with pytest.raises(ValueError, match=reason):
@@ -249,7 +269,8 @@ def test_a_node_beyond_the_group_cap_fails_at_session_creation(layer):
 
 @pytest.mark.parametrize("name, short, message", [
     ("sign_bits", lambda a: a[:, :-1], "input sign_bits has shape \\[12, 2\\], expected \\[12, 3\\]"),
-    ("row_scales", lambda a: a[:-1], "input row_scales has shape \\[11\\], expected \\[12\\]"),
+    ("row_scales", lambda a: a[:-1], "input row_scales has shape \\[11\\], expected \\[12\\] or \\[0\\]"),
+    ("salient_cols", lambda a: a[:, 0], "input salient_cols has shape \\[(\\d+)\\], expected \\[\\1, 2\\]"),
     ("bias", lambda a: a[:-1], "input bias has shape \\[11\\], expected \\[12\\]"),
 ])
 def test_misshapen_packed_inputs_are_refused(layer, name, short, message):
@@ -265,8 +286,8 @@ def test_misshapen_packed_inputs_are_refused(layer, name, short, message):
 
 
 def test_a_contract_v1_node_is_refused(layer):
-    """Nine inputs with the float32 bias at 8, where v2 has the float16 row_scales: ONNX Runtime refuses the node's
-    types when the session is made, so a v1 graph is never read as v2."""
+    """Nine inputs with the float32 bias at 8, where v2 and v3 have the float16 row_scales: ONNX Runtime refuses the
+    node's types when the session is made, so a v1 graph is never read as v3."""
     from sage_export.onnx.ort_check import make_session, op_model
 
     model = op_model(layer, np.float32, np.ones(12, np.float32), x_rank=2)
@@ -278,15 +299,54 @@ def test_a_contract_v1_node_is_refused(layer):
         make_session(model.SerializeToString(), custom_op=True)
 
 
+def test_a_contract_v2_node_is_refused(layer):
+    """v2 stored salient_cols as int32 [nnz]; v3 as int8 [nnz, 2]. A v2 node's types are refused when the session is
+    made, so its columns are never read as bytes."""
+    from sage_export.format.sage_layout import salient_columns
+    from sage_export.onnx.ort_check import make_session, op_model
+
+    model = op_model(layer, np.float32, x_rank=2)
+    for init in model.graph.initializer:
+        if init.name == "salient_cols":
+            init.CopyFrom(ort_op_numpy_tensor(salient_columns(layer.salient_cols).astype(np.int32), init.name))
+    with pytest.raises(Exception, match="salient_cols"):
+        make_session(model.SerializeToString(), custom_op=True)
+
+
 def numpy_helper_to_array(tensor):
     from onnx import numpy_helper
 
     return numpy_helper.to_array(tensor)
 
 
-def test_row_scales_must_have_n_entries(layer):
-    with pytest.raises(ValueError, match="row_scales must have N entries"):
+def test_row_scales_must_have_n_or_no_entries(layer):
+    with pytest.raises(ValueError, match="row_scales \\[N\\] or \\[0\\]"):
         ort_op.gemm_numpy(np.ones((1, 21), np.float32), corrupted(layer, row_scales=lambda a: a[:-1]), layer.attrs())
+    with pytest.raises(ValueError, match="salient_cols int8 \\[nnz, 2\\]"):
+        ort_op.gemm_numpy(np.ones((1, 21), np.float32), corrupted(layer, salient_cols=lambda a: a[:, 0]), layer.attrs())
+
+
+def test_sixteen_bit_columns_up_to_k_65536():
+    """The largest K of contract v3: salient columns up to 65535, whose high byte is read (a column of 256 + c
+    is not c), through ctypes and an ONNX Runtime session, with an empty row_scales."""
+    from sage_export.onnx.ort_check import make_session, op_model
+
+    rng = np.random.default_rng(13)
+    n, k = 3, 65536
+    mask = np.zeros((n, k), bool)
+    mask[0, [0, 255, 256, 257, 40000, 65535]] = True
+    mask[2, [1, 65534]] = True
+    packed = pack_sage(signs=rng.random((n, k)) < 0.5, group_index=rng.integers(0, 2, (n, k)),
+                       group_scales=[0.01, 0.02], salient_mask=mask, salient_q=rng.integers(1, 8, (n, k)),
+                       salient_scale=[0.5, 0.5, 0.25], salient_bits=4)
+    assert packed.row_scales.shape == (0,) and packed.salient_cols.shape == (8, 2)
+    eye_cols = np.array([0, 1, 255, 256, 257, 40000, 65534, 65535])
+    x = np.zeros((len(eye_cols), k), np.float32)
+    x[np.arange(len(eye_cols)), eye_cols] = 1  # Y = Ŵ[:, eye_cols]ᵀ exactly
+    ref = dequantize(packed)[:, eye_cols].T
+    assert np.array_equal(ort_op.gemm_numpy(x, packed.tensors(), packed.attrs()), ref)
+    session = make_session(op_model(packed, np.float32, x_rank=2).SerializeToString(), custom_op=True)
+    assert np.array_equal(session.run(["Y"], {"X": x})[0], ref)
 
 
 def test_non_finite_row_scales_give_the_dense_decode():
@@ -327,7 +387,7 @@ def test_a_garbled_rowptr_is_clamped_not_followed(layer):
     x = np.random.default_rng(5).standard_normal((3, 21)).astype(np.float32)
     got = ort_op.gemm_numpy(x, corrupted(layer, salient_rowptr=lambda a: np.full_like(a, 2**31 - 1)), layer.attrs())
     no_salient = PackedLinear.from_tensors(
-        {**layer.tensors(), "salient_rowptr": np.zeros(13, np.int32), "salient_cols": np.zeros(0, np.int32),
+        {**layer.tensors(), "salient_rowptr": np.zeros(13, np.int32), "salient_cols": np.zeros((0, 2), np.int8),
          "salient_q": np.zeros(0, np.int8)}, **layer.attrs())
     assert rel_err(got, sage_binary_gemm_packed(x, no_salient)) <= TOL["float32"]
 
@@ -369,7 +429,7 @@ def test_switched_off_library_is_reported(monkeypatch):
 
 def test_bench_ort_dense_copy_keeps_row_scales_and_bias(tmp_path):
     """tools/bench_ort.py's fp32 variant: each node becomes MatMul on the decoded Ŵ (row_scales included, read from
-    input 8) and an Add of the bias at input 9; it must give the op's numbers."""
+    input 8, [N] or empty) and an Add of the bias at input 9; it must give the op's numbers."""
     import onnx
     import onnxruntime as ort
 
@@ -379,8 +439,8 @@ def test_bench_ort_dense_copy_keeps_row_scales_and_bias(tmp_path):
     import bench_ort
 
     rng = np.random.default_rng(12)
-    for bias in (None, rng.standard_normal(20).astype(np.float32)):
-        packed = layer_case(rng, 20, 33, 3, 0.1, 4)
+    for bias, row_scales in ((None, True), (rng.standard_normal(20).astype(np.float32), False)):
+        packed = layer_case(rng, 20, 33, 3, 0.1, 4, row_scales)
         onnx.save(op_model(packed, np.float32, bias, x_rank=2), str(tmp_path / "op.onnx"))
         dense = bench_ort.dense_copy(tmp_path / "op.onnx", tmp_path / "dense")
         assert "SageBinaryGemm" not in {node.op_type for node in onnx.load(str(dense)).graph.node}

@@ -5,7 +5,10 @@
 * the ctypes binding matches the launch API;
 * every kernel path, run by the CPU emulator of plugins/tests/cuda_emulator.h, matches the NumPy reference (and
   every case runs on the bandwidth-oriented GEMV2 path as well), with contract v2's row multipliers r_n random
-  (never all 1), and again with zero, negative and widely spread ones;
+  (never all 1), and again with zero, negative and widely spread ones, and without any (contract v3's empty
+  row_scales, passed as NULL: the same output as N ones, bit for bit);
+* contract v3's 16-bit columns: K = 65,536, the widest the contract allows, with columns past 2^15 on every kernel
+  that takes it;
 * a corrupt CSR (row pointers or columns out of range) reads nothing out of bounds (the emulator is built with
   AddressSanitizer where available) and gives the reference of the CSR as the kernels clamp it;
 * X = identity gives Ŵᵀ bit for bit; arguments past the kernels' limits are refused before any launch.
@@ -24,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sage_export.format.sage_layout import PackedLinear, dequantize
+from sage_export.format.sage_layout import PackedLinear, dequantize, pack_columns, salient_columns
 from sage_export.onnx.reference import sage_binary_gemm_packed
 from sage_export.runtime import kernels
 from sage_export.runtime.synthetic import random_packed_linear, reference_error_ratio, scramble_salient_bits
@@ -78,7 +81,7 @@ def test_ctypes_binding_matches_the_library(build_dir: Path, monkeypatch: pytest
     monkeypatch.setenv(kernels.ENV_VAR, str(build_dir / "libsage_kernels.so"))
     try:
         assert kernels.reload(), kernels.unavailable_reason()
-        assert kernels.ABI_VERSION == 4  # row_scales (contract v2), right after salient_scale
+        assert kernels.ABI_VERSION == 5  # contract v3: uint16 salient_cols, row_scales may be NULL
         assert kernels.SageGemmArgs.row_scales.offset == kernels.SageGemmArgs.salient_scale.offset + 8
         assert kernels.auto_path(1) == kernels.PATH_GEMV  # without a prepared layout (GEMV3 needs one)
         assert kernels.auto_path(kernels.GEMV_MAX_M + 1) == kernels.PATH_TILED
@@ -91,8 +94,11 @@ def test_ctypes_binding_matches_the_library(build_dir: Path, monkeypatch: pytest
                                      salient_scale=dummy, row_scales=dummy, y=dummy, m=0, k=8, n=4, n_groups=1,
                                      salient_bits=4)
         kernels.launch(empty, 0)
-        empty.k = kernels.MAX_FEATURES
+        empty.k = kernels.MAX_K  # the contract's widest layer (v3: 16-bit columns)
         kernels.launch(empty, 0)
+        no_row_scales = kernels.SageGemmArgs.from_buffer_copy(empty)
+        no_row_scales.row_scales = None  # contract v3: an empty row_scales, every r_n = 1
+        kernels.launch(no_row_scales, 0)
         empty.path = kernels.PATH_GEMV2
         kernels.launch(empty, 0)
         # Sizes of the GEMV3 layout, and the cases it cannot take (no GPU needed: nothing is launched).
@@ -107,10 +113,10 @@ def test_ctypes_binding_matches_the_library(build_dir: Path, monkeypatch: pytest
             assert kernels.prepared_bytes(wrong) == 0, (field, value)
         with pytest.raises(kernels.KernelLibraryError, match="error 1"):
             kernels.prepare(probe, 0)  # no buffer to write into
-        for field, value in (("k", kernels.MAX_FEATURES + 1), ("nnz", -1), ("nnz", 2**31), ("nnz", 1),
-                             ("path", kernels.PATH_GEMV3 + 1), ("row_scales", None)):
+        for field, value in (("k", kernels.MAX_K + 1), ("nnz", -1), ("nnz", 2**31), ("nnz", 1),
+                             ("path", kernels.PATH_GEMV3 + 1), ("salient_scale", None)):
             wrong = kernels.SageGemmArgs.from_buffer_copy(empty)
-            # nnz = 1 without salient_cols / salient_q arrays; row_scales NULL (contract v2 requires them)
+            # nnz = 1 without salient_cols / salient_q arrays
             setattr(wrong, field, value)
             with pytest.raises(kernels.KernelLibraryError, match="error 1"):
                 kernels.launch(wrong, 0)
@@ -127,7 +133,7 @@ def _write_problem(path: Path, x: np.ndarray, p, bias: np.ndarray | None, kernel
     dtype_id = kernels.DTYPE_FLOAT16 if x.dtype == np.float16 else kernels.DTYPE_FLOAT32
     header = np.array([x.shape[0], p.in_features, p.out_features, p.n_groups, p.salient_bits, dtype_id,
                        -1 if bias is None else dtype_id, kernel_path, tensors["salient_cols"].shape[0],
-                       int(misalign)], dtype="<i8")
+                       int(misalign), tensors["row_scales"].shape[0]], dtype="<i8")
     arrays = [x, *tensors.values()] + ([] if bias is None else [bias])
     path.write_bytes(header.tobytes() + b"".join(np.ascontiguousarray(a).tobytes() for a in arrays))
 
@@ -255,6 +261,57 @@ def test_emulated_kernels_apply_any_row_scale(build_dir: Path, tmp_path: Path, c
         np.testing.assert_array_equal(dequantize(ones), dequantize(p))
 
 
+def _run_emulated(build_dir: Path, tmp_path: Path, x: np.ndarray, p: PackedLinear, bias: np.ndarray | None,
+                  kernel_path: int, tensors: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    _write_problem(tmp_path / "problem.bin", x, p, bias, kernel_path, False, tensors)
+    result = _emulate(build_dir, tmp_path)
+    assert result.returncode == 0, result.stderr
+    return np.fromfile(tmp_path / "y.bin", dtype=x.dtype).reshape(x.shape[0], p.out_features)
+
+
+# (m, k, n, groups, dtype, path): every kernel and dtype, with contract v3's empty row_scales
+NO_ROW_SCALE_CASES = {
+    "gemv-f32": (3, 300, 40, 3, np.float32, GEMV),
+    "gemv-f16-vector-loads": (2, 1152, 40, 4, np.float16, GEMV),
+    "gemv2-f32": (3, 300, 40, 3, np.float32, GEMV2),
+    "gemv2-f16-vector-loads": (2, 1152, 40, 4, np.float16, GEMV2),
+    "simt-f32": (70, 300, 70, 3, np.float32, TILED),
+    "wmma-f16": (40, 296, 70, 4, np.float16, TILED),
+    "gemv3-f16": (3, 1152, 40, 4, np.float16, GEMV3),
+    "gemv3-f16-m12": (12, 520, 33, 8, np.float16, GEMV3),
+}
+
+
+@pytest.mark.parametrize("case", NO_ROW_SCALE_CASES)
+def test_emulated_kernels_without_row_scales(build_dir: Path, tmp_path: Path, case: str) -> None:
+    # The empty row_scales reaches the kernels as NULL, which must mean r_n = 1 and nothing else: the output is the
+    # reference's, and bit for bit the one N explicit ones give (a kernel reading through NULL fails under ASan).
+    m, k, n, groups, dtype, kernel_path = NO_ROW_SCALE_CASES[case]
+    seed = sum(map(ord, case))
+    p = scramble_salient_bits(random_packed_linear(n, k, groups, salient_fraction=0.05, row_scales=False,
+                                                   seed=seed), seed)
+    assert p.row_scales.shape == (0,)
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((m, k)).astype(dtype)
+    bias = rng.standard_normal(n).astype(dtype)
+    y = _run_emulated(build_dir, tmp_path, x, p, bias, kernel_path)
+    assert reference_error_ratio(y, x, p, bias) <= 1.0
+    ones = p.tensors() | {"row_scales": np.ones(n, np.float16)}
+    assert np.array_equal(y, _run_emulated(build_dir, tmp_path, x, p, bias, kernel_path, ones))
+
+
+@pytest.mark.parametrize(("kernel_path", "dtype"), [(GEMV, np.float32), (GEMV2, np.float16), (TILED, np.float32),
+                                                    (TILED, np.float16)])
+def test_emulated_kernels_take_the_widest_k(build_dir: Path, tmp_path: Path, kernel_path: int, dtype: type) -> None:
+    # K = 65,536, the contract's limit (v3): columns up to 65,535, half of them with the top bit of their 16 set,
+    # which a signed read would turn negative (and skip). GEMV3 stops at 65,535 (its own column sentinel).
+    p = _staircase_layer(4, kernels.MAX_K, 2, seed=kernel_path)
+    assert p.columns.max() >= 0xFF00
+    x = np.random.default_rng(kernel_path).standard_normal((2, kernels.MAX_K)).astype(dtype)
+    y = _run_emulated(build_dir, tmp_path, x, p, None, kernel_path)
+    assert reference_error_ratio(y, x, p) <= 1.0
+
+
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
 
@@ -268,16 +325,16 @@ def _staircase_layer(n: int, k: int, groups: int, seed: int) -> PackedLinear:
     mask = (band[None, :] == np.arange(n)[:, None]) & (rng.random((n, k)) < 0.6)
     rows, cols = np.nonzero(mask)
     rowptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=n))]).astype(np.int32)
-    csr = {"salient_rowptr": rowptr, "salient_cols": cols.astype(np.int32),
+    csr = {"salient_rowptr": rowptr, "salient_cols": pack_columns(cols),
            "salient_q": rng.integers(-7, 8, cols.shape[0]).astype(np.int8)}
     return PackedLinear.from_tensors(binary.tensors() | csr, **binary.attrs())
 
 
 def _corrupt_csr(p: PackedLinear, kind: str, seed: int) -> dict[str, np.ndarray]:
-    """p's tensors with row pointers negative, past nnz and out of order ("rowptr"), columns negative and >= K
-    ("cols"), or both."""
+    """p's tensors with row pointers negative, past nnz and out of order ("rowptr"), columns >= K ("cols"; 16-bit
+    since contract v3, so never negative, but 0x8000 and up would be as int16), or both."""
     rng = np.random.default_rng(seed)
-    rowptr, cols = p.salient_rowptr.copy(), p.salient_cols.copy()
+    rowptr, cols = p.salient_rowptr.copy(), p.columns
     if kind in ("rowptr", "both"):
         at = rng.choice(p.out_features + 1, size=8, replace=False)
         rowptr[at[:5]] = [-3, INT32_MIN, p.nnz + 5, INT32_MAX, p.nnz]
@@ -285,20 +342,21 @@ def _corrupt_csr(p: PackedLinear, kind: str, seed: int) -> dict[str, np.ndarray]
         rowptr[at[7]] = rowptr[at[7]] // 2
     if kind in ("cols", "both"):
         at = rng.choice(p.nnz, size=p.nnz // 8, replace=False)
-        cols[at] = rng.choice([-1, INT32_MIN, p.in_features, 1 << 30, INT32_MAX], size=at.shape[0])
-    return p.tensors() | {"salient_rowptr": rowptr, "salient_cols": cols}
+        cols[at] = rng.choice([p.in_features, 0x7FFF, 0x8000, 0xFFFF], size=at.shape[0])
+    return p.tensors() | {"salient_rowptr": rowptr, "salient_cols": pack_columns(cols)}
 
 
 def _sanitized(p: PackedLinear, tensors: dict[str, np.ndarray]) -> PackedLinear:
     """The layer the kernels compute from a corrupt CSR: row r owns the entries [clamp(rowptr[r], 0, nnz),
     clamp(rowptr[r+1], that, nnz)), of which those with a column outside [0, K) are skipped."""
-    rowptr, cols, q = (tensors[name] for name in ("salient_rowptr", "salient_cols", "salient_q"))
+    rowptr, q = tensors["salient_rowptr"], tensors["salient_q"]
+    cols = salient_columns(tensors["salient_cols"])
     begin = np.clip(rowptr[:-1].astype(np.int64), 0, cols.shape[0])
     end = np.clip(rowptr[1:].astype(np.int64), begin, cols.shape[0])
-    rows = [np.arange(b, e)[(cols[b:e] >= 0) & (cols[b:e] < p.in_features)] for b, e in zip(begin, end)]
+    rows = [np.arange(b, e)[cols[b:e] < p.in_features] for b, e in zip(begin, end)]
     kept = np.concatenate(rows)
     csr = {"salient_rowptr": np.concatenate([[0], np.cumsum([r.size for r in rows])]).astype(np.int32),
-           "salient_cols": cols[kept], "salient_q": q[kept]}
+           "salient_cols": tensors["salient_cols"][kept], "salient_q": q[kept]}
     return PackedLinear.from_tensors(tensors | csr, **p.attrs())
 
 
@@ -402,11 +460,13 @@ def test_emulated_kernels_give_the_weight_for_an_identity_input(build_dir: Path,
     assert np.array_equal((y + np.float32(0)).view(np.uint32), expected.view(np.uint32))
 
 
-# K = 2**31 - 8 passed the old check (ceil(K/8) fits an int) yet overflowed the kernels' tile arithmetic.
-@pytest.mark.parametrize("k, nnz", [(kernels.MAX_FEATURES + 1, 0), (2**31 - 8, 0), (64, -1), (64, 2**31)])
+# K = 2**31 - 8 passed an old check (ceil(K/8) fits an int) yet overflowed the kernels' tile arithmetic; since
+# contract v3 no K above 65,536 is valid.
+@pytest.mark.parametrize("k, nnz", [(kernels.MAX_K + 1, 0), (kernels.MAX_FEATURES + 1, 0), (2**31 - 8, 0), (64, -1),
+                                    (64, 2**31)])
 def test_emulated_launch_refuses_arguments_past_the_limits(build_dir: Path, tmp_path: Path, k: int, nnz: int) -> None:
     # Only the header: the emulator gives such a problem empty arrays, which a launch must not get to read.
-    header = np.array([4, k, 8, 2, 4, kernels.DTYPE_FLOAT32, -1, kernels.PATH_AUTO, nnz, 0], dtype="<i8")
+    header = np.array([4, k, 8, 2, 4, kernels.DTYPE_FLOAT32, -1, kernels.PATH_AUTO, nnz, 0, 0], dtype="<i8")
     (tmp_path / "problem.bin").write_bytes(header.tobytes())
     result = _emulate(build_dir, tmp_path)
     assert result.returncode == 1, result.stderr  # cudaErrorInvalidValue

@@ -118,7 +118,7 @@ def test_graph_holds_sage_nodes_function_and_no_dense_quantized_weight(rewritten
     assert len(sage) == 14
     assert [(f.domain, f.name) for f in model.functions] == [(DOMAIN, OP_TYPE)]
     attrs = {a.name: helper.get_attribute_value(a) for a in sage[0].attribute}
-    assert attrs["plugin_namespace"] == b"sage" and attrs["plugin_version"] == b"2"
+    assert attrs["plugin_namespace"] == b"sage" and attrs["plugin_version"] == b"3"
     inits = {t.name: t for t in model.graph.initializer}
     weight_matmuls = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
     assert [n.name for n in weight_matmuls] == ["/model/lm_head/MatMul"]  # lm_head stays float

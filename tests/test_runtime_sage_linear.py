@@ -35,6 +35,34 @@ def test_dense_weight_is_exactly_dequantize(layer: str) -> None:
         assert torch.equal(SageLinear(packed).dense_weight(), torch.from_numpy(dequantize(p)))
 
 
+@pytest.mark.parametrize("row_scales", [True, False])
+@pytest.mark.parametrize("layer", LAYERS)
+def test_torch_decode_is_exactly_dequantize(layer: str, row_scales: bool) -> None:
+    # The decode CUDA buffers get (16-bit columns from two bytes, an empty row_scales as all ones), run on the CPU.
+    n, k, g, fraction = LAYERS[layer]
+    p = random_packed_linear(n, k, g, salient_fraction=fraction, row_scales=row_scales, seed=3)
+    assert p.has_row_scales == row_scales
+    assert torch.equal(SageLinear(p)._decode_torch(), torch.from_numpy(dequantize(p)))
+
+
+def test_wide_layer_decodes_columns_past_32767() -> None:
+    # Columns >= 2**15 have the high bit of their second byte set (a negative int8): read unsigned, they land right.
+    p = random_packed_linear(2, 40000, 2, salient_fraction=0.01, row_scales=False, seed=9)
+    assert p.columns.max() >= 1 << 15
+    assert torch.equal(SageLinear(p)._decode_torch(), torch.from_numpy(dequantize(p)))
+
+
+def test_layer_without_row_scales() -> None:
+    # Contract v3: an empty row_scales means every r_n = 1; the module keeps it empty and computes as with ones.
+    p = random_packed_linear(13, 29, 3, salient_fraction=0.1, row_scales=False, seed=5)
+    layer = SageLinear(p)
+    assert layer.row_scales_bits.shape == (0,) and layer.nnz == p.nnz
+    assert layer.packed().row_scales.shape == (0,)
+    x = torch.randn(3, 29, generator=torch.Generator().manual_seed(1))
+    assert reference_error_ratio(layer(x).numpy(), x.numpy(), p) <= 1.0
+    np.testing.assert_allclose(layer(x).numpy(), sage_binary_gemm_packed(x.numpy(), p), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("shape", [(29,), (3, 29), (2, 4, 29)])
 def test_forward_matches_numpy_reference(dtype: torch.dtype, shape: tuple[int, ...]) -> None:
@@ -136,8 +164,10 @@ def test_loader_explains_a_missing_library(monkeypatch: pytest.MonkeyPatch, tmp_
 
 
 def test_ctypes_struct_mirrors_the_c_header() -> None:
-    # 12 pointers, three int64 (m, nnz, prepared_bytes), 8 int32 (sage_gemm_api.h, ABI 4), no padding; the loader
-    # also compares the size with sage_gemm_args_size().
+    # 12 pointers, three int64 (m, nnz, prepared_bytes), 8 int32 (sage_gemm_api.h, ABI 5: the layout of ABI 4, with
+    # uint16 salient_cols and an optional row_scales), no padding; the loader also compares the size with
+    # sage_gemm_args_size().
+    assert kernels.ABI_VERSION == 5 and kernels.MAX_K == 65536
     assert kernels.SageGemmArgs.row_scales.offset == 64
     assert kernels.SageGemmArgs.prepared.offset == 88
     assert kernels.SageGemmArgs.m.offset == 96

@@ -7,7 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sage_export.format.sage_layout import TENSOR_NAMES, PackedLinear, dequantize, pack_sage
+from sage_export.format.sage_layout import (TENSOR_NAMES, PackedLinear, dequantize, pack_columns, pack_sage,
+                                           salient_columns)
 
 
 def random_decisions(rng: np.random.Generator, n: int, k: int, n_groups: int, salient_bits: int,
@@ -47,7 +48,7 @@ def test_nnz_zero_layout():
     packed = pack_sage(**d)
     assert packed.nnz == 0
     np.testing.assert_array_equal(packed.salient_rowptr, [0, 0, 0, 0])
-    assert packed.salient_cols.shape == (0,) and packed.salient_q.shape == (0,)
+    assert packed.salient_cols.shape == (0, 2) and packed.salient_q.shape == (0,)
     np.testing.assert_array_equal(dequantize(packed), intended_weight(d))
 
 
@@ -59,8 +60,8 @@ def test_tensor_dtypes_shapes_and_order():
     nnz = packed.nnz
     assert {name: (t.dtype.name, t.shape) for name, t in tensors.items()} == {
         "sign_bits": ("int8", (4, 2)), "group_codes": ("int8", (2, 4, 2)), "group_scales": ("float16", (3,)),
-        "salient_rowptr": ("int32", (5,)), "salient_cols": ("int32", (nnz,)), "salient_q": ("int8", (nnz,)),
-        "row_scales": ("float16", (4,)),
+        "salient_rowptr": ("int32", (5,)), "salient_cols": ("int8", (nnz, 2)), "salient_q": ("int8", (nnz,)),
+        "row_scales": ("float16", (0,)),
         "salient_scale": ("float16", (4,))}
     assert packed.attrs() == {"in_features": 13, "out_features": 4, "n_groups": 3, "salient_bits": 4}
 
@@ -75,7 +76,8 @@ def test_hand_worked_row():
     # Group plane 0: column 0 and 3 in group 1, column 2 forced to 0 -> 0b1001 = 9.
     np.testing.assert_array_equal(packed.sign_bits, [[1]])
     np.testing.assert_array_equal(packed.group_codes, [[[9]]])
-    np.testing.assert_array_equal(packed.salient_cols, [2])
+    np.testing.assert_array_equal(packed.salient_cols, [[2, 0]])  # 16-bit column, little-endian bytes
+    np.testing.assert_array_equal(packed.columns, [2])
     np.testing.assert_array_equal(packed.salient_q, [-3])
     np.testing.assert_array_equal(dequantize(packed), [[0.25, -0.125, -1.5, -0.25]])
 
@@ -128,7 +130,8 @@ def test_from_tensors_round_trip():
     ("sign_bits", lambda t: t[:, :1], r"sign_bits: expected int8 \(4, 3\), got int8 \(4, 1\)"),
     ("group_codes", lambda t: t[:1], "group_codes: expected int8 \\(2, 4, 3\\)"),
     ("salient_scale", lambda t: t[:3], "salient_scale: expected float16 \\(4,\\)"),
-    ("salient_cols", lambda t: t[:-1], "salient_cols: expected int32"),
+    ("salient_cols", lambda t: t[:-1], "salient_cols: expected int8"),
+    ("salient_cols", lambda t: t.astype(np.int16), "salient_cols: expected int8"),
 ])
 def test_from_tensors_rejects_wrong_dtype_or_shape(name, bad, message):
     packed = pack_sage(**random_decisions(np.random.default_rng(7), 4, 19, 3, 4, 0.3))
@@ -147,7 +150,7 @@ def test_from_tensors_rejects_bad_values():
     row = int(np.argmax(np.diff(packed.salient_rowptr) >= 2))  # a row with at least two salient entries
     start = packed.salient_rowptr[row]
     swapped = packed.salient_cols.copy()
-    swapped[start], swapped[start + 1] = swapped[start + 1], swapped[start]
+    swapped[[start, start + 1]] = swapped[[start + 1, start]]
     with pytest.raises(ValueError, match="ascending"):
         PackedLinear.from_tensors(dict(tensors, salient_cols=swapped), **packed.attrs())
     with pytest.raises(ValueError, match="group index"):
@@ -155,3 +158,23 @@ def test_from_tensors_rejects_bad_values():
         PackedLinear.from_tensors(dict(tensors, group_codes=codes), **packed.attrs())
     with pytest.raises(ValueError, match="salient_q"):
         PackedLinear.from_tensors(dict(tensors, salient_q=np.full_like(packed.salient_q, 8)), **packed.attrs())
+
+
+def test_contract_v3_columns_and_row_scales():
+    """Columns past one byte keep both bytes; all-ones multipliers are stored empty and decode as ones; the
+    same layer with [N] ones decodes identically (decoders must not depend on canonical form)."""
+    d = random_decisions(np.random.default_rng(11), 3, 70_000 // 100, 3, 4, 0.2)
+    packed = pack_sage(**d)
+    np.testing.assert_array_equal(packed.columns, np.nonzero(d["salient_mask"])[1])
+    assert packed.columns.max() > 255 and not packed.has_row_scales
+    ones = PackedLinear.from_tensors(dict(packed.tensors(), row_scales=np.ones(3, np.float16)), **packed.attrs())
+    assert ones.has_row_scales
+    np.testing.assert_array_equal(dequantize(ones), dequantize(packed))
+    assert pack_sage(**d, row_scales=np.ones(3)).row_scales.shape == (0,)
+    assert pack_sage(**d, row_scales=np.array([1.0, 2.0, 1.0])).row_scales.shape == (3,)
+    np.testing.assert_array_equal(salient_columns(pack_columns([0, 255, 256, 65535])), [0, 255, 256, 65535])
+
+
+def test_in_features_beyond_16_bits_is_refused():
+    with pytest.raises(ValueError, match="at most 65536"):
+        pack_sage(**random_decisions(np.random.default_rng(12), 1, 65_537, 2, 4, 0.0))

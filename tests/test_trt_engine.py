@@ -17,7 +17,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from sage_export.cli import main
-from sage_export.onnx.function import DOMAIN, OP_TYPE, add_function, sage_node
+from sage_export.onnx.function import DOMAIN, OP_TYPE, PLUGIN_ATTRIBUTES, add_function, sage_node
 from sage_export.onnx.ort_check import random_packed
 from sage_export.trt import engine, plugin as plugins
 from sage_export.trt.targets import TARGETS, profile_plans
@@ -463,3 +463,11 @@ def test_without_tensorrt_the_message_is_one_clear_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # import fails
     with pytest.raises(engine.UserError, match="TensorRT"):
         engine.require_tensorrt()
+
+
+def test_loader_asks_for_the_creator_the_plugin_registers():
+    """The creator looked up after loading the library is the one the C++ plugin registers and the exported nodes
+    name (it asked for version "1" through contract v2, which no build registered)."""
+    source = (Path(__file__).resolve().parents[1] / "plugins/src/sage_plugin_contract.h").read_text()
+    assert f'kPluginVersion = "{plugins.CREATOR[1]}"' in source
+    assert plugins.CREATOR == ("SageBinaryGemm", PLUGIN_ATTRIBUTES["plugin_version"], "sage")

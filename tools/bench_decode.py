@@ -107,7 +107,7 @@ def decode_tokens_per_s(model, device: str, prompt_len: int, n_tokens: int, warm
 
 
 def random_packed_cuda(n: int, k: int, groups: int, fraction: float, gen: torch.Generator) -> dict:
-    """A valid packed layer (contract v2) made on the GPU in milliseconds: random bits and codes (G a power of
+    """A valid packed layer (contract v3) made on the GPU in milliseconds: random bits and codes (G a power of
     two, so every code is valid), `fraction` salient weights per row at evenly spaced, randomly offset columns,
     row multipliers r_n in [0.5, 2)."""
     dev = "cuda"
@@ -115,7 +115,9 @@ def random_packed_cuda(n: int, k: int, groups: int, fraction: float, gen: torch.
     per_row = max(0, round(fraction * k))
     stride = k // per_row if per_row else 1
     offsets = torch.randint(0, stride, (n, 1), generator=gen, device=dev)
-    cols = (torch.arange(per_row, device=dev) * stride + offsets).to(torch.int32).reshape(-1)
+    cols = (torch.arange(per_row, device=dev) * stride + offsets).reshape(-1)
+    # Contract v3: int8 [nnz, 2], each column's uint16 little-endian (through uint8: 128..255 wrap as intended).
+    cols = torch.stack([cols & 0xFF, cols >> 8], dim=-1).to(torch.uint8).view(torch.int8)
     return {"sign_bits": torch.randint(-128, 128, (n, kb), generator=gen, device=dev, dtype=torch.int8),
             "group_codes": torch.randint(-128, 128, (planes, n, kb), generator=gen, device=dev, dtype=torch.int8),
             "group_scales": (torch.rand(groups, generator=gen, device=dev) * 0.02 + 0.001).half(),
@@ -135,7 +137,7 @@ def sage_launch_args(layer: dict, x: torch.Tensor, y: torch.Tensor):
         group_scales=layer["group_scales"].data_ptr(), salient_rowptr=layer["salient_rowptr"].data_ptr(),
         salient_cols=layer["salient_cols"].data_ptr(), salient_q=layer["salient_q"].data_ptr(),
         salient_scale=layer["salient_scale"].data_ptr(), row_scales=layer["row_scales"].data_ptr(), bias=0,
-        y=y.data_ptr(), m=x.shape[0], nnz=layer["salient_cols"].numel(), k=layer["k"], n=layer["n"],
+        y=y.data_ptr(), m=x.shape[0], nnz=layer["salient_cols"].shape[0], k=layer["k"], n=layer["n"],
         n_groups=layer["groups"], salient_bits=4, x_dtype=kernels.DTYPE_FLOAT16, bias_dtype=kernels.DTYPE_FLOAT16,
         path=kernels.PATH_AUTO, reserved=0)
 

@@ -146,7 +146,7 @@ def best_rates(row: dict) -> dict:
 
 def dense_copy(onnx_path: Path, out_dir: Path) -> Path:
     """The same graph with each SageBinaryGemm replaced by MatMul(X, Ŵᵀ) on a float32 initializer (then an Add of
-    the node's bias, input 9 in contract v2, where it has one)."""
+    the node's bias, input 9 since contract v2, where it has one)."""
     import onnx
     from onnx import helper, numpy_helper
 

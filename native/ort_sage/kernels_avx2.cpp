@@ -1,7 +1,7 @@
 // AVX2 + FMA kernels (compiled with -mavx2 -mfma; called only when the CPU has both).
 // Decode: one byte of a row bitmap is 8 columns = one 8-lane vector. Each plane byte becomes a lane mask, the
 // masks sum to the group index, two 8-entry permutes look the scale up, and the sign bit flips the float's sign.
-// r_n (contract v2) is multiplied into the row's two table vectors, once a row.
+// r_n (contract v3) is multiplied into the row's two table vectors, once a row (not at all without row_scales).
 #include <immintrin.h>
 
 #include "kernels.h"
@@ -22,9 +22,9 @@ void decode_rows_p(const DecodeView& v, int64_t n0, int rows, const float* row_s
   const __m256i sign_bit = _mm256_set1_epi32(static_cast<int>(0x80000000u));
   for (int r = 0; r < rows; ++r) {
     const int64_t row = n0 + r;
-    const __m256 scale = _mm256_set1_ps(row_scale[r]);  // r_n · α_g, exact in float32
-    const __m256 low = _mm256_mul_ps(table_low, scale);
-    const __m256 high = _mm256_mul_ps(table_high, scale);
+    // r_n · α_g, exact in float32; without row_scales the table is α itself
+    const __m256 low = row_scale ? _mm256_mul_ps(table_low, _mm256_set1_ps(row_scale[r])) : table_low;
+    const __m256 high = row_scale ? _mm256_mul_ps(table_high, _mm256_set1_ps(row_scale[r])) : table_high;
     const uint8_t* sign = v.sign_bits + row * v.bytes;
     const uint8_t* codes = v.group_codes + row * v.bytes;
     float* out = w + r * ldw;

@@ -1,8 +1,9 @@
 // AVX-512 kernels (compiled with -mavx512f -mavx512bw -mavx512dq -mavx512vl -mfma; called only when the CPU
 // has them). Decode: two bytes of a row bitmap are 16 columns = one 16-lane vector, and a bitmap's two bytes are
 // directly a lane mask: each plane adds 1 << p to the index where its bit is set, one permute of the 16-entry
-// scale table gives α, and a masked XOR flips the sign where the sign bit is 0. r_n (contract v2) is multiplied
-// into the table once a row by decode_rows, and factored out of each row's sum by the fused GEMV.
+// scale table gives α, and a masked XOR flips the sign where the sign bit is 0. r_n (contract v3) is multiplied
+// into the table once a row by decode_rows, and factored out of each row's sum by the fused GEMV (neither where
+// row_scales is empty: r_n = 1).
 #include <immintrin.h>
 
 #include <cstring>
@@ -29,7 +30,8 @@ void decode_rows_p(const DecodeView& v, int64_t n0, int rows, const float* row_s
   const __m512i sign_bit = _mm512_set1_epi32(static_cast<int>(0x80000000u));
   for (int r = 0; r < rows; ++r) {
     const int64_t row = n0 + r;
-    const __m512 table = _mm512_mul_ps(alpha, _mm512_set1_ps(row_scale[r]));  // r_n · α_g, exact in float32
+    // r_n · α_g, exact in float32
+    const __m512 table = row_scale ? _mm512_mul_ps(alpha, _mm512_set1_ps(row_scale[r])) : alpha;
     const uint8_t* sign = v.sign_bits + row * v.bytes;
     const uint8_t* codes = v.group_codes + row * v.bytes;
     float* out = w + r * ldw;
@@ -136,7 +138,7 @@ void gemv_rows(const DecodeView& v, int64_t n0, int rows, const float* row_scale
       if (left > 32) quarter(_mm512_extracti32x4_epi32(code, 2), 2);
       if (left > 48) quarter(_mm512_extracti32x4_epi32(code, 3), 3);
     }
-    for (int i = 0; i < MR; ++i) y[i * ldy + r] = row_scale[r] * hsum(acc[i]);
+    for (int i = 0; i < MR; ++i) y[i * ldy + r] = row_scale ? row_scale[r] * hsum(acc[i]) : hsum(acc[i]);
   }
 }
 

@@ -8,8 +8,10 @@ void decode_rows(const DecodeView& v, int64_t n0, int rows, const float* row_sca
   const int64_t plane_stride = v.n * v.bytes;
   for (int r = 0; r < rows; ++r) {
     const int64_t row = n0 + r;
-    float table[16];  // r_n · α_g: exact in float32 (two float16 mantissas), so Ŵ is the reference's
-    for (int g = 0; g < 16; ++g) table[g] = row_scale[r] * v.table[g];
+    float scaled[16];  // r_n · α_g: exact in float32 (two float16 mantissas), so Ŵ is the reference's
+    if (row_scale)
+      for (int g = 0; g < 16; ++g) scaled[g] = row_scale[r] * v.table[g];
+    const float* table = row_scale ? scaled : v.table;  // no r_n: α_g as they are
     const uint8_t* sign = v.sign_bits + row * v.bytes;
     const uint8_t* codes = v.group_codes + row * v.bytes;
     float* out = w + r * ldw;

@@ -2,7 +2,7 @@
 //
 // Work is split over blocks of kBlockRows output rows. A thread decodes its block's rows of Ŵ into a float
 // buffer (binary part r_n·(±α) by the ISA kernel, then the salient values written over it, exactly as the
-// contract's decoder does: contract v2, docs/sage_binary_gemm.md), and multiplies every row of X by it. Each
+// contract's decoder does: contract v3, docs/sage_binary_gemm.md), and multiplies every row of X by it. Each
 // weight is decoded once per call, whatever M is, and nothing of the size of Ŵ is ever held.
 #include "sage_cpu.h"
 
@@ -174,9 +174,9 @@ int planes_for(int64_t groups) {
 }
 
 std::string check_attrs(int64_t k, int64_t n, int64_t g, int64_t b) {
-  if (k < 1 || k > SAGE_CPU_MAX_FEATURES || n < 1 || n > SAGE_CPU_MAX_FEATURES)
-    return "in_features and out_features must lie in 1.." + std::to_string(SAGE_CPU_MAX_FEATURES) + ", got K=" +
-           std::to_string(k) + ", N=" + std::to_string(n);
+  if (k < 1 || k > SAGE_CPU_MAX_IN_FEATURES || n < 1 || n > SAGE_CPU_MAX_FEATURES)
+    return "in_features and out_features must lie in 1.." + std::to_string(SAGE_CPU_MAX_IN_FEATURES) + " and 1.." +
+           std::to_string(SAGE_CPU_MAX_FEATURES) + ", got K=" + std::to_string(k) + ", N=" + std::to_string(n);
   if (g < 1 || g > SAGE_CPU_MAX_GROUPS)
     return "n_groups must lie in 1.." + std::to_string(SAGE_CPU_MAX_GROUPS) + ", got " + std::to_string(g);
   if (b < 2 || b > 8) return "salient_bits must lie in 2..8, got " + std::to_string(b);
@@ -184,7 +184,8 @@ std::string check_attrs(int64_t k, int64_t n, int64_t g, int64_t b) {
 }
 
 std::string check_pointers(const SageCpuArgs& a) {
-  if (!a.x || !a.y || !a.sign_bits || !a.group_scales || !a.salient_rowptr || !a.salient_scale || !a.row_scales)
+  // row_scales may be null (every r_n is 1)
+  if (!a.x || !a.y || !a.sign_bits || !a.group_scales || !a.salient_rowptr || !a.salient_scale)
     return "a required tensor is missing";
   if (planes_for(a.n_groups) > 0 && !a.group_codes) return "group_codes is missing";
   if (a.nnz < 0) return "nnz must be >= 0";
@@ -225,9 +226,9 @@ struct Call {
     const int64_t hi = std::clamp<int64_t>(a.salient_rowptr[row + 1], lo, a.nnz);
     const float scale = half_to_float(a.salient_scale[row]);
     for (int64_t e = lo; e < hi; ++e) {
-      const int32_t col = a.salient_cols[e];
+      const int32_t col = a.salient_cols[e];  // unsigned 16-bit: never negative
       const int q = a.salient_q[e];
-      if (col < 0 || col >= a.k || q > limit || q < -limit) {
+      if (col >= a.k || q > limit || q < -limit) {
         bad->record(e);
         continue;
       }
@@ -254,7 +255,8 @@ struct Call {
   void salient_correction(int64_t n0, int rows, const float* row_scale) const {
     for (int64_t row = n0; row < n0 + rows; ++row)
       for_each_salient(row, [&](int32_t col, float value) {
-        const float delta = value - row_scale[row - n0] * binary_value(row, col);
+        const float binary = binary_value(row, col);
+        const float delta = value - (row_scale ? row_scale[row - n0] * binary : binary);
         for (int64_t i = 0; i < a.m; ++i) y[i * a.n + row] += delta * x[i * kv + col];
       });
   }
@@ -262,16 +264,18 @@ struct Call {
   // One task: kBlockRows rows of Y. Decode steps (m <= kFusedMaxM) use the fused kernel where there is one;
   // otherwise slices of the kernel's nr rows are decoded just before they are used, so that the slice of Ŵ is
   // still in L1/L2 when the multiplication reads it.
-  // r_n of every row of the block goes to the kernels in float32 (contract v2).
+  // r_n of every row of the block goes to the kernels in float32, or null where row_scales is empty (every r_n
+  // is 1, contract v3): the kernels then multiply nothing.
   void block(int64_t b, std::vector<float>& w) const {
     const int64_t block_start = b * kBlockRows;
     const int64_t block_end = std::min<int64_t>((b + 1) * kBlockRows, a.n);
     const int block_rows = static_cast<int>(block_end - block_start);
-    float row_scale[kBlockRows];
+    float scales[kBlockRows];
+    const float* row_scale = a.row_scales ? scales : nullptr;
     bool finite_rows = true;
-    for (int r = 0; r < block_rows; ++r) {
-      row_scale[r] = half_to_float(a.row_scales[block_start + r]);
-      finite_rows = finite_rows && std::isfinite(row_scale[r]);
+    for (int r = 0; row_scale && r < block_rows; ++r) {
+      scales[r] = half_to_float(a.row_scales[block_start + r]);
+      finite_rows = finite_rows && std::isfinite(scales[r]);
     }
     // The fused kernel factors r_n out of a sum that counts the salient positions' binary values too, which the
     // correction then takes back out: exact only for a finite r_n (a non-finite one decodes, as the reference).
@@ -285,7 +289,7 @@ struct Call {
     w.resize(static_cast<size_t>(isa.nr * kv));
     for (int64_t n0 = block_start; n0 < block_end; n0 += isa.nr) {
       const int rows = static_cast<int>(std::min<int64_t>(isa.nr, block_end - n0));
-      isa.decode_rows(view, n0, rows, row_scale + (n0 - block_start), w.data(), kv);
+      isa.decode_rows(view, n0, rows, row_scale ? row_scale + (n0 - block_start) : nullptr, w.data(), kv);
       salient_rows(n0, rows, w.data());
       for (int r = 0; r < rows; ++r) std::fill(w.data() + r * kv + a.k, w.data() + (r + 1) * kv, 0.0f);
       std::fill(w.data() + rows * kv, w.data() + isa.nr * kv, 0.0f);

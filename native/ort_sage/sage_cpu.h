@@ -1,4 +1,4 @@
-// SageBinaryGemm on the CPU (contract v2, docs/sage_binary_gemm.md), straight from the packed tensors.
+// SageBinaryGemm on the CPU (contract v3, docs/sage_binary_gemm.md), straight from the packed tensors.
 //
 // Used by the ONNX Runtime custom op (sage_ort_op.cpp) and, through ctypes, by SageLinear on CPU tensors
 // (sage_export/runtime/ort_op.py mirrors SageCpuArgs).
@@ -6,9 +6,10 @@
 
 #include <cstdint>
 
-#define SAGE_CPU_ABI_VERSION 2  // 2: row_scales (contract v2)
+#define SAGE_CPU_ABI_VERSION 3  // 2: row_scales (contract v2); 3: 16-bit salient_cols, row_scales may be null (v3)
 #define SAGE_CPU_MAX_GROUPS 16          // one 16-entry scale table; the CUDA kernels' cap too
-#define SAGE_CPU_MAX_FEATURES (1 << 30)  // largest K and N, as the CUDA kernels
+#define SAGE_CPU_MAX_FEATURES (1 << 30)  // largest N, as the CUDA kernels
+#define SAGE_CPU_MAX_IN_FEATURES 65536   // largest K: contract v3 stores a salient column in 16 bits
 
 #define SAGE_CPU_FLOAT32 0
 #define SAGE_CPU_FLOAT16 1
@@ -23,10 +24,12 @@ struct SageCpuArgs {
   const uint8_t* group_codes;    // [planes, n, ceil(k/8)], planes = ceil(log2 n_groups)
   const uint16_t* group_scales;  // [n_groups] float16 bits
   const int32_t* salient_rowptr; // [n + 1], clamped to [0, nnz] when read
-  const int32_t* salient_cols;   // [nnz], each must lie in [0, k)
+  const uint16_t* salient_cols;  // [nnz], each must lie in [0, k): contract v3's int8 [nnz, 2] little-endian
+                                 // bytes read as uint16 (so 2-byte aligned, on a little-endian machine)
   const int8_t* salient_q;       // [nnz], |q| <= 2^(b-1) - 1
   const uint16_t* salient_scale; // [n] float16 bits
-  const uint16_t* row_scales;    // [n] float16 bits: r_n, the multiplier of row n's unsalient weights
+  const uint16_t* row_scales;    // [n] float16 bits: r_n, the multiplier of row n's unsalient weights; null
+                                 // for contract v3's empty [0]: every r_n is 1 and no row is multiplied
   const float* bias;             // [n] float32 or null
   void* y;                       // [m, n] in x_dtype
   int64_t m;

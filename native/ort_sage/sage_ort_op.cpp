@@ -1,4 +1,4 @@
-// `sage::SageBinaryGemm` (contract v2, docs/sage_binary_gemm.md) as an ONNX Runtime custom op on the CPU execution
+// `sage::SageBinaryGemm` (contract v3, docs/sage_binary_gemm.md) as an ONNX Runtime custom op on the CPU execution
 // provider.
 //
 // Loaded with SessionOptions.register_custom_ops_library(path): ONNX Runtime calls RegisterCustomOps, which adds
@@ -6,7 +6,9 @@
 // each). A node that this library runs is not inlined into the model-local function of the same name, so the
 // session never decodes a dense weight. Inputs are checked here (shapes against the attributes) and in
 // sage_cpu_gemm (values); anything wrong comes back as an error status from Run, never a crash.
+#include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <exception>
 #include <string>
 #include <vector>
@@ -19,13 +21,14 @@ namespace {
 const OrtApi* g_api = nullptr;
 
 constexpr size_t kInputs = 10;  // X, eight packed tensors (row_scales at 8 since contract v2), optional bias
+constexpr size_t kSalientCols = 5, kSalientQ = 6, kRowScales = 8;
 constexpr size_t kRequiredInputs = 9;
 constexpr const char* kInputNames[kInputs] = {"X", "sign_bits", "group_codes", "group_scales", "salient_rowptr",
                                              "salient_cols", "salient_q", "salient_scale", "row_scales", "bias"};
 constexpr ONNXTensorElementDataType kPackedTypes[kInputs] = {
     ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED,  // X: float32 or float16, one kernel each
     ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8,    ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8,    ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16,
-    ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32,   ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32,   ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8,
+    ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32,   ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8,    ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8,
     ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
 
 struct Kernel {
@@ -66,25 +69,29 @@ OrtStatus* read_tensor(const OrtValue* value, Tensor& out) {
   return s;
 }
 
-// The shapes and types the contract gives each packed input, for this node's attributes and nnz.
+// The shapes and types the contract gives each packed input, for this node's attributes and nnz (the length of
+// salient_q; salient_cols is [nnz, 2], two bytes a column since contract v3).
 std::string check_inputs(const Kernel& kn, const Tensor (&t)[kInputs]) {
   const int64_t bytes = (kn.k + 7) / 8;
   int64_t planes = 0;
   while ((int64_t{1} << planes) < kn.groups) ++planes;
   for (size_t i = 0; i < kRequiredInputs; ++i)
     if (!t[i].present) return std::string("input ") + kInputNames[i] + " is missing";
-  const int64_t nnz = t[5].dims.size() == 1 ? t[5].dims[0] : -1;
+  if (t[kSalientQ].dims.size() != 1)
+    return "input salient_q has shape " + shape_text(t[kSalientQ].dims) + ", expected [nnz]";
+  const int64_t nnz = t[kSalientQ].dims[0];
   const std::vector<int64_t> expected[kInputs] = {
-      {}, {kn.n, bytes}, {planes, kn.n, bytes}, {kn.groups}, {kn.n + 1}, {nnz}, {nnz}, {kn.n}, {kn.n}, {kn.n}};
+      {}, {kn.n, bytes}, {planes, kn.n, bytes}, {kn.groups}, {kn.n + 1}, {nnz, 2}, {nnz}, {kn.n}, {kn.n}, {kn.n}};
   for (size_t i = 1; i < kInputs; ++i) {
     if (!t[i].present) continue;
     if (t[i].type != kPackedTypes[i])
       return std::string("input ") + kInputNames[i] + " has element type " + std::to_string(t[i].type) +
              ", expected " + std::to_string(kPackedTypes[i]);
-    if (t[i].dims != expected[i] || nnz < 0)
+    if (i == kRowScales && t[i].dims == std::vector<int64_t>{0}) continue;  // empty: every r_n is 1 (v3)
+    if (t[i].dims != expected[i])
       return std::string("input ") + kInputNames[i] + " has shape " + shape_text(t[i].dims) + ", expected " +
-             shape_text(expected[i]) + " for K=" + std::to_string(kn.k) + ", N=" + std::to_string(kn.n) +
-             ", G=" + std::to_string(kn.groups);
+             shape_text(expected[i]) + (i == kRowScales ? " or [0]" : "") + " for K=" + std::to_string(kn.k) +
+             ", N=" + std::to_string(kn.n) + ", G=" + std::to_string(kn.groups);
   }
   const Tensor& x = t[0];
   if (x.type != kn.x_type) return "X has element type " + std::to_string(x.type);
@@ -116,6 +123,16 @@ OrtStatus* compute_checked(void* kernel, OrtKernelContext* context) {
   }
   const std::string bad = check_inputs(kn, t);
   if (!bad.empty()) return error(bad);
+  const int64_t nnz = t[kSalientQ].dims[0];
+  // salient_cols' bytes are read as uint16_t (little-endian, as every target): ONNX Runtime's buffers are aligned,
+  // but a 2-byte-misaligned one (e.g. an int8 initializer mapped from an external file) is copied, not misread.
+  std::vector<uint16_t> aligned_cols;
+  const void* cols = t[kSalientCols].data;
+  if (reinterpret_cast<uintptr_t>(cols) % alignof(uint16_t) != 0) {
+    aligned_cols.resize(static_cast<size_t>(nnz));
+    std::memcpy(aligned_cols.data(), cols, sizeof(uint16_t) * aligned_cols.size());
+    cols = aligned_cols.data();
+  }
 
   std::vector<int64_t> out_dims(t[0].dims.begin(), t[0].dims.end() - 1);
   int64_t m = 1;
@@ -132,14 +149,15 @@ OrtStatus* compute_checked(void* kernel, OrtKernelContext* context) {
   args.group_codes = static_cast<const uint8_t*>(t[2].data);
   args.group_scales = static_cast<const uint16_t*>(t[3].data);
   args.salient_rowptr = static_cast<const int32_t*>(t[4].data);
-  args.salient_cols = static_cast<const int32_t*>(t[5].data);
+  args.salient_cols = static_cast<const uint16_t*>(cols);
   args.salient_q = static_cast<const int8_t*>(t[6].data);
   args.salient_scale = static_cast<const uint16_t*>(t[7].data);
-  args.row_scales = static_cast<const uint16_t*>(t[8].data);
+  // [0]: null, every r_n is 1
+  args.row_scales = t[kRowScales].dims[0] ? static_cast<const uint16_t*>(t[kRowScales].data) : nullptr;
   args.bias = t[9].present ? static_cast<const float*>(t[9].data) : nullptr;
   args.y = y_data;
   args.m = m;
-  args.nnz = t[5].dims[0];
+  args.nnz = nnz;
   args.k = static_cast<int32_t>(kn.k);
   args.n = static_cast<int32_t>(kn.n);
   args.n_groups = static_cast<int32_t>(kn.groups);
@@ -212,7 +230,8 @@ extern "C" __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(O
   }
   OrtCustomOpDomain* domain = nullptr;
   // The ops declare API version 16, which has no GetStartVersion/GetEndVersion: they match every opset version
-  // of the `sage` domain, version 2 (contract v2) included; the ten-input schema is what refuses a v1 node.
+  // of the `sage` domain, version 3 (contract v3) included; the input types are what refuse an older node (v2's
+  // salient_cols is int32, v1's input 8 the float32 bias) when the session is made.
   // The domain must outlive every session made with these options; it is a few bytes, so it is never released.
   if (OrtStatus* s = g_api->CreateCustomOpDomain("sage", &domain)) return s;
   if (OrtStatus* s = g_api->CustomOpDomain_Add(domain, &g_float_op)) return s;

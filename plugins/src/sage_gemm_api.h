@@ -1,4 +1,4 @@
-/* Launch API of the SageBinaryGemm CUDA kernels (op contract v2, docs/sage_binary_gemm.md).
+/* Launch API of the SageBinaryGemm CUDA kernels (op contract v3, docs/sage_binary_gemm.md).
  *
  * Y[M, N] = X[M, K] · Ŵᵀ (+ bias), Ŵ decoded on the fly from the packed layout; nothing dense is materialised.
  * Every caller (TensorRT plugin, Python ctypes runtime, benchmarks) goes through sage_gemm_launch, so this plain-C
@@ -18,8 +18,10 @@ extern "C" {
 
 /* 2: nnz added after m (the kernels clamp the CSR arrays to it).
  * 3: prepared / prepared_bytes (the GEMV3 weight layout, made once by sage_gemm_prepare).
- * 4: row_scales after salient_scale (op contract v2: r_n multiplies every unsalient weight of row n). */
-#define SAGE_GEMM_ABI_VERSION 4
+ * 4: row_scales after salient_scale (op contract v2: r_n multiplies every unsalient weight of row n).
+ * 5: op contract v3: salient_cols is uint16_t (was int32_t; same field, so a v4 caller's int32 columns would be
+ *    misread, hence the bump) and row_scales may be NULL (every r_n = 1). */
+#define SAGE_GEMM_ABI_VERSION 5
 /* Group indices are decoded with a lookup table of 2*SAGE_MAX_GROUPS entries (at most 4 code planes). */
 #define SAGE_MAX_GROUPS 16
 /* SAGE_PATH_AUTO runs the GEMV kernel up to this many activation rows and the tiled kernel above it. */
@@ -28,6 +30,8 @@ extern "C" {
  * last one (k0 + BK, tile * 1024 + c, n_base + 63, (K + 7) / 8, ...); 2^30 leaves 2^30 of headroom below INT32_MAX
  * for all of them, so no bound check in an inner loop has to fear wrap-around. No real layer comes close. */
 #define SAGE_MAX_FEATURES (1 << 30)
+/* Largest K the op contract allows (v3): a salient column is stored in 16 bits. */
+#define SAGE_MAX_K 65536
 
 #if defined(_WIN32)
 #define SAGE_API __declspec(dllexport)
@@ -56,17 +60,19 @@ typedef struct SageGemmArgs {
     const int8_t* group_codes;     /* [P, N, ceil(K/8)] bit planes of the group index; NULL allowed when P == 0 */
     const uint16_t* group_scales;  /* float16 bits [G] */
     const int32_t* salient_rowptr; /* [N + 1] CSR row pointers (clamped to [0, nnz], see sage_gemm_launch) */
-    const int32_t* salient_cols;   /* [nnz] ascending within a row; NULL allowed when nnz == 0 */
+    const uint16_t* salient_cols;  /* [nnz] ascending within a row (the contract's int8 [nnz, 2] little-endian
+                                      bytes); NULL allowed when nnz == 0 */
     const int8_t* salient_q;       /* [nnz] signed integers; NULL allowed when nnz == 0 */
     const uint16_t* salient_scale; /* float16 bits [N] */
-    const uint16_t* row_scales;    /* float16 bits [N]: r_n, the multiplier of row n's unsalient weights (v2) */
+    const uint16_t* row_scales;    /* float16 bits [N]: r_n, the multiplier of row n's unsalient weights (v2), or
+                                      NULL: every r_n is 1 (v3's empty row_scales) */
     const void* bias;              /* [N] in bias_dtype (the op contract: float32; float16 also accepted), or NULL */
     void* y;                       /* [M, N] in x_dtype, row-major */
     const void* prepared;          /* GEMV3 layout of these weights (sage_gemm_prepare), or NULL */
     int64_t m;                     /* activation rows (product of X's leading dims); 0 is a no-op */
     int64_t nnz;                   /* salient entries: the length of salient_cols and salient_q, 0..INT32_MAX */
     int64_t prepared_bytes;        /* size of the buffer behind `prepared` (0 when NULL) */
-    int32_t k;                     /* in_features, 1..SAGE_MAX_FEATURES */
+    int32_t k;                     /* in_features, 1..SAGE_MAX_K */
     int32_t n;                     /* out_features, 1..SAGE_MAX_FEATURES */
     int32_t n_groups;              /* G, 1..SAGE_MAX_GROUPS */
     int32_t salient_bits;          /* b, 2..8 (checked only: q is already stored as int8) */

@@ -21,14 +21,15 @@ struct Problem {
     const uint8_t* codes;
     const __half* scales;
     const int32_t* rowptr;
-    const int32_t* cols;
+    const uint16_t* cols;  // v3: 16-bit columns, so every one is >= 0 (only < K needs checking)
     const int8_t* q;
     const __half* salient_scale;
-    const __half* row_scales;  // r_n: every kernel applies it once per output row to the row's binary sum (v2)
+    const __half* row_scales;  // r_n: every kernel applies it once per output row to the row's binary sum (v2);
+                               // NULL: every r_n is 1 (v3)
     const void* bias;
     void* y;
     int64_t m;
-    int k;          // 1..SAGE_MAX_FEATURES, like n: int index math cannot overflow (sage_gemm_api.h)
+    int k;          // 1..SAGE_MAX_K, n 1..SAGE_MAX_FEATURES: int index math cannot overflow (sage_gemm_api.h)
     int n;
     int nnz;        // length of cols and q: every CSR read is clamped to it
     int kb;         // bytes per packed row: ceil(K/8)
@@ -73,7 +74,8 @@ __device__ __forceinline__ SalientRange salient_range(const Problem& p, int row)
     return {begin, clamp_index(p.rowptr[row + 1], begin, p.nnz)};
 }
 
-// A column outside [0, K) would index x and the bit planes out of bounds; the unsigned compare rejects both sides.
+// A column >= K would index x and the bit planes out of bounds (16-bit columns are never negative; the unsigned
+// compare would reject those too).
 __device__ __forceinline__ bool column_in_range(const Problem& p, int col) {
     return static_cast<unsigned>(col) < static_cast<unsigned>(p.k);
 }
@@ -89,13 +91,16 @@ __device__ __forceinline__ int binary_index(const Problem& p, int row, int col) 
     return idx;
 }
 
-// Contract v2: Ŵ[n, k] = r_n·(±α_g) off the salient set, salient_scale[n]·q on it. The kernels factor r_n out of
+// Contract v2/v3: Ŵ[n, k] = r_n·(±α_g) off the salient set, salient_scale[n]·q on it. The kernels factor r_n out of
 // the row's sum, so no per-weight work is added:
 //     Y[n] = r_n·(Σ_k x_k·w_bin(n, k) − Σ_salient x_k·w_bin(n, k)) + Σ_salient x_k·salient_scale[n]·q
 // where w_bin = ±α_g is what the bits encode (at salient positions too: canonical or not). GEMV, GEMV2 and the
 // tiled kernels keep the two salient sums apart (the binary part goes into the sum r_n multiplies), so one
 // nonzero activation per row still gives Ŵ exactly; GEMV3 folds r_n into a per-row constant instead (below).
-__device__ __forceinline__ float row_scale(const Problem& p, int row) { return __half2float(p.row_scales[row]); }
+// An empty row_scales (v3) arrives as NULL: r_n = 1. The branch is uniform and taken once per output row.
+__device__ __forceinline__ float row_scale(const Problem& p, int row) {
+    return p.row_scales != nullptr ? __half2float(p.row_scales[row]) : 1.0f;
+}
 
 // Salient weight minus the binary weight the bits encode there (times r_n, a float16 product, exact in float32):
 // adding corr·x to a sum that r_n multiplies after the fact replaces one by the other, so the kernels stay correct

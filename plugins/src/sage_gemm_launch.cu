@@ -5,20 +5,21 @@ namespace {
 
 bool valid_dtype(int32_t dtype) { return dtype == SAGE_DTYPE_FLOAT32 || dtype == SAGE_DTYPE_FLOAT16; }
 
-// K and N up to SAGE_MAX_FEATURES keep the kernels' int index math from wrapping (see sage_gemm_api.h); nnz up
-// to INT32_MAX fits their int CSR cursors, which the clamped row pointers never carry past it.
+// K up to SAGE_MAX_K (the contract's, v3: 16-bit columns) and N up to SAGE_MAX_FEATURES keep the kernels' int
+// index math from wrapping (see sage_gemm_api.h); nnz up to INT32_MAX fits their int CSR cursors, which the
+// clamped row pointers never carry past it.
 bool valid_sizes(const SageGemmArgs* a) {
-    return a->m >= 0 && a->k >= 1 && a->k <= SAGE_MAX_FEATURES && a->n >= 1 && a->n <= SAGE_MAX_FEATURES &&
+    return a->m >= 0 && a->k >= 1 && a->k <= SAGE_MAX_K && a->n >= 1 && a->n <= SAGE_MAX_FEATURES &&
            a->nnz >= 0 && a->nnz <= INT32_MAX && a->n_groups >= 1 && a->n_groups <= SAGE_MAX_GROUPS &&
            a->salient_bits >= 2 && a->salient_bits <= 8;
 }
 
-// The weights' pointers: what sage_gemm_prepare reads, and row_scales (contract v2), which only the launches read.
+// The weights' pointers (what sage_gemm_prepare reads). row_scales may be NULL: every r_n = 1 (contract v3).
 bool valid_weight_pointers(const SageGemmArgs* a) {
     const bool salient = a->nnz == 0 || (a->salient_cols != nullptr && a->salient_q != nullptr);
     const bool codes = a->group_codes != nullptr || sage_gemm_planes(a->n_groups) == 0;
     return a->sign_bits != nullptr && a->group_scales != nullptr && a->salient_rowptr != nullptr &&
-           a->salient_scale != nullptr && a->row_scales != nullptr && salient && codes;
+           a->salient_scale != nullptr && salient && codes;
 }
 
 bool valid_weights(const SageGemmArgs* a) {

@@ -2,7 +2,7 @@
 //
 // Design (docs/plugin.md, "GEMV3"):
 // * The weight bits are re-laid once, on the device, into a "prepared" buffer (sage_gemm_prepare): the same bits
-//   as contract v2 (plus padding), ordered so that every lane reads its weights with 16-byte loads that are
+//   as the contract's (plus padding), ordered so that every lane reads its weights with 16-byte loads that are
 //   contiguous across the warp, and so that the decode needs no per-weight table lookup.
 // * Products run on the tensor cores: mma.sync m16n8k16, float16 weights and activations, float32 accumulation.
 //   The product of two float16 values is exact in float32, so this is the contract's "convert to float32, then
@@ -16,7 +16,7 @@
 // * Salient entries: prepared as one 32-bit word each (16-bit column, 8-bit q), their bits in the prepared buffer
 //   cleared to "+α_0", so each adds (s·q − r_n·α_0)·x. Their loads are issued right after the first weight loads.
 // * Row scales (contract v2): the dense sum of row n is multiplied by r_n once, when the warps' partial sums are
-//   added; the layout does not depend on r_n (it is read at launch, like the other scales).
+//   added; the layout does not depend on r_n (it is read at launch, like the other scales; absent: 1, v3).
 // * A block = 8 warps = 16 output rows; its warps split K (steps of 512 columns) and are reduced in shared memory in
 //   a fixed order: deterministic, no atomics, no workspace. N = 4096 gives 256 blocks.
 #pragma once
@@ -35,7 +35,9 @@ constexpr int kThreads = kWarps * 32;
 constexpr int kRowsPerTile = 16;             // one MMA's M
 constexpr int kPieceCols = 128;              // columns one lane owns per step
 constexpr int kStepCols = 4 * kPieceCols;    // the 4 lanes of a quad side by side
-constexpr int kMaxK = 65535;                 // salient columns are stored in 16 bits
+// The prepared salient word keeps the column in 16 bits with 0xFFFF meaning "no entry" (>= K), so K = 65536, the
+// contract's limit (v3), is left to the other kernels.
+constexpr int kMaxK = 65535;
 constexpr int kMaxCodePlanes = 3;            // G <= 8 (the other kernels take 4: G <= 16)
 constexpr int kMaxM = 16;                    // activation rows per pass (two MMA column blocks)
 constexpr int kSalientPerLane = 4;           // salient entries a lane keeps in registers per round

@@ -78,10 +78,14 @@ std::string parse_attrs(nvinfer1::PluginFieldCollection const* fc, SageGemmAttrs
 }
 
 std::string validate_attrs(SageGemmAttrs const& a) {
-    // The kernels' limit (SAGE_MAX_FEATURES), checked here so that the engine build fails, not every enqueue.
-    std::string const range = " must be in 1.." + std::to_string(SAGE_MAX_FEATURES);
-    if (a.in_features < 1 || a.in_features > SAGE_MAX_FEATURES) return "in_features" + range;
-    if (a.out_features < 1 || a.out_features > SAGE_MAX_FEATURES) return "out_features" + range;
+    // The launch's limits (K: the contract's 16-bit columns), checked here so that the engine build fails, not
+    // every enqueue.
+    if (a.in_features < 1 || a.in_features > SAGE_MAX_K) {
+        return "in_features must be in 1.." + std::to_string(SAGE_MAX_K);
+    }
+    if (a.out_features < 1 || a.out_features > SAGE_MAX_FEATURES) {
+        return "out_features must be in 1.." + std::to_string(SAGE_MAX_FEATURES);
+    }
     if (a.n_groups < 1 || a.n_groups > SAGE_MAX_GROUPS) {
         return "n_groups must be in 1.." + std::to_string(SAGE_MAX_GROUPS) + ", got " + std::to_string(a.n_groups);
     }
@@ -93,7 +97,7 @@ std::string validate_attrs(SageGemmAttrs const& a) {
 
 std::string check_input_dims(nvinfer1::Dims const* dims, int32_t nb_inputs, SageGemmAttrs const& a) {
     if (nb_inputs != kRequiredInputs && nb_inputs != kMaxInputs) {
-        return "expected 9 or 10 inputs (contract v2: row_scales is input 8, the optional bias 9), got " +
+        return "expected 9 or 10 inputs (contract v3: row_scales is input 8, the optional bias 9), got " +
                std::to_string(nb_inputs);
     }
     int64_t const k = a.in_features;
@@ -112,7 +116,7 @@ std::string check_input_dims(nvinfer1::Dims const* dims, int32_t nb_inputs, Sage
                                  {kGroupCodes, "group_codes", 3, p, n, kb},
                                  {kGroupScales, "group_scales", 1, a.n_groups, 0, 0},
                                  {kSalientRowptr, "salient_rowptr", 1, n + 1, 0, 0},
-                                 {kSalientCols, "salient_cols", 1, -1, 0, 0},
+                                 {kSalientCols, "salient_cols", 2, -1, 2, 0},
                                  {kSalientQ, "salient_q", 1, -1, 0, 0},
                                  {kSalientScale, "salient_scale", 1, n, 0, 0},
                                  {kRowScales, "row_scales", 1, n, 0, 0},
@@ -121,14 +125,18 @@ std::string check_input_dims(nvinfer1::Dims const* dims, int32_t nb_inputs, Sage
         if (e.input >= nb_inputs) continue;
         nvinfer1::Dims const& d = dims[e.input];
         int64_t const want[3] = {e.d0, e.d1, e.d2};
+        // row_scales may also be empty (v3: every r_n = 1).
+        bool const may_be_empty = e.input == kRowScales;
         bool ok = d.nbDims == e.rank;
-        for (int32_t i = 0; ok && i < e.rank; ++i) ok = want[i] < 0 || dim_is(d.d[i], want[i]);
+        for (int32_t i = 0; ok && i < e.rank; ++i) {
+            ok = want[i] < 0 || dim_is(d.d[i], want[i]) || (may_be_empty && d.d[i] == 0);
+        }
         if (!ok) {
             std::string text = "rank " + std::to_string(e.rank) + " [";
             for (int32_t i = 0; i < e.rank; ++i) {
                 text += (i ? ", " : "") + (want[i] < 0 ? std::string("nnz") : std::to_string(want[i]));
             }
-            return shape_error(e.name, d, text + "]");
+            return shape_error(e.name, d, text + (may_be_empty ? "] or [0]" : "]"));
         }
     }
     int64_t const nnz_cols = dims[kSalientCols].d[0];
@@ -148,9 +156,9 @@ bool supports_io(int32_t pos, nvinfer1::DynamicPluginTensorDesc const* in_out, i
         case kBias: return d.type == DataType::kFLOAT;  // float32 whatever X's type (contract v2)
         case kSignBits:
         case kGroupCodes:
+        case kSalientCols:  // v3: two bytes per column (TensorRT has no 16-bit integer type)
         case kSalientQ: return d.type == DataType::kINT8;
-        case kSalientRowptr:
-        case kSalientCols: return d.type == DataType::kINT32;
+        case kSalientRowptr: return d.type == DataType::kINT32;
         case kGroupScales:
         case kSalientScale:
         case kRowScales: return d.type == DataType::kHALF;
@@ -174,10 +182,14 @@ SageGemmArgs launch_args(SageGemmAttrs const& attrs, nvinfer1::PluginTensorDesc 
     a.group_codes = static_cast<int8_t const*>(inputs[kGroupCodes]);
     a.group_scales = static_cast<uint16_t const*>(inputs[kGroupScales]);
     a.salient_rowptr = static_cast<int32_t const*>(inputs[kSalientRowptr]);
-    a.salient_cols = static_cast<int32_t const*>(inputs[kSalientCols]);
+    // [nnz, 2] little-endian bytes read as uint16 (every target is little-endian; TensorRT buffers are aligned).
+    a.salient_cols = static_cast<uint16_t const*>(inputs[kSalientCols]);
     a.salient_q = static_cast<int8_t const*>(inputs[kSalientQ]);
     a.salient_scale = static_cast<uint16_t const*>(inputs[kSalientScale]);
-    a.row_scales = static_cast<uint16_t const*>(inputs[kRowScales]);
+    // An empty row_scales (v3) means every r_n = 1: NULL tells the kernels so (the pointer of an empty tensor is
+    // not meant to be read).
+    bool const row_scaled = input_desc[kRowScales].dims.d[0] != 0;
+    a.row_scales = row_scaled ? static_cast<uint16_t const*>(inputs[kRowScales]) : nullptr;
     bool const has_bias = nb_inputs == kMaxInputs;
     a.bias = has_bias ? inputs[kBias] : nullptr;
     a.y = output;

@@ -67,7 +67,8 @@ private:
     // Where the weights were when it was made: sign_bits, group_codes, salient_rowptr, salient_cols, salient_q.
     // Same addresses, same weights: the plugin does not support refitting them in place. The first enqueue (which
     // allocates) must not be inside a CUDA graph capture; TensorRT's warm-up runs come before one.
-    // row_scales (contract v2) is not among them: like the other scales, the kernel reads it on every launch.
+    // row_scales (contract v2; NULL when empty, v3) is not among them: like the other scales, the kernel reads it
+    // on every launch.
     void const* mPreparedFrom[5] = {};
     std::vector<nvinfer1::PluginField> mFields;
     nvinfer1::PluginFieldCollection mFieldCollection{};

@@ -2,13 +2,14 @@
 // uses it to compare every kernel path with the NumPy reference on machines without a GPU.
 //
 // Usage: sage_kernel_emulator PROBLEM.bin OUT.bin
-//   PROBLEM.bin: 10 little-endian int64 [m, k, n, n_groups, salient_bits, x_dtype, bias_dtype (-1: no bias), path,
-//   nnz, misalign], then the contract's arrays as raw bytes in contract v2 order (x, sign_bits, group_codes,
-//   group_scales, salient_rowptr, salient_cols, salient_q, salient_scale, row_scales, bias when present).
+//   PROBLEM.bin: 11 little-endian int64 [m, k, n, n_groups, salient_bits, x_dtype, bias_dtype (-1: no bias), path,
+//   nnz, misalign, row_scales (its length: n, or 0 for contract v3's empty one, passed as NULL)], then the
+//   contract's arrays as raw bytes in contract v3 order (x, sign_bits, group_codes, group_scales, salient_rowptr,
+//   salient_cols (2 bytes per entry), salient_q, salient_scale, row_scales, bias when present).
 //   misalign = 1 shifts every array by one byte in memory, which forces the kernels' unaligned load paths.
 //   OUT.bin receives y [m, n] in x's dtype. The exit status is sage_gemm_launch's return code.
-//   A header the launch API must reject (K or N above SAGE_MAX_FEATURES, nnz outside 0..INT32_MAX, ...) needs no
-//   arrays: they are then empty, since the launch may read none of them.
+//   A header the launch API must reject (K above SAGE_MAX_K, N above SAGE_MAX_FEATURES, nnz outside 0..INT32_MAX,
+//   ...) needs no arrays: they are then empty, since the launch may read none of them.
 #include "cuda_emulator.h"
 
 #include <array>
@@ -68,7 +69,7 @@ extern "C" const char* __asan_default_options() { return "detect_leaks=0"; }
 namespace {
 
 struct Header {
-    int64_t m, k, n, groups, salient_bits, x_dtype, bias_dtype, path, nnz, misalign;
+    int64_t m, k, n, groups, salient_bits, x_dtype, bias_dtype, path, nnz, misalign, row_scales;
 };
 
 // Copies of the arrays, each in a block of exactly its size so that AddressSanitizer (when the emulator is
@@ -93,8 +94,8 @@ private:
 };
 
 bool sizable(const Header& h) {
-    return h.m >= 0 && h.k >= 1 && h.k <= SAGE_MAX_FEATURES && h.n >= 1 && h.n <= SAGE_MAX_FEATURES &&
-           h.nnz >= 0 && h.nnz <= INT32_MAX && h.groups >= 1 && h.groups <= SAGE_MAX_GROUPS;
+    return h.m >= 0 && h.k >= 1 && h.k <= SAGE_MAX_K && h.n >= 1 && h.n <= SAGE_MAX_FEATURES && h.nnz >= 0 &&
+           h.nnz <= INT32_MAX && h.groups >= 1 && h.groups <= SAGE_MAX_GROUPS;
 }
 
 // Bytes of x, the eight packed arrays and the bias, in file order; all 0 for a header the launch must reject.
@@ -108,10 +109,10 @@ std::array<size_t, 10> input_sizes(const Header& h) {
             static_cast<size_t>(sage_gemm_planes(static_cast<int32_t>(h.groups)) * h.n) * kb,
             static_cast<size_t>(h.groups) * 2,
             static_cast<size_t>(h.n + 1) * 4,
-            static_cast<size_t>(h.nnz) * 4,
+            static_cast<size_t>(h.nnz) * 2,
             static_cast<size_t>(h.nnz),
             static_cast<size_t>(h.n) * 2,
-            static_cast<size_t>(h.n) * 2,
+            static_cast<size_t>(h.row_scales) * 2,
             h.bias_dtype < 0 ? 0 : static_cast<size_t>(h.n) * bias_item};
 }
 
@@ -131,6 +132,10 @@ int main(int argc, char** argv) {
     Header h;
     if (data.size() < sizeof(h)) return 2;
     std::memcpy(&h, data.data(), sizeof(h));
+    if (h.row_scales != 0 && h.row_scales != h.n) {
+        std::fprintf(stderr, "row_scales must have n or 0 entries\n");
+        return 2;
+    }
     const std::array<size_t, 10> sizes = input_sizes(h);
     Arena arena(h.misalign != 0);
     void* arrays[10];
@@ -154,10 +159,10 @@ int main(int argc, char** argv) {
     a.group_codes = static_cast<const int8_t*>(arrays[2]);
     a.group_scales = static_cast<const uint16_t*>(arrays[3]);
     a.salient_rowptr = static_cast<const int32_t*>(arrays[4]);
-    a.salient_cols = static_cast<const int32_t*>(arrays[5]);
+    a.salient_cols = static_cast<const uint16_t*>(arrays[5]);
     a.salient_q = static_cast<const int8_t*>(arrays[6]);
     a.salient_scale = static_cast<const uint16_t*>(arrays[7]);
-    a.row_scales = static_cast<const uint16_t*>(arrays[8]);
+    a.row_scales = h.row_scales == 0 ? nullptr : static_cast<const uint16_t*>(arrays[8]);  // v3: empty -> NULL
     a.bias = h.bias_dtype < 0 ? nullptr : arrays[9];
     a.y = y;
     a.m = h.m;

@@ -1,5 +1,6 @@
 // Host-side test of libsage_trt_plugin.so and of the argument checks of libsage_kernels.so. Loads both with
-// dlopen the way TensorRT does and never calls a CUDA function that needs a device.
+// dlopen the way TensorRT does and never calls a CUDA function that needs a device. The translation of TensorRT
+// tensors into launch arguments (sage_plugin_contract.cpp, hidden in the library) is compiled in and tested directly.
 //
 // Usage: sage_plugin_host_test [path/to/libsage_trt_plugin.so [path/to/libsage_kernels.so]]
 #include <dlfcn.h>
@@ -14,6 +15,7 @@
 #include <NvInferRuntime.h>
 
 #include "sage_gemm_api.h"
+#include "sage_plugin_contract.h"
 
 namespace {
 
@@ -113,13 +115,13 @@ Dims dims_of(std::initializer_list<int64_t> values) {
     return d;
 }
 
-// X [2, 5, K] float16 and the packed tensors of contract v2 for (K, N, G) = (20, 6, 3) with nnz = 4 (row_scales
-// at 8), optional bias (at 9).
+// X [2, 5, K] float16 and the packed tensors of contract v3 for (K, N, G) = (20, 6, 3) with nnz = 4 (salient_cols
+// int8 [nnz, 2], row_scales at 8), optional bias (at 9).
 std::vector<DynamicPluginTensorDesc> io_descs(bool bias, DataType x_type = DataType::kHALF) {
     std::vector<std::pair<Dims, DataType>> spec = {
         {dims_of({2, 5, kK}), x_type},         {dims_of({kN, 3}), DataType::kINT8},
         {dims_of({2, kN, 3}), DataType::kINT8}, {dims_of({kG}), DataType::kHALF},
-        {dims_of({kN + 1}), DataType::kINT32}, {dims_of({4}), DataType::kINT32},
+        {dims_of({kN + 1}), DataType::kINT32}, {dims_of({4, 2}), DataType::kINT8},
         {dims_of({4}), DataType::kINT8},       {dims_of({kN}), DataType::kHALF},
         {dims_of({kN}), DataType::kHALF}};  // row_scales
     if (bias) spec.push_back({dims_of({kN}), DataType::kFLOAT});  // the contract: bias is float32
@@ -159,7 +161,7 @@ IPluginCreatorV3One* load_creator(void* lib) {
 
 void test_creator_identity(IPluginCreatorV3One* creator) {
     CHECK(std::strcmp(creator->getPluginName(), "SageBinaryGemm") == 0);
-    CHECK(std::strcmp(creator->getPluginVersion(), "2") == 0);
+    CHECK(std::strcmp(creator->getPluginVersion(), "3") == 0);
     CHECK(std::strcmp(creator->getPluginNamespace(), "sage") == 0);
     PluginFieldCollection const* names = creator->getFieldNames();
     char const* expected[] = {"in_features", "out_features", "n_groups", "salient_bits", "plugin_namespace",
@@ -188,7 +190,7 @@ void test_round_trip(IPluginCreatorV3One* creator) {
     auto* core = static_cast<IPluginV3OneCore*>(plugin->getCapabilityInterface(PluginCapabilityType::kCORE));
     CHECK(std::strcmp(core->getPluginName(), "SageBinaryGemm") == 0);
     CHECK(std::strcmp(core->getPluginNamespace(), "sage") == 0);
-    CHECK(std::strcmp(core->getPluginVersion(), "2") == 0);
+    CHECK(std::strcmp(core->getPluginVersion(), "3") == 0);
     CHECK(plugin->getCapabilityInterface(PluginCapabilityType::kBUILD) != nullptr);
 
     auto* runtime = static_cast<IPluginV3OneRuntime*>(plugin->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
@@ -246,8 +248,10 @@ void test_field_validation(IPluginCreatorV3One* creator) {
     Fields bad_k = valid_fields();
     bad_k.values[0] = 0;
     CHECK(!creates(creator, bad_k));
-    bad_k.values[0] = SAGE_MAX_FEATURES + 1;  // past the kernels' int index math
+    bad_k.values[0] = SAGE_MAX_K + 1;  // past the contract's 16-bit columns (v3)
     CHECK(!creates(creator, bad_k));
+    bad_k.values[0] = SAGE_MAX_K;
+    CHECK(creates(creator, bad_k));
     Fields bad_n = valid_fields();
     bad_n.values[1] = SAGE_MAX_FEATURES + 1;
     CHECK(!creates(creator, bad_n));
@@ -261,7 +265,7 @@ void test_field_validation(IPluginCreatorV3One* creator) {
     std::vector<PluginField> fields;
     for (int i = 0; i < 4; ++i) fields.emplace_back(names[i], &wide[i], PluginFieldType::kINT64, 1);
     fields.emplace_back("plugin_namespace", "sage", PluginFieldType::kCHAR, 4);
-    fields.emplace_back("plugin_version", "2", PluginFieldType::kCHAR, 2);  // length counting the NUL
+    fields.emplace_back("plugin_version", "3", PluginFieldType::kCHAR, 2);  // length counting the NUL
     PluginFieldCollection fc{static_cast<int32_t>(fields.size()), fields.data()};
     IPluginV3* plugin = creator->createPlugin("wide", &fc, TensorRTPhase::kBUILD);
     CHECK(plugin != nullptr);
@@ -270,8 +274,12 @@ void test_field_validation(IPluginCreatorV3One* creator) {
     plugin = creator->createPlugin("v1", &fc, TensorRTPhase::kBUILD);
     CHECK(plugin == nullptr);
     delete plugin;
-    fields.back() = PluginField("plugin_version", "3", PluginFieldType::kCHAR, 1);
-    plugin = creator->createPlugin("v3", &fc, TensorRTPhase::kBUILD);
+    fields.back() = PluginField("plugin_version", "2", PluginFieldType::kCHAR, 1);  // contract v2: int32 columns
+    plugin = creator->createPlugin("v2", &fc, TensorRTPhase::kBUILD);
+    CHECK(plugin == nullptr);
+    delete plugin;
+    fields.back() = PluginField("plugin_version", "4", PluginFieldType::kCHAR, 1);
+    plugin = creator->createPlugin("v4", &fc, TensorRTPhase::kBUILD);
     CHECK(plugin == nullptr);
     delete plugin;
     CHECK(creator->createPlugin("none", nullptr, TensorRTPhase::kBUILD) == nullptr);
@@ -346,6 +354,23 @@ void test_build_interface(IPluginCreatorV3One* creator) {
         io = io_descs(bias);
         io[8].desc.dims = dims_of({1, kN});
         CHECK(build->configurePlugin(io.data(), nb, io.data() + nb, 1) != 0);
+        io = io_descs(bias);
+        io[8].desc.dims = dims_of({0});  // v3: empty row_scales, every r_n = 1
+        CHECK(build->configurePlugin(io.data(), nb, io.data() + nb, 1) == 0);
+        CHECK(all_supported(build, io, nb));
+        io = io_descs(bias);
+        io[5].desc.type = DataType::kINT32;  // v3: salient_cols is int8 [nnz, 2]
+        CHECK(!build->supportsFormatCombination(5, io.data(), nb, 1));
+        io = io_descs(bias);
+        io[5].desc.dims = dims_of({4});  // contract v2's int32 [nnz]
+        CHECK(build->configurePlugin(io.data(), nb, io.data() + nb, 1) != 0);
+        io = io_descs(bias);
+        io[5].desc.dims = dims_of({4, 4});
+        CHECK(build->configurePlugin(io.data(), nb, io.data() + nb, 1) != 0);
+        io = io_descs(bias);
+        io[5].desc.dims = dims_of({0, 2});  // nnz = 0
+        io[6].desc.dims = dims_of({0});
+        CHECK(build->configurePlugin(io.data(), nb, io.data() + nb, 1) == 0);
     }
     std::vector<DynamicPluginTensorDesc> io = io_descs(true, DataType::kHALF);
     io[9].desc.type = DataType::kHALF;  // bias is float32 even for float16 X
@@ -374,12 +399,14 @@ void test_enqueue_needs_shapes(IPluginCreatorV3One* creator) {
     descs[7].dims = dims_of({kN});
     descs[8].dims = dims_of({kN - 1});  // row_scales
     CHECK(runtime->onShapeChange(descs.data(), 9, descs.data() + 9, 1) != 0);
+    descs[8].dims = dims_of({0});  // v3: no row multipliers
+    CHECK(runtime->onShapeChange(descs.data(), 9, descs.data() + 9, 1) == 0);
     delete plugin;
 }
 
-// enqueue hands input 8 to the kernels as row_scales (contract v2): with an empty batch (X [0, 5, K]) and float32
-// X (no GEMV3 layout to make) nothing touches a device, and the launch's pointer checks tell whether it arrived.
-void test_enqueue_passes_row_scales(IPluginCreatorV3One* creator) {
+// enqueue reaches the launch with the contract's inputs: with an empty batch (X [0, 5, K]) and float32 X (no GEMV3
+// layout to make) nothing touches a device, and the launch's pointer checks tell what arrived.
+void test_enqueue_reaches_the_launch(IPluginCreatorV3One* creator) {
     Fields f = valid_fields();
     IPluginV3* plugin = creator->createPlugin("layer", f.collection(), TensorRTPhase::kRUNTIME);
     if (plugin == nullptr) return;
@@ -397,16 +424,47 @@ void test_enqueue_passes_row_scales(IPluginCreatorV3One* creator) {
         for (void const*& in : inputs) in = dummy;
         void* outputs[1] = {dummy};
         CHECK(runtime->enqueue(descs.data(), descs.data() + nb, inputs, outputs, nullptr, nullptr) == 0);
-        inputs[8] = nullptr;  // row_scales missing: the launch refuses
+        inputs[7] = nullptr;  // salient_scale missing: the launch refuses
         CHECK(runtime->enqueue(descs.data(), descs.data() + nb, inputs, outputs, nullptr, nullptr) ==
               cudaErrorInvalidValue);
-        inputs[8] = dummy;
+        inputs[7] = dummy;
+        descs[8].dims = dims_of({0});  // v3: an empty row_scales, whose pointer TensorRT may give as NULL
+        inputs[8] = nullptr;
+        CHECK(runtime->onShapeChange(descs.data(), nb, descs.data() + nb, 1) == 0);
+        CHECK(runtime->enqueue(descs.data(), descs.data() + nb, inputs, outputs, nullptr, nullptr) == 0);
         if (bias) {
-            inputs[9] = nullptr;  // the bias is optional: a NULL one is no error, so input 9 is not row_scales
+            inputs[9] = nullptr;  // the bias is optional: a NULL one is no error
             CHECK(runtime->enqueue(descs.data(), descs.data() + nb, inputs, outputs, nullptr, nullptr) == 0);
         }
     }
     delete plugin;
+}
+
+// launch_args puts every input in its field: salient_cols' [nnz, 2] bytes as uint16 columns with nnz its first
+// dimension, input 8 as row_scales, and an empty row_scales as NULL (v3: every r_n = 1), whatever its pointer.
+void test_launch_args() {
+    sage::SageGemmAttrs const attrs{kK, kN, kG, kB};
+    static char buffers[11][16];
+    void const* inputs[10];
+    for (int i = 0; i < 10; ++i) inputs[i] = buffers[i];
+    for (bool bias : {false, true}) {
+        int32_t const nb = bias ? 10 : 9;
+        std::vector<PluginTensorDesc> descs;
+        for (auto const& d : io_descs(bias)) descs.push_back(d.desc);
+        SageGemmArgs a = sage::launch_args(attrs, descs.data(), inputs, buffers[10], nb);
+        CHECK(a.x == inputs[0] && a.sign_bits == inputs[1] && a.group_codes == inputs[2]);
+        CHECK(a.group_scales == inputs[3] && a.salient_rowptr == inputs[4] && a.salient_cols == inputs[5]);
+        CHECK(a.salient_q == inputs[6] && a.salient_scale == inputs[7] && a.row_scales == inputs[8]);
+        CHECK(a.bias == (bias ? inputs[9] : nullptr) && a.y == buffers[10]);
+        CHECK(a.m == 10 && a.nnz == 4 && a.k == kK && a.n == kN && a.n_groups == kG && a.salient_bits == kB);
+        CHECK(a.x_dtype == SAGE_DTYPE_FLOAT16 && a.bias_dtype == SAGE_DTYPE_FLOAT32 && a.path == SAGE_PATH_AUTO);
+        descs[8].dims = dims_of({0});
+        a = sage::launch_args(attrs, descs.data(), inputs, buffers[10], nb);
+        CHECK(a.row_scales == nullptr && a.salient_scale == inputs[7]);
+        descs[5].dims = dims_of({0, 2});
+        descs[6].dims = dims_of({0});
+        CHECK(sage::launch_args(attrs, descs.data(), inputs, buffers[10], nb).nnz == 0);
+    }
 }
 
 // nnz bounds the kernels' CSR reads, so it must be representable and come with the arrays it counts.
@@ -447,7 +505,8 @@ void test_kernel_launch_checks(void* lib) {
     a.x = a.y = dummy;
     a.sign_bits = a.group_codes = a.salient_q = reinterpret_cast<int8_t*>(dummy);
     a.group_scales = a.salient_scale = a.row_scales = reinterpret_cast<uint16_t*>(dummy);
-    a.salient_rowptr = a.salient_cols = reinterpret_cast<int32_t*>(dummy);
+    a.salient_rowptr = reinterpret_cast<int32_t*>(dummy);
+    a.salient_cols = reinterpret_cast<uint16_t*>(dummy);
     a.m = 0;
     a.k = kK;
     a.n = kN;
@@ -464,7 +523,9 @@ void test_kernel_launch_checks(void* lib) {
     bad.n_groups = 1;  // ...G = 1 has none
     CHECK(launch(&bad, nullptr) == cudaSuccess);
     bad = a;
-    bad.row_scales = nullptr;  // contract v2: every row has its r_n
+    bad.row_scales = nullptr;  // contract v3: no row multipliers, every r_n = 1
+    CHECK(launch(&bad, nullptr) == cudaSuccess);
+    bad.salient_scale = nullptr;
     CHECK(launch(&bad, nullptr) == cudaErrorInvalidValue);
     bad = a;
     bad.x_dtype = 7;
@@ -482,9 +543,9 @@ void test_kernel_launch_checks(void* lib) {
     bad = a;
     bad.k = 0;
     CHECK(launch(&bad, nullptr) == cudaErrorInvalidValue);
-    bad.k = SAGE_MAX_FEATURES;
+    bad.k = SAGE_MAX_K;
     CHECK(launch(&bad, nullptr) == cudaSuccess);
-    bad.k = SAGE_MAX_FEATURES + 1;
+    bad.k = SAGE_MAX_K + 1;  // the contract's limit (v3: 16-bit columns)
     CHECK(launch(&bad, nullptr) == cudaErrorInvalidValue);
     bad = a;
     bad.n = SAGE_MAX_FEATURES + 1;
@@ -513,8 +574,9 @@ int main(int argc, char** argv) {
         test_field_validation(creator);
         test_build_interface(creator);
         test_enqueue_needs_shapes(creator);
-        test_enqueue_passes_row_scales(creator);
+        test_enqueue_reaches_the_launch(creator);
     }
+    test_launch_args();
     test_kernel_launch_checks(kernels_lib);
     std::printf("%d checks, %d failed\n", gChecks, gFailures);
     return gFailures == 0 ? 0 : 1;

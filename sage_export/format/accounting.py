@@ -20,14 +20,14 @@ def true_bits(tensors: dict[str, np.ndarray], n: int, k: int) -> float:
     return 8 * stored_bytes(tensors) / (n * k)
 
 
-def sage_paper_bits(n: int, k: int, nnz: int, salient_bits: int, n_groups: int) -> dict[str, float]:
-    """Paper accounting: 1 bit per unsalient weight and b per salient weight; two float16 scales per row (the
-    salient scale and the row multiplier) and one per group. Signs' packing padding, CSR indices and group codes
+def sage_paper_bits(n: int, k: int, nnz: int, salient_bits: int, n_groups: int, row_scales: int) -> dict[str, float]:
+    """Paper accounting: 1 bit per unsalient weight and b per salient weight; one float16 salient scale per row,
+    the row_scales stored (N or none) and one scale per group. Signs' packing padding, CSR indices and group codes
     are not counted."""
     nk = n * k
     return {
         "weight_bits": ((nk - nnz) * 1 + nnz * salient_bits) / nk,
-        "scale_bits": 16 * (2 * n + n_groups) / nk,
+        "scale_bits": 16 * (n + row_scales + n_groups) / nk,
     }
 
 

@@ -25,7 +25,7 @@ from .atomic import atomic_file, atomic_write_text
 from .sage_layout import PackedLinear
 
 FORMAT_NAME = "sage-export-checkpoint"
-FORMAT_VERSION = 2  # 2: contract v2 (row_scales in every "sage" layer)
+FORMAT_VERSION = 3  # 3: contract v3 (16-bit salient columns, row_scales only where some r_n != 1)
 PACKED_FILE = "packed.safetensors"
 FLOAT_FILE = "float.safetensors"
 MANIFEST_FILE = "manifest.json"

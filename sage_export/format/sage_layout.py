@@ -1,4 +1,4 @@
-"""The packed SAGE weight: the eight tensors of the SageBinaryGemm op (contract v2, docs/sage_binary_gemm.md).
+"""The packed SAGE weight: the eight tensors of the SageBinaryGemm op (contract v3, docs/sage_binary_gemm.md).
 
 `pack_sage` turns a quantizer's decisions (sign, group, salient set, salient integers, scales) into the packed
 tensors; `dequantize` is the one decoder every other implementation (ONNX function, CUDA kernel, TensorRT plugin)
@@ -18,6 +18,7 @@ TENSOR_NAMES = ("sign_bits", "group_codes", "group_scales", "salient_rowptr", "s
                 "salient_scale", "row_scales")
 ATTR_NAMES = ("in_features", "out_features", "n_groups", "salient_bits")
 MIN_SALIENT_BITS, MAX_SALIENT_BITS = 2, 8
+MAX_IN_FEATURES = 1 << 16  # a salient column is stored in 16 bits (v3)
 
 
 def salient_q_limit(salient_bits: int) -> int:
@@ -38,17 +39,19 @@ class PackedLinear:
     group_codes: np.ndarray  # int8 [P, N, ceil(K/8)]
     group_scales: np.ndarray  # float16 [G]
     salient_rowptr: np.ndarray  # int32 [N+1]
-    salient_cols: np.ndarray  # int32 [nnz]
+    salient_cols: np.ndarray  # int8 [nnz, 2]: each column as a little-endian uint16 (v3)
     salient_q: np.ndarray  # int8 [nnz]
     salient_scale: np.ndarray  # float16 [N]
-    row_scales: np.ndarray  # float16 [N]: multiplier of each row's unsalient weights (v2)
+    row_scales: np.ndarray  # float16 [N], or [0] when every row's multiplier is 1 (v3)
 
     def __post_init__(self) -> None:
         _check_attrs(self.in_features, self.out_features, self.n_groups, self.salient_bits)
-        expected = _expected_specs(self.in_features, self.out_features, self.n_groups, self._declared_nnz())
+        row_scaled = np.asarray(self.row_scales).shape != (0,)
+        expected = _expected_specs(self.in_features, self.out_features, self.n_groups, self._declared_nnz(),
+                                   row_scaled)
         for name in TENSOR_NAMES:
             _check_tensor(name, getattr(self, name), *expected[name])
-        _check_csr(self.salient_rowptr, self.salient_cols, self.in_features)
+        _check_csr(self.salient_rowptr, salient_columns(self.salient_cols), self.in_features)
         _check_values(self)
 
     def _declared_nnz(self) -> int:
@@ -64,6 +67,16 @@ class PackedLinear:
     @property
     def shape(self) -> tuple[int, int]:
         return (self.out_features, self.in_features)
+
+    @property
+    def columns(self) -> np.ndarray:
+        """int64 [nnz]: the salient entries' columns, decoded from their 16-bit storage."""
+        return salient_columns(self.salient_cols)
+
+    @property
+    def has_row_scales(self) -> bool:
+        """Whether row multipliers are stored (an empty row_scales means every r_n is 1)."""
+        return self.row_scales.shape[0] > 0
 
     def tensors(self) -> dict[str, np.ndarray]:
         """The eight packed op inputs, by name, in contract order."""
@@ -89,30 +102,43 @@ class PackedLinear:
 def _check_attrs(k: int, n: int, g: int, b: int) -> None:
     if k < 1 or n < 1:
         raise ValueError(f"in_features and out_features must be >= 1, got K={k}, N={n}")
+    if k > MAX_IN_FEATURES:
+        raise ValueError(f"in_features must be at most {MAX_IN_FEATURES} (salient columns are 16-bit), got {k}")
     if g < 1:
         raise ValueError(f"n_groups must be >= 1, got {g}")
     if not MIN_SALIENT_BITS <= b <= MAX_SALIENT_BITS:
         raise ValueError(f"salient_bits must be in {MIN_SALIENT_BITS}..{MAX_SALIENT_BITS}, got {b}")
 
 
-def _expected_specs(k: int, n: int, g: int, nnz: int) -> dict[str, tuple[type, tuple[int, ...]]]:
+def _expected_specs(k: int, n: int, g: int, nnz: int, row_scaled: bool) -> dict[str, tuple[type, tuple[int, ...]]]:
     c = n_bytes(k)
     return {
         "sign_bits": (np.int8, (n, c)),
         "group_codes": (np.int8, (n_planes(g), n, c)),
         "group_scales": (np.float16, (g,)),
         "salient_rowptr": (np.int32, (n + 1,)),
-        "salient_cols": (np.int32, (nnz,)),
+        "salient_cols": (np.int8, (nnz, 2)),
         "salient_q": (np.int8, (nnz,)),
         "salient_scale": (np.float16, (n,)),
-        "row_scales": (np.float16, (n,)),
+        "row_scales": (np.float16, (n if row_scaled else 0,)),
     }
 
 
-def stored_bytes(out_features: int, in_features: int, n_groups: int, nnz: int) -> int:
-    """Bytes of the eight packed tensors of a layer, from its shape, G and salient count alone: what
-    sum(nbytes) of pack_sage's output will be. The bit budget prices options with it before packing any."""
-    specs = _expected_specs(in_features, out_features, n_groups, nnz)
+def salient_columns(packed: np.ndarray) -> np.ndarray:
+    """int64 [nnz] from the stored int8 [nnz, 2] (little-endian uint16 per column)."""
+    return np.ascontiguousarray(packed).view(np.uint8).astype(np.int64) @ np.array([1, 256], dtype=np.int64)
+
+
+def pack_columns(cols: np.ndarray) -> np.ndarray:
+    """The stored int8 [nnz, 2] of columns in [0, 65536)."""
+    return np.asarray(cols, dtype="<u2").reshape(-1, 1).view(np.uint8).view(np.int8).reshape(-1, 2)
+
+
+def stored_bytes(out_features: int, in_features: int, n_groups: int, nnz: int, row_scaled: bool = False) -> int:
+    """Bytes of the eight packed tensors of a layer, from its shape, G, salient count and whether row multipliers
+    are stored: what sum(nbytes) of pack_sage's output will be. The bit budget prices options with it before
+    packing any."""
+    specs = _expected_specs(in_features, out_features, n_groups, nnz, row_scaled)
     return int(sum(np.dtype(dtype).itemsize * int(np.prod(shape)) for dtype, shape in specs.values()))
 
 
@@ -145,7 +171,7 @@ def _check_values(p: PackedLinear) -> None:
         raise ValueError(f"salient_q: values must lie in [-{limit}, {limit}] for salient_bits={p.salient_bits}")
     if p.group_codes.shape[0] and unpack_planes(p.group_codes, p.in_features).max() >= p.n_groups:
         raise ValueError(f"group_codes: a group index is >= n_groups={p.n_groups}")
-    for name in ("group_scales", "salient_scale", "row_scales"):
+    for name in ("group_scales", "salient_scale", "row_scales"):  # an empty row_scales passes
         if not np.all(np.isfinite(getattr(p, name))):
             raise ValueError(f"{name}: scales must be finite float16")
 
@@ -160,7 +186,7 @@ def pack_sage(signs: np.ndarray, group_index: np.ndarray, group_scales: np.ndarr
     signs: bool [N, K] (True -> +alpha); group_index: int [N, K] (read only at unsalient positions);
     group_scales: float [G]; salient_mask: bool [N, K]; salient_q: int [N, K] (read only at salient positions);
     salient_scale: float [N]; row_scales: float [N], the multiplier of each row's unsalient weights (None: all
-    1.0, the v1 meaning)."""
+    1.0, the v1 meaning). Multipliers that are all 1.0 in float16 are stored as an empty row_scales (v3)."""
     signs = np.asarray(signs, dtype=bool)
     if signs.ndim != 2:
         raise ValueError(f"signs: expected a 2-D [N, K] array, got shape {signs.shape}")
@@ -171,6 +197,8 @@ def pack_sage(signs: np.ndarray, group_index: np.ndarray, group_scales: np.ndarr
     scales16 = _to_float16("group_scales", group_scales, None)
     salient_scale16 = _to_float16("salient_scale", salient_scale, (n,))
     row_scales16 = _to_float16("row_scales", np.ones(n) if row_scales is None else row_scales, (n,))
+    if np.all(row_scales16 == 1):  # canonical: no multipliers stored where every one is 1
+        row_scales16 = row_scales16[:0]
     g = scales16.shape[0]
     _check_attrs(k, n, g, salient_bits)
 
@@ -193,7 +221,7 @@ def pack_sage(signs: np.ndarray, group_index: np.ndarray, group_scales: np.ndarr
         group_codes=pack_planes(np.where(salient_mask, 0, group_index), n_planes(g)),
         group_scales=scales16,
         salient_rowptr=rowptr.astype(np.int32),
-        salient_cols=cols.astype(np.int32),
+        salient_cols=pack_columns(cols),
         salient_q=q_values.astype(np.int8),
         salient_scale=salient_scale16,
         row_scales=row_scales16,
@@ -238,7 +266,8 @@ def decode(in_features: int, sign_bits, group_codes, group_scales, salient_rowpt
     scales = group_scales.astype(np.float32)
     table = np.stack([-scales, scales], axis=1).ravel()  # code 2g -> -s_g, 2g+1 -> +s_g
     w = table[codes.reshape(n, -1)[:, :in_features]]
-    w *= row_scales.astype(np.float32)[:, None]  # exact: two float16 mantissas fit float32's
+    if row_scales.shape[0]:  # empty: every r_n is 1
+        w *= row_scales.astype(np.float32)[:, None]  # exact: two float16 mantissas fit float32's
     rows = np.repeat(np.arange(n), np.diff(salient_rowptr))
-    w[rows, salient_cols] = salient_scale.astype(np.float32)[rows] * salient_q.astype(np.float32)
+    w[rows, salient_columns(salient_cols)] = salient_scale.astype(np.float32)[rows] * salient_q.astype(np.float32)
     return w

@@ -1,4 +1,4 @@
-"""The model-local ONNX function `sage::SageBinaryGemm` (contract v2, docs/sage_binary_gemm.md).
+"""The model-local ONNX function `sage::SageBinaryGemm` (contract v3, docs/sage_binary_gemm.md).
 
 It decodes Ŵ [N, K] from the packed inputs with standard ops only, then computes Y = X·Ŵᵀ (+ bias) in float32 and
 casts Y to X's type. ONNX Runtime inlines the function; where every packed input is an initializer its constant
@@ -8,8 +8,10 @@ Decoding, step by step:
   bits:    int8 [..., C] --Cast UINT8, BitShift RIGHT by 0..7, BitwiseAnd 1--> [..., C, 8] --> [..., 8C] --> [..., K]
   signs:   bit 1 -> +1, 0 -> -1
   groups:  g = Σ_p plane_p << p, a ReduceSum over the P planes (an empty sum, all zeros, when G = 1)
-  Ŵ:       Gather(group_scales, g) · sign · row_scales[n] (exact in float32), then ScatterND writes
+  Ŵ:       Gather(group_scales, g) · sign · r_n (exact in float32), then ScatterND writes
            salient_scale[row] · q at the salient positions
+  r_n:     the first N of row_scales followed by N ones: row_scales itself, or all ones where it is empty
+  columns: the [nnz, 2] bytes as uint8, dotted with [1, 256] (a little-endian uint16 each)
   rows of the CSR entries: mark every row start with ScatterElements(add) (several rows may start at the same
   entry when some rows are empty), then a CumSum turns the marks into row indices.
 
@@ -30,13 +32,13 @@ from onnx import FunctionProto, NodeProto, TensorProto, helper, numpy_helper
 
 DOMAIN = "sage"
 OP_TYPE = "SageBinaryGemm"
-FUNCTION_VERSION = 2  # the `sage` domain opset: contract v2
+FUNCTION_VERSION = 3  # the `sage` domain opset: contract v3
 MIN_OPSET = 18  # BitwiseAnd first appears in opset 18
 
 INPUTS = ["X", "sign_bits", "group_codes", "group_scales", "salient_rowptr", "salient_cols", "salient_q",
           "salient_scale", "row_scales", "bias"]
 INT_ATTRIBUTES = ["in_features", "out_features", "n_groups", "salient_bits"]
-PLUGIN_ATTRIBUTES = {"plugin_namespace": "sage", "plugin_version": "2"}
+PLUGIN_ATTRIBUTES = {"plugin_namespace": "sage", "plugin_version": "3"}
 
 
 def _const(name: str, array: np.ndarray) -> NodeProto:
@@ -62,6 +64,7 @@ def _constants() -> list[NodeProto]:
         _const("last_axis", np.array([-1], dtype=np.int64)),
         _const("eight", np.array([8], dtype=np.int64)),
         _const("zero_i64", np.array(0, dtype=np.int64)),
+        _const("byte_weights", np.array([1, 256], dtype=np.int64)),
         _const("one_i64", np.array(1, dtype=np.int64)),
         _const("plus_one_f", np.array(1.0, dtype=np.float32)),
         _const("minus_one_f", np.array(-1.0, dtype=np.float32)),
@@ -123,7 +126,7 @@ def _salient_rows() -> list[NodeProto]:
     """Row index of every CSR entry, int64 [nnz]: row = number of row ends (rowptr[1:N]) at or before the entry."""
     return [
         helper.make_node("Cast", ["salient_rowptr"], ["rowptr"], to=TensorProto.INT64),
-        helper.make_node("Shape", ["salient_cols"], ["nnz_1d"]),
+        helper.make_node("Shape", ["salient_cols"], ["nnz_1d"], start=0, end=1),
         helper.make_node("Add", ["nnz_1d", "one_1d"], ["nnz_plus_one"]),
         helper.make_node("ConstantOfShape", ["nnz_plus_one"], ["marks_zero"],
                          value=numpy_helper.from_array(np.array([0], dtype=np.int64))),
@@ -141,10 +144,17 @@ def _dense_weight() -> list[NodeProto]:
     """Ŵ float32 [N, K]: the binarised value everywhere, then the salient values written over their positions."""
     return [
         helper.make_node("Mul", ["alpha", "sign_pm1"], ["w_unit"]),
-        helper.make_node("Cast", ["row_scales"], ["row_mult_f"], to=TensorProto.FLOAT),
+        helper.make_node("Cast", ["row_scales"], ["row_scales_f"], to=TensorProto.FLOAT),
+        helper.make_node("ConstantOfShape", ["N"], ["ones_n"],
+                         value=numpy_helper.from_array(np.array([1.0], dtype=np.float32))),
+        helper.make_node("Concat", ["row_scales_f", "ones_n"], ["row_mult_padded"], axis=0),
+        helper.make_node("Slice", ["row_mult_padded", "zero_1d", "N", "axis0"], ["row_mult_f"]),
         helper.make_node("Unsqueeze", ["row_mult_f", "last_axis"], ["row_mult_col"]),
         helper.make_node("Mul", ["w_unit", "row_mult_col"], ["w_binary"]),
-        helper.make_node("Cast", ["salient_cols"], ["cols_i64"], to=TensorProto.INT64),
+        helper.make_node("Cast", ["salient_cols"], ["cols_u8"], to=TensorProto.UINT8),
+        helper.make_node("Cast", ["cols_u8"], ["cols_bytes"], to=TensorProto.INT64),
+        helper.make_node("Mul", ["cols_bytes", "byte_weights"], ["cols_parts"]),
+        helper.make_node("ReduceSum", ["cols_parts", "last_axis"], ["cols_i64"], keepdims=0),
         helper.make_node("Unsqueeze", ["salient_row", "last_axis"], ["row_col1"]),
         helper.make_node("Unsqueeze", ["cols_i64", "last_axis"], ["col_col1"]),
         helper.make_node("Concat", ["row_col1", "col_col1"], ["salient_index"], axis=1),

@@ -76,8 +76,9 @@ def make_session(path: Path | str | bytes, constant_folding: bool = True, thread
 
 
 def random_packed(rng: np.random.Generator, n: int, k: int, n_groups: int, salient_density: float = 0.05,
-                  salient_bits: int = 4, empty_rows: int = 1) -> PackedLinear:
-    """A random packed layer; the first `empty_rows` rows have no salient entry."""
+                  salient_bits: int = 4, empty_rows: int = 1, row_multipliers: bool = True) -> PackedLinear:
+    """A random packed layer; the first `empty_rows` rows have no salient entry. Without row_multipliers every
+    r_n is 1, which the packing stores as an empty row_scales."""
     limit = salient_q_limit(salient_bits)
     mask = rng.random((n, k)) < salient_density
     mask[:empty_rows] = False
@@ -89,7 +90,7 @@ def random_packed(rng: np.random.Generator, n: int, k: int, n_groups: int, salie
         salient_q=rng.integers(-limit, limit + 1, (n, k)),
         salient_scale=rng.uniform(0.01, 0.2, n),
         salient_bits=salient_bits,
-        row_scales=rng.uniform(0.5, 2.0, n),
+        row_scales=rng.uniform(0.5, 2.0, n) if row_multipliers else None,
     )
 
 

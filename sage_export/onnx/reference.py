@@ -1,4 +1,4 @@
-"""NumPy reference of the SageBinaryGemm op (contract v2, docs/sage_binary_gemm.md).
+"""NumPy reference of the SageBinaryGemm op (contract v3, docs/sage_binary_gemm.md).
 
 This is the ground truth the ONNX function body, the CUDA kernels and the TensorRT plugin are tested against:
 decode Ŵ once with format.sage_layout.dequantize, then Y = X·Ŵᵀ (+ bias) in float32, cast to X's dtype.

@@ -64,8 +64,9 @@ def budget_range(loaded: LoadedModel, recipe: SageRecipe, cfg: SageConfig) -> tu
     rho_max = max(recipe.rho_grid)
     shapes = [tuple(linear.weight.shape) for linear in linears.values()]
     n_weights = sum(n * k for n, k in shapes)
-    low = sum(stored_bytes(n, k, g_min, 0) for n, k in shapes)
-    high = sum(stored_bytes(n, k, g_max, int(round(rho_max * n * k))) for n, k in shapes)
+    rows = cfg.row_multipliers
+    low = sum(stored_bytes(n, k, g_min, 0, rows) for n, k in shapes)
+    high = sum(stored_bytes(n, k, g_max, int(round(rho_max * n * k)), rows) for n, k in shapes)
     return 8 * low / n_weights, 8 * high / n_weights
 
 

@@ -54,7 +54,7 @@ class SageConfig:
     # "per_row": one float16 scale per output row for the unsalient weights instead of G matrix-wide group
     # scales. NOT exportable: the SageBinaryGemm op only has matrix-wide group scales.
     scale_mode: str = "groups"
-    # Groups mode with one float16 multiplier r_n per output row (contract v2's row_scales), fitted when the matrix
+    # Groups mode with one float16 multiplier r_n per output row (the op's row_scales), fitted when the matrix
     # is built by row_fit_rounds of alternating least squares from the plain solution, kept only where they lower
     # the error (quant/sage.py). Off: every r_n is 1, contract v1's meaning.
     row_multipliers: bool = False

@@ -6,7 +6,7 @@ sensitivity) make every error the model-facing one, Σ c_k (w − ŵ)²: the sal
 salient row scales and the ρ search all use it (SPEC §2.1). Without them every c_k is 1: the paper's reading.
 A price per stored byte (`rho_price`) makes the ρ search minimise error + price·bytes instead of error alone.
 
-Row multipliers (`row_multipliers`, contract v2's row_scales): the unsalient weight of row n is r_n·α_g·sign.
+Row multipliers (`row_multipliers`, the op's row_scales): the unsalient weight of row n is r_n·α_g·sign.
 Everything up to build() is the plain problem (every r_n = 1, so options and the ρ search price what they did);
 build() then alternates least-squares fits of r_n, of each weight's band given r_n, and of α_g, starting from the
 plain solution. Each step can only lower the weighted error, and the result is kept only if it did (up to float16
@@ -86,7 +86,7 @@ class SageResult:
         w = dequantize_packed(unit)
         rows = np.repeat(np.arange(unit.out_features), np.diff(unit.salient_rowptr))
         salient = np.zeros(w.shape, dtype=bool)
-        salient[rows, unit.salient_cols] = True
+        salient[rows, unit.columns] = True
         return np.where(salient, w, w * self.row_scales.astype(np.float32)[:, None])
 
     def stored_tensors(self) -> dict[str, np.ndarray]:
@@ -98,9 +98,10 @@ class SageResult:
 
     def paper_bits(self) -> dict[str, float]:
         n, k = self.shape
-        # sage_paper_bits counts two scales a row (salient, row multiplier): per_row mode's are its N row scales.
-        n_scales = 0 if self.per_row else self.group_scales.shape[0]
-        return sage_paper_bits(n, k, int(self.salient_mask.sum()), self.salient_bits, n_scales)
+        if self.per_row:  # N unsalient scales a row, no groups
+            return sage_paper_bits(n, k, int(self.salient_mask.sum()), self.salient_bits, 0, n)
+        p = self.packed()
+        return sage_paper_bits(n, k, p.nnz, self.salient_bits, p.n_groups, p.row_scales.shape[0])
 
     def compact(self) -> SageResult | PackedSageResult:
         """The same layer without the [N, K] decision arrays (4 bytes per weight): what a run keeps of each
@@ -138,8 +139,8 @@ class PackedSageResult:
 
     def paper_bits(self) -> dict[str, float]:
         p = self.packed_linear
-        return sage_paper_bits(p.out_features, p.in_features, int(p.salient_rowptr[-1]), p.salient_bits,
-                               p.group_scales.shape[0])
+        return sage_paper_bits(p.out_features, p.in_features, p.nnz, p.salient_bits, p.n_groups,
+                               p.row_scales.shape[0])
 
 
 @dataclass(frozen=True)
@@ -222,7 +223,7 @@ class _Matrix:
         return None, quantile_centres(mags, n_groups, weights)
 
     def nbytes(self, count: int, n_groups: int) -> int:
-        return stored_bytes(self.n, self.k, n_groups, count)
+        return stored_bytes(self.n, self.k, n_groups, count, self.cfg.row_multipliers)
 
     def salient_part(self, count: int) -> tuple[SalientFit, np.ndarray | None]:
         """The salient fit of the `count` most salient entries and their weights; cached, since it does not
@@ -429,7 +430,8 @@ def sage_options(w: np.ndarray, cfg: SageConfig, groups: tuple[int, ...], rhos: 
         for g in groups:
             plan = matrix.plan(rho, starts[g])
             nnz = int(round(rho * w.size)) if scale != 1 else plan.count
-            measured_at[g, rho] = Option(g, float(rho), nnz, plan.error * scale, stored_bytes(n, k, g, nnz))
+            measured_at[g, rho] = Option(g, float(rho), nnz, plan.error * scale,
+                                         stored_bytes(n, k, g, nnz, cfg.row_multipliers))
             starts[g] = (None, plan.centres)
         matrix.forget_salient()
     options = [measured_at[g, rho] for g in groups for rho in sorted(rhos)]
@@ -469,7 +471,8 @@ def _stats(result: SageResult, plan: _Plan, search: SearchResult, matrix: _Matri
         "rel_error": recon / norm if norm > 0 else 0.0,
         "salient_bits": cfg.salient_bits,
         "rho_price": cfg.rho_price,
-        "stored_bytes": plan.nbytes,
+        # as packed, not as planned: fitted row multipliers that all come out 1.0 are not stored
+        "stored_bytes": int(sum(t.nbytes for t in result.stored_tensors().values())),
         "graph_time_s": matrix.graph_time_s,
         **extra,
     }

@@ -14,10 +14,11 @@ from pathlib import Path
 
 ENV_VAR = "SAGE_KERNELS_LIB"
 LIBRARY_NAME = "libsage_kernels.so"
-ABI_VERSION = 4  # SAGE_GEMM_ABI_VERSION (4: row_scales, op contract v2)
+ABI_VERSION = 5  # SAGE_GEMM_ABI_VERSION (5: op contract v3, uint16 salient_cols and an optional row_scales)
 MAX_GROUPS = 16  # SAGE_MAX_GROUPS
 GEMV_MAX_M = 16  # SAGE_GEMV_MAX_M
-MAX_FEATURES = 1 << 30  # SAGE_MAX_FEATURES: largest K and N the launch accepts
+MAX_FEATURES = 1 << 30  # SAGE_MAX_FEATURES: largest N the launch accepts
+MAX_K = 1 << 16  # SAGE_MAX_K: largest K (contract v3: salient columns are 16-bit)
 
 DTYPE_FLOAT32 = 0
 DTYPE_FLOAT16 = 1
@@ -40,10 +41,10 @@ class SageGemmArgs(ctypes.Structure):
         ("group_codes", ctypes.c_void_p),
         ("group_scales", ctypes.c_void_p),
         ("salient_rowptr", ctypes.c_void_p),
-        ("salient_cols", ctypes.c_void_p),
+        ("salient_cols", ctypes.c_void_p),  # uint16 [nnz]: the bytes of the contract's int8 [nnz, 2] (v3)
         ("salient_q", ctypes.c_void_p),
         ("salient_scale", ctypes.c_void_p),
-        ("row_scales", ctypes.c_void_p),  # float16 [N], contract v2
+        ("row_scales", ctypes.c_void_p),  # float16 [N] (contract v2), or NULL: every r_n = 1 (v3's empty [0])
         ("bias", ctypes.c_void_p),
         ("y", ctypes.c_void_p),
         ("prepared", ctypes.c_void_p),

@@ -20,7 +20,7 @@ from pathlib import Path
 ENV_LIB = "SAGE_ORT_LIB"
 ENV_SWITCH = "SAGE_ORT_OP"  # "0": never use the library (benchmarks of the function body, fallback tests)
 LIBRARY_NAME = "libsage_ort.so"
-ABI_VERSION = 2  # SAGE_CPU_ABI_VERSION (2: contract v2, row_scales)
+ABI_VERSION = 3  # SAGE_CPU_ABI_VERSION (3: contract v3, 16-bit salient_cols, row_scales may be empty)
 MAX_GROUPS = 16  # SAGE_CPU_MAX_GROUPS
 DTYPE_FLOAT32 = 0
 DTYPE_FLOAT16 = 1
@@ -40,10 +40,10 @@ class SageCpuArgs(ctypes.Structure):
         ("group_codes", ctypes.c_void_p),
         ("group_scales", ctypes.c_void_p),
         ("salient_rowptr", ctypes.c_void_p),
-        ("salient_cols", ctypes.c_void_p),
+        ("salient_cols", ctypes.c_void_p),  # uint16 [nnz]: the int8 [nnz, 2] bytes (little-endian columns)
         ("salient_q", ctypes.c_void_p),
         ("salient_scale", ctypes.c_void_p),
-        ("row_scales", ctypes.c_void_p),
+        ("row_scales", ctypes.c_void_p),  # float16 [N], or NULL for an empty [0]: every r_n is 1
         ("bias", ctypes.c_void_p),
         ("y", ctypes.c_void_p),
         ("m", ctypes.c_int64),
@@ -157,8 +157,9 @@ _X_DTYPES = {"float32": DTYPE_FLOAT32, "float16": DTYPE_FLOAT16}
 def make_args(x_ptr: int, y_ptr: int, m: int, x_dtype: str, tensor_ptrs: dict[str, int], nnz: int,
               attrs: dict[str, int], bias_ptr: int = 0) -> SageCpuArgs:
     """SageCpuArgs from raw CPU addresses: X [m, K] and Y [m, N] of dtype x_dtype ("float32"/"float16"), the eight
-    packed tensors by contract name (the float16 scales, row_scales included, as their bits), an optional float32
-    bias."""
+    packed tensors by contract name (the float16 scales, row_scales included, as their bits; salient_cols' int8
+    [nnz, 2] bytes, 2-byte aligned, which the library reads as uint16), an optional float32 bias. An address of 0
+    is NULL: an empty salient list, or an empty row_scales (every r_n is 1)."""
     return SageCpuArgs(
         x=x_ptr, y=y_ptr, bias=bias_ptr or None, m=m, nnz=nnz, x_dtype=_X_DTYPES[x_dtype],
         k=attrs["in_features"], n=attrs["out_features"], n_groups=attrs["n_groups"],
@@ -179,19 +180,23 @@ def gemm_numpy(x, tensors: dict, attrs: dict[str, int], bias=None):
     if x.dtype not in (np.float32, np.float16) or x.shape[-1] != attrs["in_features"]:
         raise ValueError(f"X: expected float32/float16 [..., {attrs['in_features']}], got {x.dtype} {x.shape}")
     expected = {"sign_bits": np.int8, "group_codes": np.int8, "group_scales": np.float16, "salient_rowptr": np.int32,
-                "salient_cols": np.int32, "salient_q": np.int8, "salient_scale": np.float16,
+                "salient_cols": np.int8, "salient_q": np.int8, "salient_scale": np.float16,
                 "row_scales": np.float16}
     arrays = {name: np.ascontiguousarray(tensors[name], dtype=dtype) for name, dtype in expected.items()}
-    n = attrs["out_features"]
-    if arrays["salient_rowptr"].shape != (n + 1,) or arrays["salient_q"].shape != arrays["salient_cols"].shape:
-        raise ValueError("salient_rowptr must have N + 1 entries and salient_q as many as salient_cols")
-    if arrays["salient_scale"].shape != (n,) or arrays["row_scales"].shape != (n,):
-        raise ValueError("salient_scale and row_scales must have N entries")
+    n, nnz = attrs["out_features"], arrays["salient_q"].size
+    if arrays["salient_rowptr"].shape != (n + 1,) or arrays["salient_cols"].shape != (nnz, 2):
+        raise ValueError(f"salient_rowptr must be [N + 1] and salient_cols int8 [nnz, 2], got "
+                         f"{arrays['salient_rowptr'].shape} and {arrays['salient_cols'].shape} for nnz={nnz}")
+    # The library reads the column bytes as uint16 (little-endian, contract v3): copied where not 2-byte aligned.
+    arrays["salient_cols"] = np.require(arrays["salient_cols"].view("<u2"), requirements=["C", "A"])
+    if arrays["salient_scale"].shape != (n,) or arrays["row_scales"].shape not in ((n,), (0,)):
+        raise ValueError(f"salient_scale must be [N] and row_scales [N] or [0], got "
+                         f"{arrays['salient_scale'].shape} and {arrays['row_scales'].shape} for N={n}")
     bias_arr = None if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
     m = int(np.prod(x.shape[:-1]))
     y = np.empty((*x.shape[:-1], attrs["out_features"]), dtype=x.dtype)
     args = make_args(x.ctypes.data, y.ctypes.data, m, x.dtype.name,
                      {name: a.ctypes.data if a.size else 0 for name, a in arrays.items()},
-                     arrays["salient_cols"].size, attrs, 0 if bias_arr is None else bias_arr.ctypes.data)
+                     nnz, attrs, 0 if bias_arr is None else bias_arr.ctypes.data)
     cpu_gemm(args)
     return y

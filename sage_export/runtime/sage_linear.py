@@ -16,7 +16,7 @@ from torch import nn
 from ..format.sage_layout import PackedLinear, decode
 from . import kernels, ort_op
 
-_INT_BUFFERS = ("sign_bits", "group_codes", "salient_rowptr", "salient_cols", "salient_q")
+_INT_BUFFERS = ("sign_bits", "group_codes", "salient_rowptr", "salient_cols", "salient_q")  # cols: int8 [nnz, 2]
 _SCALE_BUFFERS = ("group_scales_bits", "salient_scale_bits", "row_scales_bits")
 _KERNEL_DTYPES = {torch.float16: kernels.DTYPE_FLOAT16, torch.float32: kernels.DTYPE_FLOAT32}
 
@@ -25,8 +25,8 @@ class SageLinear(nn.Module):
     """y = x·Ŵᵀ (+ bias) for a PackedLinear. The packed tensors are buffers (they move with .to(device)).
 
     The three float16 scale tensors are held as their int16 bit patterns, so that model.half()/.float()/.to(dtype)
-    never re-round them; `packed()` gives them back as float16. The bias follows the module's dtype like an
-    nn.Linear bias, and is added in float32."""
+    never re-round them; `packed()` gives them back as float16 (row_scales may be empty: every r_n = 1, contract
+    v3). The bias follows the module's dtype like an nn.Linear bias, and is added in float32."""
 
     def __init__(self, packed: PackedLinear, bias: torch.Tensor | np.ndarray | None = None) -> None:
         super().__init__()
@@ -52,7 +52,11 @@ class SageLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, n_groups={self.n_groups}, "
-                f"salient_bits={self.salient_bits}, nnz={self.salient_cols.numel()}, bias={self.bias is not None}")
+                f"salient_bits={self.salient_bits}, nnz={self.nnz}, bias={self.bias is not None}")
+
+    @property
+    def nnz(self) -> int:
+        return self.salient_cols.shape[0]  # salient_cols is int8 [nnz, 2] (contract v3)
 
     def packed(self) -> PackedLinear:
         """The layer as a PackedLinear again (NumPy copies of the buffers)."""
@@ -84,10 +88,10 @@ class SageLinear(nn.Module):
         x2 = x.detach().reshape(-1, self.in_features).to(compute_dtype).contiguous()
         y = torch.empty(x2.shape[0], self.out_features, dtype=compute_dtype)
         bias = None if self.bias is None else self.bias.detach().to(torch.float32).contiguous()
-        pointers = {name: getattr(self, name).data_ptr() for name in _INT_BUFFERS}
-        pointers.update({name.removesuffix("_bits"): getattr(self, name).data_ptr() for name in _SCALE_BUFFERS})
+        pointers = {name: _pointer(getattr(self, name)) for name in _INT_BUFFERS}
+        pointers.update({name.removesuffix("_bits"): _pointer(getattr(self, name)) for name in _SCALE_BUFFERS})
         args = ort_op.make_args(x2.data_ptr(), y.data_ptr(), x2.shape[0], str(compute_dtype).removeprefix("torch."),
-                                pointers, self.salient_cols.numel(), self._attrs(),
+                                pointers, self.nnz, self._attrs(),
                                 0 if bias is None else bias.data_ptr())
         ort_op.cpu_gemm(args)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
@@ -124,17 +128,24 @@ class SageLinear(nn.Module):
         """Ŵ as float32 [N, K], decoded exactly as format.sage_layout.dequantize does (on CPU, by it)."""
         if self.sign_bits.device.type == "cpu":  # buffers validated once, when this module was made
             return torch.from_numpy(decode(self.in_features, **self._numpy_tensors()))
+        return self._decode_torch()
+
+    def _decode_torch(self) -> torch.Tensor:
+        """dense_weight with torch ops on the buffers' device (no copy to the host)."""
         k = self.in_features
         signs = _unpack_bits(self.sign_bits, k).to(torch.float32) * 2 - 1
         groups = torch.zeros_like(signs, dtype=torch.int64)
         for plane in range(self.group_codes.shape[0]):
             groups |= _unpack_bits(self.group_codes[plane], k).to(torch.int64) << plane
         scales = self.group_scales_bits.view(torch.float16).to(torch.float32)
-        w = scales[groups] * signs * self.row_scales_bits.view(torch.float16).to(torch.float32)[:, None]
+        w = scales[groups] * signs
+        if self.row_scales_bits.numel():  # empty: every r_n = 1 (contract v3)
+            w *= self.row_scales_bits.view(torch.float16).to(torch.float32)[:, None]
         counts = torch.diff(self.salient_rowptr.to(torch.int64))
         rows = torch.repeat_interleave(torch.arange(self.out_features, device=w.device), counts)
-        row_scales = self.salient_scale_bits.view(torch.float16).to(torch.float32)
-        w[rows, self.salient_cols.to(torch.int64)] = row_scales[rows] * self.salient_q.to(torch.float32)
+        salient_scale = self.salient_scale_bits.view(torch.float16).to(torch.float32)
+        cols = self.salient_cols.view(torch.uint8).to(torch.int64)  # little-endian uint16 per column (v3)
+        w[rows, cols[:, 0] + 256 * cols[:, 1]] = salient_scale[rows] * self.salient_q.to(torch.float32)
         return w
 
     def launch_args(self, x2: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None,
@@ -173,11 +184,12 @@ class SageLinear(nn.Module):
             x=0 if x2 is None else x2.data_ptr(), sign_bits=self.sign_bits.data_ptr(),
             group_codes=self.group_codes.data_ptr(),
             group_scales=self.group_scales_bits.data_ptr(), salient_rowptr=self.salient_rowptr.data_ptr(),
-            salient_cols=self.salient_cols.data_ptr(), salient_q=self.salient_q.data_ptr(),
-            salient_scale=self.salient_scale_bits.data_ptr(), row_scales=self.row_scales_bits.data_ptr(),
+            # The [nnz, 2] bytes are the kernels' uint16 columns; an empty row_scales goes as NULL (r_n = 1).
+            salient_cols=_pointer(self.salient_cols), salient_q=_pointer(self.salient_q),
+            salient_scale=self.salient_scale_bits.data_ptr(), row_scales=_pointer(self.row_scales_bits),
             bias=0 if bias is None else bias.data_ptr(),
             y=0 if y is None else y.data_ptr(), prepared=0, prepared_bytes=0,
-            m=0 if x2 is None else x2.shape[0], nnz=self.salient_cols.numel(), k=self.in_features,
+            m=0 if x2 is None else x2.shape[0], nnz=self.nnz, k=self.in_features,
             n=self.out_features, n_groups=self.n_groups, salient_bits=self.salient_bits, x_dtype=dtype,
             bias_dtype=dtype, path=path, reserved=0)
 
@@ -193,6 +205,12 @@ def prepared_buffer(args: kernels.SageGemmArgs, device: torch.device) -> torch.T
         args.prepared, args.prepared_bytes = buf.data_ptr(), size
         kernels.prepare(args, torch.cuda.current_stream(device).cuda_stream)
     return buf
+
+
+def _pointer(t: torch.Tensor) -> int:
+    """The address of t's data, or 0 (NULL) when it is empty: the kernels read an empty row_scales as "every r_n is
+    1" only when it is NULL, and torch does not promise 0 for an empty tensor's data_ptr."""
+    return t.data_ptr() if t.numel() else 0
 
 
 def _unpack_bits(packed: torch.Tensor, k: int) -> torch.Tensor:

@@ -10,12 +10,13 @@ from __future__ import annotations
 import numpy as np
 
 from ..format.bits import n_planes
-from ..format.sage_layout import PackedLinear, dequantize, pack_sage, salient_q_limit
+from ..format.sage_layout import PackedLinear, dequantize, pack_sage, salient_columns, salient_q_limit
 
 
 def random_packed_linear(out_features: int, in_features: int, n_groups: int, *, salient_fraction: float = 0.03,
-                         salient_bits: int = 4, seed: int = 0) -> PackedLinear:
-    """A canonically packed random layer; each weight is salient with probability `salient_fraction`."""
+                         salient_bits: int = 4, row_scales: bool = True, seed: int = 0) -> PackedLinear:
+    """A canonically packed random layer; each weight is salient with probability `salient_fraction`.
+    row_scales=False stores none (contract v3's empty row_scales, every r_n = 1), as the default recipe does."""
     rng = np.random.default_rng(seed)
     shape = (out_features, in_features)
     limit = salient_q_limit(salient_bits)
@@ -30,8 +31,8 @@ def random_packed_linear(out_features: int, in_features: int, n_groups: int, *, 
         salient_scale=rng.uniform(0.01, 0.03, out_features),
         salient_bits=salient_bits,
         # Row multipliers around 1 (what the quantizer's rank-1 fit gives), never all equal, so a runtime that
-        # ignores them fails its reference test.
-        row_scales=rng.uniform(0.5, 2.0, out_features),
+        # ignores them fails its reference test. Drawn last, so the other tensors do not depend on the choice.
+        row_scales=rng.uniform(0.5, 2.0, out_features) if row_scales else None,
     )
 
 
@@ -40,7 +41,7 @@ def scramble_salient_bits(p: PackedLinear, seed: int = 0) -> PackedLinear:
     which decoders must ignore (docs/sage_binary_gemm.md, "Canonical packing")."""
     rng = np.random.default_rng(seed)
     rows = np.repeat(np.arange(p.out_features), np.diff(p.salient_rowptr))
-    cols = p.salient_cols.astype(np.int64)
+    cols = salient_columns(p.salient_cols)
     byte, bit = cols // 8, (cols % 8).astype(np.uint8)
 
     def set_bits(bitmap: np.ndarray, values: np.ndarray) -> np.ndarray:

@@ -40,8 +40,9 @@ def require_tensorrt():
 
 
 def network_flags(trt) -> int:
-    """A strongly typed network. The plugin's inputs 1, 2 and 6 are plain INT8 bit-planes and integers; in a weakly
-    typed network TensorRT treats INT8 tensors as quantized and asks for scales (or finds no format) for them.
+    """A strongly typed network. The plugin's inputs 1, 2, 5 and 6 are plain INT8 bit-planes and integers (5: the
+    16-bit salient columns, two bytes each since contract v3); in a weakly typed network TensorRT treats INT8 tensors
+    as quantized and asks for scales (or finds no format) for them.
     Strongly typed, every tensor keeps the type the ONNX gives it: float16 activations and float parts from the
     export, INT8/INT32 packed tensors as stored. The precision then comes from the ONNX, so no FP16 builder flag."""
     return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)

@@ -16,12 +16,14 @@ import subprocess
 from pathlib import Path
 
 from ..errors import UserError
+from ..onnx.function import OP_TYPE, PLUGIN_ATTRIBUTES
 from .targets import Target
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PLUGIN_NAME = "libsage_trt_plugin.so"
 BUILD_INFO = "sage_plugin_build.json"
-CREATOR = ("SageBinaryGemm", "1", "sage")  # name, version, namespace (docs/sage_binary_gemm.md)
+# name, version, namespace: what the exported nodes carry (it read "1" through contract v2, which no plugin matched)
+CREATOR = (OP_TYPE, PLUGIN_ATTRIBUTES["plugin_version"], PLUGIN_ATTRIBUTES["plugin_namespace"])
 BUILD_DIRS = {"edge": "plugins/build-edge", "default": "plugins/build"}
 
 _loaded: dict[str, object] = {}  # resolved library path -> TensorRT's handle, for this process
