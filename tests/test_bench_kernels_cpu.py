@@ -34,8 +34,9 @@ def test_cpu_reference_quick_writes_labelled_results(tmp_path: Path) -> None:
         assert row["error_to_tolerance_vs_numpy"] <= 1.0
         assert "time_us" not in row and "achieved_gb_s" not in row  # no GPU-looking figures
         n, k, g = row["n"], row["k"], row["n_groups"]
-        # signs and code planes, group scales, CSR row pointers, columns and values, salient and row scales
-        true_bytes = n * ((k + 7) // 8) * (1 + n_planes(g)) + 2 * g + 4 * (n + 1) + 5 * row["nnz"] + 4 * n
+        # signs and code planes, group scales, CSR row pointers, 16-bit columns and int8 values, salient and row
+        # scales (the synthetic layers store row multipliers)
+        true_bytes = n * ((k + 7) // 8) * (1 + n_planes(g)) + 2 * g + 4 * (n + 1) + 3 * row["nnz"] + 4 * n
         assert row["packed_bytes"] == true_bytes
         assert row["true_bits"] == pytest.approx(8 * true_bytes / (n * k))
 

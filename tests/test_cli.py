@@ -255,7 +255,7 @@ def _corrupt_copy(tiny_run, tmp_path, how: str):
         layer = next(n for n in json.loads(manifest.read_text())["layers"]
                      if tensors[f"{n}.salient_cols"].size)
         cols = tensors[f"{layer}.salient_cols"].copy()
-        cols[-1] = 1 << 30  # far past K
+        cols[-1] = -1  # both bytes 0xFF: column 65535, far past K
         tensors[f"{layer}.salient_cols"] = cols
         save_file(tensors, packed)
         doc = json.loads(manifest.read_text())

@@ -83,7 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def layer_accounting(p) -> dict:
     n, k = p.out_features, p.in_features
-    paper = sage_paper_bits(n, k, p.nnz, p.salient_bits, p.n_groups)
+    paper = sage_paper_bits(n, k, p.nnz, p.salient_bits, p.n_groups, p.row_scales.shape[0])
     return {"nnz": p.nnz, "packed_bytes": stored_bytes(p.tensors()), "true_bits": true_bits(p.tensors(), n, k),
             "paper_weight_bits": paper["weight_bits"], "paper_scale_bits": paper["scale_bits"]}
 

@@ -227,7 +227,7 @@ MODEL_TEXT = """\
 - **Bytes per weight** b = (1 + P) / 8: one sign plane plus P code planes, one bit each, for the kernel's own
   stream (P = its template parameter, or the number of planes whose decode the counted code holds). Salient
   entries, scales, row pointers and activations are left out (at 3 % salient weights the entries add about
-  0.15 B per weight: 5 B each, int32 column and int8 value, 4 B in GEMV3's prepared buffer).
+  0.09 B per weight: 3 B each, 16-bit column and int8 value (contract v3), 4 B in GEMV3's prepared buffer).
 - **Issue-limited** weight rate = R / i; **byte-limited** weight rate = bandwidth / b.
 - **Predicted fraction of copy bandwidth** = min(1, (R / i) / (bandwidth / b)) = min(1, R·b / (i·bandwidth)).
 
