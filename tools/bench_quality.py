@@ -42,6 +42,7 @@ from sage_export.eval.perplexity import perplexity, read_eval_text, tokenize_tex
 from sage_export.models import load_model  # noqa: E402
 from sage_export.pipeline.calibration import calibration_tokens, validation_tokens  # noqa: E402
 from sage_export.pipeline.methods import Method  # noqa: E402
+from sage_export.onnx.function import FUNCTION_VERSION  # noqa: E402
 from sage_export.pipeline.guard import held_out_rows  # noqa: E402
 from sage_export.pipeline.quantize import QuantizedModel, layer_seeds, quantize_model  # noqa: E402
 from sage_export.pipeline.workers import MatrixPool  # noqa: E402
@@ -83,6 +84,8 @@ def quantize_and_measure_bits(loaded, method: Method, args, calib, v2_cache: dic
     row = bits_summary(rows)
     row.update(quant_time_s=round(qmodel.time_s, 1), calibration=qmodel.calibration,
                n_groups_mean=_mean(rows, "n_groups"), rho_mean=_mean(rows, "realised_rho"), _model=work.model)
+    if method.name == "sage":  # the op layout the bits were counted in (rows without it: an older one)
+        row["contract"] = FUNCTION_VERSION
     if qmodel.budget:
         row["budget"] = {k: qmodel.budget[k] for k in ("budget_bits", "planned_bits", "true_bits", "timings",
                                                         "activation_power_choice") if k in qmodel.budget}
@@ -205,7 +208,8 @@ def render_md(doc: dict) -> str:
         g = f"{r['n_groups_mean']:.2f}" if r.get("n_groups_mean") else "—"
         rho = f"{r['rho_mean']:.4f}" if r.get("rho_mean") is not None else "—"
         qt = f"{r['quant_time_s']:.0f} s" if "quant_time_s" in r else "—"
-        out.append(f"| {r['variant']} | {calib_label(r)} | {r['n_windows']} × {r['ctx']} | {r['ppl']:.2f} | {bits[0]} | {bits[1]} | "
+        variant = r["variant"] + (f" [contract v{r['contract']}]" if r.get("contract", 2) != 2 else "")
+        out.append(f"| {variant} | {calib_label(r)} | {r['n_windows']} × {r['ctx']} | {r['ppl']:.2f} | {bits[0]} | {bits[1]} | "
                    f"{bits[2]} | {g} | {rho} | {qt} |")
     for windows in sorted({r["n_windows"] for r in doc["rows"]}, reverse=True):
         table = budget_comparison(doc["rows"], windows)
