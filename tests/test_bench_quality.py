@@ -50,13 +50,15 @@ def test_true_bits_are_stored_bytes_over_weights(bench_doc):
     # tiny model end in partial groups, so true bits are above 4 + 20/64.
     assert rtn["true_bits"] > 4 + 20 / 64
     assert sage["true_bits"] > sage["paper_weight_bits"] + sage["paper_scale_bits"]
+    assert sage["contract"] == 3 and "contract" not in rtn
 
 
 def test_table_and_plot_come_from_the_json(bench_doc):
     doc = json.loads(bench_doc.read_text())
     md = bench_doc.with_suffix(".md").read_text()
-    for r in doc["rows"]:
-        assert f"| {r['variant']} | — | {r['n_windows']} × 64 | {r['ppl']:.2f} |" in md
+    for r in doc["rows"]:  # SAGE rows name the op layout their bytes were counted in
+        variant = r["variant"] + (" [contract v3]" if r["method"]["name"] == "sage" else "")
+        assert f"| {variant} | — | {r['n_windows']} × 64 | {r['ppl']:.2f} |" in md
     png = (bench_doc.parent / "pareto.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
@@ -85,7 +87,7 @@ def test_v2_budgets_share_one_power_choice_and_name_their_calibration(tiny_llama
     assert rows["sage-v2(bits=2.5)"]["budget"]["activation_power_choice"] == \
         rows["sage-v2(bits=3.5)"]["budget"]["activation_power_choice"]
     md = out.with_suffix(".md").read_text()
-    assert "| sage-v2(bits=2.5) | self-generated+prompts 4×16 +2 validation | 1 × 64 |" in md
+    assert "| sage-v2(bits=2.5) [contract v3] | self-generated+prompts 4×16 +2 validation | 1 × 64 |" in md
 
 
 def test_second_family_rows_import_test_texts_only_and_compare_with_rtn(bench_doc, tiny_llama_dir, tmp_path):
