@@ -143,6 +143,15 @@ def _emulate(build_dir: Path, tmp_path: Path) -> subprocess.CompletedProcess:
                            str(tmp_path / "y.bin")], capture_output=True, text=True, timeout=120)
 
 
+def _run_emulated(build_dir: Path, tmp_path: Path, x: np.ndarray, p: PackedLinear, bias: np.ndarray | None,
+                  kernel_path: int, tensors: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    """Y from the emulator for a problem it must accept (`tensors` as in _write_problem)."""
+    _write_problem(tmp_path / "problem.bin", x, p, bias, kernel_path, False, tensors)
+    result = _emulate(build_dir, tmp_path)
+    assert result.returncode == 0, result.stderr
+    return np.fromfile(tmp_path / "y.bin", dtype=x.dtype).reshape(x.shape[0], p.out_features)
+
+
 AUTO, GEMV, TILED, GEMV2 = kernels.PATH_AUTO, kernels.PATH_GEMV, kernels.PATH_TILED, kernels.PATH_GEMV2
 GEMV3 = kernels.PATH_GEMV3
 
@@ -248,25 +257,13 @@ def test_emulated_kernels_apply_any_row_scale(build_dir: Path, tmp_path: Path, c
     assert (p.row_scales == 0).any() and (p.row_scales < 0).any()
     x = np.random.default_rng(seed).standard_normal((m, k)).astype(dtype)
     bias = np.random.default_rng(seed + 1).standard_normal(n).astype(dtype)
-    _write_problem(tmp_path / "problem.bin", x, p, bias, kernel_path, False)
-
-    result = _emulate(build_dir, tmp_path)
-    assert result.returncode == 0, result.stderr
-    y = np.fromfile(tmp_path / "y.bin", dtype=dtype).reshape(m, n)
+    y = _run_emulated(build_dir, tmp_path, x, p, bias, kernel_path)
     assert reference_error_ratio(y, x, p, bias) <= 1.0
     if dtype == np.float32:
         np.testing.assert_allclose(y, sage_binary_gemm_packed(x, p, bias), rtol=1e-4, atol=1e-4)
     if fraction == 1.0:  # no unsalient weight: the same result whatever r_n
         ones = PackedLinear.from_tensors(p.tensors() | {"row_scales": np.ones(n, np.float16)}, **p.attrs())
         np.testing.assert_array_equal(dequantize(ones), dequantize(p))
-
-
-def _run_emulated(build_dir: Path, tmp_path: Path, x: np.ndarray, p: PackedLinear, bias: np.ndarray | None,
-                  kernel_path: int, tensors: dict[str, np.ndarray] | None = None) -> np.ndarray:
-    _write_problem(tmp_path / "problem.bin", x, p, bias, kernel_path, False, tensors)
-    result = _emulate(build_dir, tmp_path)
-    assert result.returncode == 0, result.stderr
-    return np.fromfile(tmp_path / "y.bin", dtype=x.dtype).reshape(x.shape[0], p.out_features)
 
 
 # (m, k, n, groups, dtype, path): every kernel and dtype, with contract v3's empty row_scales
@@ -379,10 +376,7 @@ def test_emulated_gemv3_every_salient_width(build_dir: Path, tmp_path: Path, bit
     p = random_packed_linear(24, k, 4, salient_fraction=0.05, salient_bits=bits, seed=bits)
     assert np.abs(p.salient_q).max() == 2 ** (bits - 1) - 1  # the full range of b bits is exercised
     x = np.random.default_rng(bits).standard_normal((m, k)).astype(np.float16)
-    _write_problem(tmp_path / "problem.bin", x, p, None, GEMV3, False)
-    result = _emulate(build_dir, tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert reference_error_ratio(np.fromfile(tmp_path / "y.bin", dtype=np.float16).reshape(m, 24), x, p) <= 1.0
+    assert reference_error_ratio(_run_emulated(build_dir, tmp_path, x, p, None, GEMV3), x, p) <= 1.0
 
 
 @pytest.mark.parametrize(("why", "k", "groups", "dtype", "misalign"), [
@@ -407,11 +401,7 @@ def test_emulated_kernels_clamp_a_corrupt_csr(build_dir: Path, tmp_path: Path, s
     p = _staircase_layer(n, k, groups, seed)
     tensors = _corrupt_csr(p, kind, seed)
     x = np.random.default_rng(seed).standard_normal((m, k)).astype(dtype)
-    _write_problem(tmp_path / "problem.bin", x, p, None, kernel_path, False, tensors)
-
-    result = _emulate(build_dir, tmp_path)
-    assert result.returncode == 0, result.stderr
-    y = np.fromfile(tmp_path / "y.bin", dtype=dtype).reshape(m, n)
+    y = _run_emulated(build_dir, tmp_path, x, p, None, kernel_path, tensors)
     clamped = _sanitized(p, tensors)
     assert reference_error_ratio(y, x, clamped) <= 1.0
     if dtype == np.float32:
@@ -448,12 +438,7 @@ def test_emulated_kernels_give_the_weight_for_an_identity_input(build_dir: Path,
         p = scramble_salient_bits(p, seed)
     if case.endswith("row-scales"):
         p = _with_row_scales(p, seed)
-    x = np.eye(k, dtype=np.float32)
-    _write_problem(tmp_path / "problem.bin", x, p, None, kernel_path, False)
-
-    result = _emulate(build_dir, tmp_path)
-    assert result.returncode == 0, result.stderr
-    y = np.fromfile(tmp_path / "y.bin", dtype=np.float32).reshape(k, n)
+    y = _run_emulated(build_dir, tmp_path, np.eye(k, dtype=np.float32), p, None, kernel_path)
     # + 0: the sign of a zero is not compared (r_n = 0 decodes to -0.0 under a negative binary weight; the kernels
     # add the bias, +0 here, last).
     expected = np.ascontiguousarray(dequantize(p).T) + np.float32(0)
