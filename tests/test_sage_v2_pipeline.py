@@ -230,6 +230,25 @@ def test_activation_energy_and_sensitivity_reach_option_measurement(loaded, monk
         np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
+def test_refit_rounds_reach_every_compensated_matrix_and_only_move_scales(loaded, measured):
+    """refit_rounds: every compensated matrix is re-fitted (its calibration output error drops) and keeps the
+    stored sizes of the plain compensated run; matrices the gate leaves alone are not touched."""
+    seeds, m = measured
+    k_mlp = loaded.model.config.intermediate_size
+    ratio = m.stats.tokens / k_mlp + 0.5  # down_proj is gated out, as in the test below
+    plain, _ = finished(loaded, seeds, m, bits=3.2, compensate_min_tokens_per_column=ratio)
+    refit, _ = finished(loaded, seeds, m, bits=3.2, compensate_min_tokens_per_column=ratio, refit_rounds=2)
+    for name, r in refit.items():
+        sizes = {k: v.shape for k, v in r.stored_tensors().items()}
+        assert sizes == {k: v.shape for k, v in plain[name].stored_tensors().items()}, name
+        if name.endswith("down_proj"):
+            assert "refit_rounds" not in r.stats, name
+            np.testing.assert_array_equal(r.dequantize(), plain[name].dequantize(), err_msg=name)
+        else:
+            assert r.stats["refit_rounds"] == 2 and r.stats["refit_gain"] < 1, name
+            assert r.stats["hessian_error"] < plain[name].stats["hessian_error"], name
+
+
 def test_compensation_skips_matrices_with_too_few_tokens_per_column(loaded, measured):
     """With compensate_min_tokens_per_column above tokens / K, a matrix is left as the ρ search made it."""
     seeds, m = measured

@@ -28,6 +28,7 @@ from ..models import LoadedModel, quantizable_linears
 from ..format.sage_layout import stored_bytes
 from ..quant.budget import Allocation, BudgetError, Option, allocate, floored, neighbours
 from ..quant.compensate import compensate_sage, compensate_validated
+from ..quant.refit import refit_compensated
 from ..quant.config import V2_MATRIX, SageConfig, SageRecipe
 from ..quant.sage import quantize_sage, sage_options
 from .guard import decoded_while_running, mean_nll
@@ -255,7 +256,7 @@ def compensated(recipe: SageRecipe, stats: LayerStats | None, in_features: int) 
 
 def _finish(item: tuple):
     """Worker: step 4 (and 5 when a Hessian is given) for one matrix."""
-    w, cfg, seed, col_weight, proposal, option, price, hessian, act_order, shrink, validation = item
+    w, cfg, seed, col_weight, proposal, option, price, hessian, act_order, shrink, validation, refit = item
     result = quantize_sage(w, cfg, seed, col_weight, proposal=proposal)
     result.stats.update(budget_groups=option.n_groups, budget_rho=option.rho, budget_price=price)
     if hessian is not None and validation is not None:
@@ -263,6 +264,8 @@ def _finish(item: tuple):
         result = compensate_validated(w, hessian, h_val, result, shrinks, act_order=act_order)
     elif hessian is not None:
         result = compensate_sage(w, hessian, result, act_order=act_order, shrink=shrink)
+    if hessian is not None and refit and result.stats.get("compensated"):
+        result = refit_compensated(w, hessian, result, refit, act_order=act_order)
     return result.compact()  # the packed tensors only: 10x less to send back and to hold until export
 
 
@@ -273,7 +276,7 @@ def _finish_item(plan: BudgetPlan, recipe: SageRecipe, cfg: SageConfig, name: st
                   else (validation_hessian, tuple(recipe.compensate_candidates)))
     return (w, search_config(cfg, recipe, option, price), plan.seeds[name], plan.weights[name],
             plan.graph_groups[name], option, price, hessian, recipe.act_order,
-            recipe.compensate_shrink, validation)
+            recipe.compensate_shrink, validation, recipe.refit_rounds)
 
 
 def quantize_v2(loaded: LoadedModel, recipe: SageRecipe, cfg: SageConfig, seeds: dict[str, int],
