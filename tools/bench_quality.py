@@ -477,6 +477,9 @@ def main() -> int:
                    help="calibration source of calibrated methods: WikiText-2 valid, or text the model samples")
     p.add_argument("--calib-from", choices=("prompts", "bos"), default="prompts",
                    help="self-sampled calibration after built-in prompts (default) or from BOS")
+    p.add_argument("--calib-text", type=Path,
+                   help="with --calib wiki: this text instead of WikiText-2 valid (e.g. its tail after the dev "
+                        "windows, tools/text_tail.py)")
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--calib-seqlen", type=int, default=2048)
     p.add_argument("--budgets", type=float, nargs="+",
@@ -493,6 +496,8 @@ def main() -> int:
         args.out.write_text(json.dumps(doc, indent=1, sort_keys=True, default=float) + "\n")
         write_outputs(args.out, doc)
         return 0
+    if args.calib_text and (args.calib != "wiki" or not args.calib_text.is_file()):
+        p.error(f"--calib-text needs --calib wiki and an existing file, got {args.calib_text}")
     if args.render_only:
         write_outputs(args.out, json.loads(args.out.read_text()))
         return 0
@@ -503,7 +508,7 @@ def main() -> int:
     ids = tokenize_text(loaded.tokenizer, read_eval_text(WIKI / "wiki.test.raw"))
     calib, args.calib_info, args.validation = None, None, None
     if any(m.needs_calibration for m in methods):
-        text = WIKI / "wiki.valid.tokens" if args.calib == "wiki" else None
+        text = (args.calib_text or WIKI / "wiki.valid.tokens") if args.calib == "wiki" else None
         calib, args.calib_info = calibration_tokens(loaded, text, args.calib_samples, args.calib_seqlen, args.seed,
                                                     prompted=args.calib_from == "prompts")
         if any(m.preset == "v2" and m.sage_recipe().needs_validation for m in methods):
@@ -512,7 +517,7 @@ def main() -> int:
                                                 prompted=args.calib_from == "prompts")
             args.calib_info["validation_samples"] = rows
         if text is not None:
-            args.calib_info["text"] = "wikitext2/wiki.valid.tokens"
+            args.calib_info["text"] = str(args.calib_text) if args.calib_text else "wikitext2/wiki.valid.tokens"
     v2_cache: dict = {}
     stamp = {"machine": machine_name(),
              "date": dt.date.today().isoformat(),

@@ -222,7 +222,8 @@ def cmd_finish(args) -> int:
            **({"power_choice": measurements.power_choice} if measurements.power_choice else {}),
            "scores": [], **stamp}
     for t in texts:
-        res = perplexity(loaded.model, t["ids"], args.ctx, args.windows, text=t["label"])
+        n_windows = args.test_windows if t["role"] == "test" and args.test_windows else args.windows
+        res = perplexity(loaded.model, t["ids"], args.ctx, n_windows, text=t["label"])
         row["scores"].append({"text": t["label"], "role": t["role"], "sha256": t["sha256"], "ppl": res.ppl,
                               "n_windows": res.n_windows, "window_nll": res.window_nll})
         print(f"{name} on {t['label']} ({t['role']}): ppl {res.ppl:.3f}", flush=True)
@@ -248,16 +249,20 @@ def render_md(doc: dict) -> str:
            + " | ".join(f"{text} ({role})" for role, text in labels) + " |",
            "|---|---|---|---|---|" + "---|" * len(labels)]
     for r in rows:
-        ppl = {(sc["role"], sc["text"]): sc["ppl"] for sc in r["scores"]}
+        # a text scored on other than the row's window count (finish --test-windows) says how many
+        ppl = {(sc["role"], sc["text"]): f"{sc['ppl']:.3f}" + (f" ({sc['n_windows']} windows)"
+                                                               if sc["n_windows"] != r["windows"] else "")
+               for sc in r["scores"]}
         cal = r["calibration"]
-        source = cal.get("source", "?") + ("+prompts" if cal.get("start") == "prompts" else "")
+        source = Path(cal["text"]).name if cal.get("source") == "text" else cal.get("source", "?")
+        source += "+prompts" if cal.get("start") == "prompts" else ""
         cal_label = f"{source} {cal.get('samples', '?')}×{cal.get('seqlen', '?')}"
         fields = ", ".join(f"{k}={v}" for k, v in {**r.get("matrix", {}), **r["fields"]}.items()) or "(default recipe)"
         if r.get("power_choice"):
             choice = r["power_choice"]
             fields += f" (a = {choice['chosen']:g} chosen at {choice.get('budget_bits', '?')} bits)"
         out.append(f"| {r['model']} | {r['variant']} | {fields} | {cal_label} | {r['true_bits']:.3f} | "
-                   + " | ".join(f"{ppl[lab]:.3f}" if lab in ppl else "—" for lab in labels) + " |")
+                   + " | ".join(ppl.get(lab, "—") for lab in labels) + " |")
     first = rows[0] if rows else None
     if first:
         out += ["", f"Windows: {first['windows']} × ctx {first['ctx']} per text."]
@@ -325,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--test-text", type=text_spec, action="append", default=[])
     f.add_argument("--ctx", type=int, default=2048)
     f.add_argument("--windows", type=int, default=2)
+    f.add_argument("--test-windows", type=int, help="windows of each --test-text (default: --windows)")
     f.add_argument("--out", type=Path, required=True)
     f.add_argument("--matrix", default="", help="build-time SageConfig fields (row_multipliers=true, ...)")
     t = sub.add_parser("table", help="write the .md beside a finish JSON")
