@@ -26,7 +26,7 @@ from .compensate import compensate_sage
 from .sage import SageResult
 
 ALPHA_ROWS = 512  # rows that fit α (see the module docstring)
-ROUNDS = 3  # α given s, then s given α, this many times; each round only lowers the error
+ALTERNATIONS = 3  # α given s, then s given α, this many times; each step only lowers the error
 
 
 def _unsalient_signs(result: SageResult) -> np.ndarray:
@@ -41,7 +41,7 @@ def _alpha_system(c: np.ndarray, group_index: np.ndarray, h: np.ndarray, n_group
     A_gh = ⟨B_g H, B_h⟩ of the quadratic in α."""
     b = np.stack([np.where(group_index == g, c, 0.0) for g in range(n_groups)])
     p = (b.reshape(-1, b.shape[-1]) @ h).reshape(b.shape)
-    return p, b, np.einsum("gnk,hnk->gh", p, b)
+    return p, np.einsum("gnk,hnk->gh", p, b)
 
 
 def _solve_alpha(a: np.ndarray, p: np.ndarray, target: np.ndarray, old: np.ndarray) -> np.ndarray:
@@ -64,7 +64,8 @@ def _solve_salient_scales(residual: np.ndarray, q: np.ndarray, qh: np.ndarray, o
     return np.where(den > 0, num / np.where(den > 0, den, 1.0), old.astype(np.float64))
 
 
-def refit_scales(w: np.ndarray, hessian: np.ndarray, result: SageResult, rounds: int = ROUNDS) -> SageResult:
+def refit_scales(w: np.ndarray, hessian: np.ndarray, result: SageResult,
+                 alternations: int = ALTERNATIONS) -> SageResult:
     """`result` with α and the salient scales re-fitted to its codes under H = XᵀX; `result` itself where the
     float16 re-fit does not lower tr(ΔW H ΔWᵀ) (it cannot in exact arithmetic; rounding can)."""
     start = time.perf_counter()
@@ -76,13 +77,13 @@ def refit_scales(w: np.ndarray, hessian: np.ndarray, result: SageResult, rounds:
     c = _unsalient_signs(result)
     q = result.salient_q.astype(np.float64)
     rows = np.unique(np.linspace(0, n_rows - 1, min(n_rows, ALPHA_ROWS)).round().astype(int))
-    p, _, a = _alpha_system(c[rows], result.group_index[rows], h, len(result.group_scales))
+    p, a = _alpha_system(c[rows], result.group_index[rows], h, len(result.group_scales))
     has_salient = result.salient_mask.any(axis=1)
     qh = np.zeros_like(q)
     qh[has_salient] = q[has_salient] @ h
     alpha = result.group_scales.astype(np.float64)
     scale = result.salient_scale.astype(np.float64)
-    for _ in range(rounds):
+    for _ in range(alternations):
         alpha = _solve_alpha(a, p, (w - scale[:, None] * q)[rows], alpha)
         unsalient = c * alpha[result.group_index]
         scale = _solve_salient_scales(w - unsalient, q, qh, scale)
