@@ -10,8 +10,8 @@ so the output error tr((W − Ŵ) H (W − Ŵ)ᵀ) is a quadratic in them with a
 the whole matrix, and one per row. The two are solved in turn (each exactly, given the other). Nothing stored
 changes size or layout: only the float16 values of α and s move, so the op contract is untouched.
 
-α has G unknowns fitted to N·K weights, so a subset of rows (evenly spaced, no randomness) fixes it as well as all
-of them would, at G·rows·K² instead of G·N·K² multiply-adds.
+α has G unknowns and every row holds K equations for them, so α is fitted on at most ALPHA_ROWS evenly spaced rows
+(no randomness), at G·rows·K² multiply-adds instead of G·N·K².
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def _solve_salient_scales(residual: np.ndarray, q: np.ndarray, qh: np.ndarray, o
 def refit_scales(w: np.ndarray, hessian: np.ndarray, result: SageResult,
                  alternations: int = ALTERNATIONS) -> SageResult:
     """`result` with α and the salient scales re-fitted to its codes under H = XᵀX; `result` itself where the
-    float16 re-fit does not lower tr(ΔW H ΔWᵀ) (it cannot in exact arithmetic; rounding can)."""
+    re-fit does not lower tr(ΔW H ΔWᵀ) over all rows (α fitted on a row subset, and float16 rounding, can miss)."""
     start = time.perf_counter()
     if result.per_row:
         raise ValueError("refit_scales needs the groups mode (matrix-wide group scales)")
