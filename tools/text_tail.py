@@ -16,16 +16,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sage_export.eval.perplexity import tokenize_text  # noqa: E402
+from sage_export.eval.perplexity import join_paragraphs, tokenize_text  # noqa: E402
 from sage_export.models import load_model  # noqa: E402
 
 
 def head_lines(tokenizer, lines: list[str], skip_tokens: int) -> int:
-    """The fewest leading lines whose evaluation text ("\\n\\n"-joined) holds at least skip_tokens tokens."""
+    """The fewest leading lines whose evaluation text (join_paragraphs) holds at least skip_tokens tokens."""
     lo, hi = 0, len(lines)
     while lo < hi:
         mid = (lo + hi) // 2
-        if tokenize_text(tokenizer, "\n\n".join(lines[:mid])).numel() >= skip_tokens:
+        if tokenize_text(tokenizer, join_paragraphs(lines[:mid])).numel() >= skip_tokens:
             hi = mid
         else:
             lo = mid + 1

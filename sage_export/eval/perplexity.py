@@ -34,7 +34,11 @@ class PerplexityResult:
 
 def read_eval_text(path: Path) -> str:
     """The raw WikiText file, paragraphs joined with blank lines as in the reference protocol."""
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    return join_paragraphs(Path(path).read_text(encoding="utf-8").splitlines())
+
+
+def join_paragraphs(lines: list[str]) -> str:
+    """WikiText lines as the evaluation reads them: joined with blank lines."""
     return "\n\n".join(lines)
 
 
