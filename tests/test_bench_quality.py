@@ -56,9 +56,8 @@ def test_true_bits_are_stored_bytes_over_weights(bench_doc):
 def test_table_and_plot_come_from_the_json(bench_doc):
     doc = json.loads(bench_doc.read_text())
     md = bench_doc.with_suffix(".md").read_text()
-    for r in doc["rows"]:  # SAGE rows name the op layout their bytes were counted in
-        variant = r["variant"] + (" [contract v3]" if r["method"]["name"] == "sage" else "")
-        assert f"| {variant} | — | {r['n_windows']} × 64 | {r['ppl']:.2f} |" in md
+    for r in doc["rows"]:  # rows of today's op contract carry no mark
+        assert f"| {r['variant']} | — | {r['n_windows']} × 64 | {r['ppl']:.2f} |" in md
     png = (bench_doc.parent / "pareto.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
@@ -87,7 +86,20 @@ def test_v2_budgets_share_one_power_choice_and_name_their_calibration(tiny_llama
     assert rows["sage-v2(bits=2.5)"]["budget"]["activation_power_choice"] == \
         rows["sage-v2(bits=3.5)"]["budget"]["activation_power_choice"]
     md = out.with_suffix(".md").read_text()
-    assert "| sage-v2(bits=2.5) [contract v3] | self-generated+prompts 4×16 +2 validation | 1 × 64 |" in md
+    assert "| sage-v2(bits=2.5) | self-generated+prompts 4×16 +2 validation | 1 × 64 |" in md
+
+
+def test_rows_of_an_older_contract_are_marked(bench_doc, tmp_path):
+    """A SAGE row measured under an older op contract counted its bytes in another layout: the table says so."""
+    out = tmp_path / "quality.json"
+    doc = json.loads(bench_doc.read_text())
+    sage = next(r for r in doc["rows"] if r["method"]["name"] == "sage")
+    doc["rows"].append(dict(sage, contract=2, ppl=sage["ppl"] + 1))
+    out.write_text(json.dumps(doc))
+    run_bench(out, "--render-only")
+    md = out.with_suffix(".md").read_text()
+    assert f"| {sage['variant']} | — | 2 × 64 | {sage['ppl']:.2f} |" in md
+    assert f"| {sage['variant']} [contract v2] | — | 2 × 64 | {sage['ppl'] + 1:.2f} |" in md
 
 
 def test_second_family_rows_import_test_texts_only_and_compare_with_rtn(bench_doc, tiny_llama_dir, tmp_path):
@@ -102,22 +114,26 @@ def test_second_family_rows_import_test_texts_only_and_compare_with_rtn(bench_do
         for v, b, t, p in (("rtn-w3g64", 3.297, "wiki:wiki.test.raw", 16.0), ("rtn-w3g64", 3.297, "code:code.test.txt", 3.5),
                            ("rtn-w3g64", 3.297, "code:code.dev.txt", 2.8), ("fp", None, "wiki:wiki.test.raw", 13.0))]}))
     screen = tmp_path / "screen.json"
-    screen.write_text(json.dumps({"rows": [dict(stamp, model="m.gguf", variant="s64", true_bits=3.2, calibration={
-        "source": "self-generated", "start": "prompts", "samples": 64, "seqlen": 128}, scores=[
+    calib = {"source": "self-generated", "start": "prompts", "samples": 64, "seqlen": 128}
+    screen.write_text(json.dumps({"rows": [dict(stamp, model="m.gguf", variant=v, true_bits=3.2, calibration=calib,
+                                                contract=c, scores=[
         {"text": "wiki-valid", "role": "dev", "ppl": 10.0, "n_windows": 2},
-        {"text": "wiki-test", "role": "test", "ppl": 15.7, "n_windows": 2},
-        {"text": "code-test", "role": "test", "ppl": 3.6, "n_windows": 2}])]}))
+        {"text": "wiki-test", "role": "test", "ppl": wiki, "n_windows": 2},
+        {"text": "code-test", "role": "test", "ppl": 3.6, "n_windows": 2}])
+        for v, c, wiki in (("s64", 3, 15.7), ("old", 2, 15.9))]}))
     run_bench(out, "--import-rows", str(texts), "rtn-w3g64", "fp")
-    run_bench(out, "--import-rows", str(screen), "sage-v2(bits=3.2)=s64")
+    run_bench(out, "--import-rows", str(screen), "sage-v2(bits=3.2)=s64", "sage-v2(bits=3.2)=old")
     family = json.loads(out.read_text())["second_family"]
-    assert sorted((r["variant"], r["text"]) for r in family) == [
-        ("fp", "wiki-test"), ("rtn-w3g64", "code-test"), ("rtn-w3g64", "wiki-test"),
-        ("sage-v2(bits=3.2)", "code-test"), ("sage-v2(bits=3.2)", "wiki-test")]
+    assert sorted((r["variant"], r["text"], r.get("contract")) for r in family) == [
+        ("fp", "wiki-test", None), ("rtn-w3g64", "code-test", None), ("rtn-w3g64", "wiki-test", None),
+        ("sage-v2(bits=3.2)", "code-test", 2), ("sage-v2(bits=3.2)", "code-test", 3),
+        ("sage-v2(bits=3.2)", "wiki-test", 2), ("sage-v2(bits=3.2)", "wiki-test", 3)]
     md = out.with_suffix(".md").read_text()
     assert "| sage-v2(bits=3.2) | self-generated+prompts 64×128 | **3.200** | 15.700 | 3.600 |" in md
+    assert "| sage-v2(bits=3.2) [contract v2] | self-generated+prompts 64×128 | **3.200** | 15.900 | 3.600 |" in md
     assert ("| sage-v2(bits=3.2) (self-generated+prompts 64×128) at 3.200 | rtn-w3g64 at 3.297 | **SAGE better** | "
             "RTN better |") in md
     run_bench(out, "--import-rows", str(screen), "sage-v2(bits=3.2)=s64")  # a rerun replaces, never duplicates
-    assert len(json.loads(out.read_text())["second_family"]) == 5
+    assert len(json.loads(out.read_text())["second_family"]) == 7
     run_bench(out, "--model", str(tiny_llama_dir), "--ctx", "64", "--windows", "1", "--variants", "fp")
-    assert len(json.loads(out.read_text())["second_family"]) == 5  # measuring SmolLM2-style rows keeps them
+    assert len(json.loads(out.read_text())["second_family"]) == 7  # measuring SmolLM2-style rows keeps them

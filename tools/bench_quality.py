@@ -198,7 +198,9 @@ def render_md(doc: dict) -> str:
            "the quantized layers' safetensors file. Calibration (column *calibration*: source, sequences × tokens): "
            "WikiText-2 valid (`wiki.valid.tokens`) or text the model sampled itself, never the test text. "
            "*sage-v2(bits=B)* is the default preset at a budget of B true bits; *sage* rows without v2 are the "
-           "paper preset (SPEC §2, data-free).", "",
+           "paper preset (SPEC §2, data-free). *[contract vN]* marks a SAGE row measured under an older op contract "
+           f"than today's v{FUNCTION_VERSION} (`docs/sage_binary_gemm.md`): its bytes would be counted differently "
+           "now, and the fields a variant does not name were the defaults of its day.", "",
            "| variant | calibration | windows × ctx | PPL | paper w+s bits | true bits | packed file | mean G | mean ρ "
            "| quant time |",
            "|---|---|---|---|---|---|---|---|---|---|"]
@@ -208,7 +210,7 @@ def render_md(doc: dict) -> str:
         g = f"{r['n_groups_mean']:.2f}" if r.get("n_groups_mean") else "—"
         rho = f"{r['rho_mean']:.4f}" if r.get("rho_mean") is not None else "—"
         qt = f"{r['quant_time_s']:.0f} s" if "quant_time_s" in r else "—"
-        variant = r["variant"] + (f" [contract v{r['contract']}]" if r.get("contract", 2) != 2 else "")
+        variant = r["variant"] + contract_mark(r)
         out.append(f"| {variant} | {calib_label(r)} | {r['n_windows']} × {r['ctx']} | {r['ppl']:.2f} | {bits[0]} | {bits[1]} | "
                    f"{bits[2]} | {g} | {rho} | {qt} |")
     for windows in sorted({r["n_windows"] for r in doc["rows"]}, reverse=True):
@@ -224,6 +226,14 @@ def render_md(doc: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def contract_mark(row: dict) -> str:
+    """' [contract v2]' on a SAGE row measured under an older op contract than today's (docs/sage_binary_gemm.md):
+    its stored bytes, so its true bits, would differ now. Today's rows and the methods that do not use the op carry
+    no mark."""
+    contract = row.get("contract")
+    return f" [contract v{contract}]" if contract and contract != FUNCTION_VERSION else ""
+
+
 def import_rows(path: Path, wanted: list[str]) -> list[dict]:
     """One row per (variant, test text) from a bench_texts JSON (a row per text) or a screen_v2 JSON (a row per
     variant, its texts under 'scores', dev and test). wanted: variant names, or 'LABEL=SCREEN_VARIANT' to give a
@@ -236,7 +246,7 @@ def import_rows(path: Path, wanted: list[str]) -> list[dict]:
         base = {"model": row.get("model_name", row["model"]), "variant": names[row["variant"]],
                 "source": f"{path.name}:{row['variant']}", "calibration": row.get("calibration"),
                 "true_bits": row.get("true_bits"), "ctx": row["ctx"],
-                **{k: row.get(k) for k in ("commit", "date", "machine", "command")}}
+                **{k: row.get(k) for k in ("commit", "date", "machine", "command", "contract")}}
         if "scores" in row:  # screen_v2: one row, several texts
             texts = [(s["text"], s["ppl"], s["n_windows"]) for s in row["scores"] if s["role"] == "test"]
         else:  # bench_texts: one row per text, dev files (qwen_coder_dev_*) hold none to import
@@ -266,7 +276,8 @@ def _text_name(text: str) -> str:
 
 
 def merge_family(rows: list[dict], new_rows: list[dict]) -> list[dict]:
-    key = lambda r: (r["model"], r["variant"], calib_label(r), r["text"], r["ctx"], r["n_windows"])  # noqa: E731
+    key = lambda r: (r["model"], r["variant"] + contract_mark(r), calib_label(r), r["text"], r["ctx"],  # noqa: E731
+                     r["n_windows"])
     keys = {key(r) for r in new_rows}
     rows = [r for r in rows if key(r) not in keys] + new_rows
     return sorted(rows, key=lambda r: (r["model"], r.get("true_bits") or 99, r["variant"], calib_label(r), r["text"]))
@@ -281,15 +292,17 @@ def render_family(rows: list[dict]) -> list[str]:
         texts = sorted({r["text"] for r in mine}, reverse=True)
         lines: dict[tuple, dict] = {}
         for r in mine:
-            lines.setdefault((r["variant"], calib_label(r)), {"bits": r["true_bits"], "rows": {}})["rows"][r["text"]] = r
+            key = (r["variant"] + contract_mark(r), calib_label(r))
+            lines.setdefault(key, {"bits": r["true_bits"], "rows": {}})["rows"][r["text"]] = r
         windows = sorted({f"{r['n_windows']} × {r['ctx']}" for r in mine})
         out += ["", f"## Second family: {model}", "",
                 f"Test texts only (WikiText-2 test; the code text's test half, tools/make_code_text.py), "
                 f"{', '.join(windows)} tokens per text: a quick check at this size, not a headline. Every recipe "
                 "choice was made on the dev texts (benchmarks/screen_v2_qwen.md). A variant names the recipe fields that "
-                "differ from today's default, and a row without fields is what today's default produces (the same "
-                "calibration, choice and allocation); the calibration column tells the 64×128 default from the "
-                "32×128 one before it.", "",
+                "differ from the default of its day; *[contract v2]* marks a row measured under an older op "
+                f"contract than today's v{FUNCTION_VERSION}, so an unmarked row without fields is what today's default "
+                "produces (the same calibration, choice and allocation); the calibration column tells the 64×128 "
+                "default from the 32×128 one before it.", "",
                 "| variant | calibration | true bits | " + " | ".join(texts) + " |",
                 "|---|---|---|" + "---|" * len(texts)]
         ordered = sorted(lines.items(), key=lambda kv: (kv[1]["bits"] or 99, kv[0]))
@@ -340,7 +353,8 @@ def budget_comparison(rows: list[dict], windows: int) -> list[str]:
     same = [r for r in rows if r["n_windows"] == windows]
     uniform = [r for r in same if r["method"]["name"] in ("rtn", "gptq")]
     out = []
-    for r in sorted((r for r in same if is_plain_v2(r)), key=lambda r: (calib_label(r), r["true_bits"])):
+    today_first = lambda r: (contract_mark(r), calib_label(r), r["true_bits"])  # noqa: E731
+    for r in sorted((r for r in same if is_plain_v2(r)), key=today_first):
         rivals = [u for u in uniform if u["true_bits"] <= r["true_bits"]]
         best = min(rivals, key=lambda u: u["ppl"]) if rivals else None
         if best is None:
@@ -348,7 +362,8 @@ def budget_comparison(rows: list[dict], windows: int) -> list[str]:
         else:
             rival = f"{best['variant']}: {best['ppl']:.2f} at {best['true_bits']:.3f}"
             verdict = "**SAGE better**" if r["ppl"] < best["ppl"] else "uniform better"
-        out.append(f"| {r['method']['params'].get('bits', 3.2):g} | {calib_label(r)} | {r['ppl']:.2f} at "
+        budget = f"{r['method']['params'].get('bits', 3.2):g}{contract_mark(r)}"
+        out.append(f"| {budget} | {calib_label(r)} | {r['ppl']:.2f} at "
                    f"{r['true_bits']:.3f} | {rival} | {verdict} |")
     return out
 

@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sage_export.cli import CALIB_DEFAULTS  # noqa: E402  (measure calibrates like the CLI)
 from sage_export.models import load_model  # noqa: E402
+from sage_export.onnx.function import FUNCTION_VERSION  # noqa: E402
 from sage_export.quant.config import V2_MATRIX, SageRecipe  # noqa: E402
 
 from bench_texts import git_commit, machine_name, text_entry  # noqa: E402
@@ -217,6 +218,7 @@ def cmd_finish(args) -> int:
            "model": Path(args.model).name,
            "calibration": saved["calib_info"],
            "true_bits": summary["true_bits"], "budget_bits": recipe.bits, "finish_s": round(finish_s, 1),
+           "contract": FUNCTION_VERSION,  # the op layout the bytes were counted in
            "by_type": allocation_summary(measurements, plan), "ctx": args.ctx, "windows": args.windows,
            **({"shrink_chosen": chosen_shrinks(results)} if recipe.compensate_candidates else {}),
            **({"power_choice": measurements.power_choice} if measurements.power_choice else {}),
