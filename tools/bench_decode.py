@@ -59,9 +59,9 @@ def build_dense(name: str, device: str):
     return model.to(dtype).eval()
 
 
-def make_sage(model, n_groups: int):
+def make_sage(model, n_groups: int, row_multipliers: bool):
     linears = quantizable_linears(model, LLAMA)
-    packed = {n: random_packed_linear(l.out_features, l.in_features, n_groups, seed=i)
+    packed = {n: random_packed_linear(l.out_features, l.in_features, n_groups, row_scales=row_multipliers, seed=i)
               for i, (n, l) in enumerate(linears.items())}
     replace_linears(model, packed)
     return model
@@ -106,11 +106,12 @@ def decode_tokens_per_s(model, device: str, prompt_len: int, n_tokens: int, warm
     return n_tokens / elapsed
 
 
-def random_packed_cuda(n: int, k: int, groups: int, fraction: float, gen: torch.Generator) -> dict:
+def random_packed_cuda(n: int, k: int, groups: int, fraction: float, gen: torch.Generator,
+                       row_multipliers: bool, dev: str = "cuda") -> dict:
     """A valid packed layer (contract v3) made on the GPU in milliseconds: random bits and codes (G a power of
-    two, so every code is valid), `fraction` salient weights per row at evenly spaced, randomly offset columns,
-    row multipliers r_n in [0.5, 2)."""
-    dev = "cuda"
+    two, so every code is valid), `fraction` salient weights per row at evenly spaced, randomly offset columns.
+    Row multipliers r_n in [0.5, 2) only when asked: the default recipe stores none (an empty row_scales), and the
+    kernels then skip their load, so a benchmark with them would time a layout default runs never write."""
     kb, planes = (k + 7) // 8, max(0, (groups - 1).bit_length())
     per_row = max(0, round(fraction * k))
     stride = k // per_row if per_row else 1
@@ -125,7 +126,8 @@ def random_packed_cuda(n: int, k: int, groups: int, fraction: float, gen: torch.
             "salient_cols": cols,
             "salient_q": torch.randint(-7, 8, (n * per_row,), generator=gen, device=dev, dtype=torch.int8),
             "salient_scale": (torch.rand(n, generator=gen, device=dev) * 0.01 + 0.001).half(),
-            "row_scales": (torch.rand(n, generator=gen, device=dev) * 1.5 + 0.5).half(),
+            "row_scales": ((torch.rand(n, generator=gen, device=dev) * 1.5 + 0.5).half() if row_multipliers
+                           else torch.empty(0, device=dev, dtype=torch.float16)),
             "n": n, "k": k, "groups": groups}
 
 
@@ -136,7 +138,8 @@ def sage_launch_args(layer: dict, x: torch.Tensor, y: torch.Tensor):
         x=x.data_ptr(), sign_bits=layer["sign_bits"].data_ptr(), group_codes=layer["group_codes"].data_ptr(),
         group_scales=layer["group_scales"].data_ptr(), salient_rowptr=layer["salient_rowptr"].data_ptr(),
         salient_cols=layer["salient_cols"].data_ptr(), salient_q=layer["salient_q"].data_ptr(),
-        salient_scale=layer["salient_scale"].data_ptr(), row_scales=layer["row_scales"].data_ptr(), bias=0,
+        salient_scale=layer["salient_scale"].data_ptr(),
+        row_scales=layer["row_scales"].data_ptr() if layer["row_scales"].numel() else 0, bias=0,
         y=y.data_ptr(), m=x.shape[0], nnz=layer["salient_cols"].shape[0], k=layer["k"], n=layer["n"],
         n_groups=layer["groups"], salient_bits=4, x_dtype=kernels.DTYPE_FLOAT16, bias_dtype=kernels.DTYPE_FLOAT16,
         path=kernels.PATH_AUTO, reserved=0)
@@ -146,7 +149,7 @@ def layer_bytes(layer: dict) -> int:
     return sum(t.numel() * t.element_size() for t in layer.values() if isinstance(t, torch.Tensor))
 
 
-def linear_stack_rows(name: str, groups: int, fraction: float, tokens: int) -> list[dict]:
+def linear_stack_rows(name: str, groups: int, fraction: float, tokens: int, row_multipliers: bool) -> list[dict]:
     """Tokens/s of the linear layers of one decode step (batch 1), float16 against SAGE, each from a CUDA graph."""
     from sage_export.runtime import kernels
 
@@ -162,8 +165,8 @@ def linear_stack_rows(name: str, groups: int, fraction: float, tokens: int) -> l
     lm_head = torch.randn(vocab, h, device="cuda", dtype=torch.float16) * 0.02
     logits = torch.empty(1, vocab, device="cuda", dtype=torch.float16)
     rows = []
-    for variant in ("fp16", f"sage G={groups}, {fraction:.1%} salient, gemv3",
-                    f"sage G={groups}, {fraction:.1%} salient, gemv (no prepared layout)"):
+    layout = f"sage G={groups}, {fraction:.1%} salient" + (", r_n" if row_multipliers else "")
+    for variant in ("fp16", f"{layout}, gemv3", f"{layout}, gemv (no prepared layout)"):
         prepared: list[torch.Tensor] = []  # the GEMV3 layouts, alive while the graph runs
         if variant == "fp16":
             weights = [torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02 for n, k in shapes]
@@ -172,7 +175,7 @@ def linear_stack_rows(name: str, groups: int, fraction: float, tokens: int) -> l
             quant_bytes = sum(w.numel() * 2 for w in weights)
             true_bits = 16.0
         else:
-            weights = [random_packed_cuda(n, k, groups, fraction, gen) for n, k in shapes]
+            weights = [random_packed_cuda(n, k, groups, fraction, gen, row_multipliers) for n, k in shapes]
             launches = [sage_launch_args(w, x_h if k == h else x_i, outs[n]) for w, (n, k) in zip(weights, shapes)]
             if "gemv3" in variant:
                 prepared = [prepared_buffer(a, torch.device("cuda")) for a in launches]  # once per layer
@@ -251,6 +254,8 @@ def main() -> int:
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--groups", type=int, default=4)
     p.add_argument("--salient-fraction", type=float, default=0.005)
+    p.add_argument("--row-multipliers", action="store_true",
+                   help="store a row multiplier r_n per row (the opt-in --row-multipliers layout; default: none)")
     p.add_argument("--hf", action="store_true", help="time the Hugging Face model (eager) instead of the linear stack")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--tokens", type=int, default=128)
@@ -264,10 +269,10 @@ def main() -> int:
     for name in args.model if mode == "hf" else []:
         base = None
         dense = "fp16" if args.device == "cuda" else "fp32"
-        for variant in (dense, f"sage G={args.groups}"):
+        for variant in (dense, f"sage G={args.groups}" + (", r_n" if args.row_multipliers else "")):
             model = build_dense(name, args.device)
             if variant != dense:
-                model = make_sage(model, args.groups)
+                model = make_sage(model, args.groups, args.row_multipliers)
             tps = decode_tokens_per_s(model, args.device, args.prompt_len, args.tokens)
             nbytes = bytes_per_token(model)
             base = base or tps
@@ -276,7 +281,7 @@ def main() -> int:
             print(rows[-1], flush=True)
             del model
     for name in args.model if mode == "linear-stack" else []:
-        rows += linear_stack_rows(name, args.groups, args.salient_fraction, args.tokens)
+        rows += linear_stack_rows(name, args.groups, args.salient_fraction, args.tokens, args.row_multipliers)
     doc = {"mode": mode, "device": device_name(args.device), "date": dt.date.today().isoformat(),
            "command": "python tools/bench_decode.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
            "prompt_len": args.prompt_len, "tokens": args.tokens, "rows": rows}
