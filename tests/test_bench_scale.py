@@ -33,10 +33,24 @@ def test_tiny_run_records_every_stage(tmp_path):
     assert bench_scale.main(["--shapes", "tiny", "--out", str(out)]) == 0
     row = json.loads(out.with_suffix(".json").read_text())["rows"][0]
     assert row["exit_status"] == 0, row.get("error")
-    stages = set(bench_scale.STAGES) - {"calibration_text"}  # the paper preset is data-free
+    stages = set(bench_scale.STAGES) - {"calibration_text", "guard_fp_rtn", "guard_result"}  # paper: data-free
     assert stages <= set(row["stages_s"]) and stages <= set(row["stages_peak_mb"])
     assert "calibration_text" not in row["stages_s"] and "--stream yes" in row["command"]
     assert all(v > 50 for v in row["stages_peak_mb"].values())  # a Python process with torch is never below this
     assert row["ort_failures"] == [] and row["wall_s"] > 0
     md = out.with_suffix(".md").read_text()
     assert "| tiny |" in md and "ORT check passed" in md
+
+
+def test_extrapolation_only_between_rows_of_one_code_version():
+    """The per-layer slope of two rows measured at different commits would be the change's, not a layer's; stages
+    only one of them has (a stage added between the commits) are left out of the slopes."""
+    def row(layers, code, stages):
+        return {"exit_status": 0, "wall_s": 100.0 * layers, "peak_rss_mb_tree": 1000.0 + layers,
+                "quantized_params": 1000 * layers, "code": code,
+                "stages_peak_mb": {s: 500.0 + 10 * layers for s in stages}}
+    a, b, _ = bench_scale.EXTRAPOLATE
+    old = ("load", "quantize")
+    assert bench_scale.extrapolation({a: row(2, "new", old + ("guard_fp_rtn",)), b: row(4, "old", old)}) is None
+    ext = bench_scale.extrapolation({a: row(2, "abc", old + ("guard_fp_rtn",)), b: row(4, "abc", old)})
+    assert set(ext["stage_per_layer_mb"]) == set(old) and ext["per_layer_s"] == 100.0

@@ -55,7 +55,10 @@ SHAPES = {
 }
 TINY = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=300, tie_word_embeddings=False)  # for the tool's own test
-STAGES = ("load", "calibration_text", "quantize", "write_checkpoint", "samples", "onnx_export", "ort_check")
+# In the order a run takes them; calibration_text and the guard's two scores (FP and RTN, then the result) are the
+# v2 preset's only.
+STAGES = ("load", "calibration_text", "guard_fp_rtn", "quantize", "guard_result", "write_checkpoint", "samples",
+          "onnx_export", "ort_check")
 EXTRAPOLATE = ("llama2-7b-2l", "llama2-7b-4l", 32)
 
 
@@ -184,10 +187,13 @@ def extrapolation(rows: dict) -> dict | None:
     if not all(rows.get(k, {}).get("exit_status") == 0 for k in (a, b)):
         return None
     ra, rb = rows[a], rows[b]
+    if ra.get("code") != rb.get("code"):  # a slope between two versions of the code measures the change, not a layer
+        return None
     per_layer_s = (rb["wall_s"] - ra["wall_s"]) / 2
     per_layer_mb = (rb["peak_rss_mb_tree"] - ra["peak_rss_mb_tree"]) / 2
     block_f32_mb = (rb["quantized_params"] - ra["quantized_params"]) / 2 * 4 / 2**20
-    stage_slope = {s: (rb["stages_peak_mb"][s] - ra["stages_peak_mb"][s]) / 2 for s in ra["stages_peak_mb"]}
+    stage_slope = {s: (rb["stages_peak_mb"][s] - ra["stages_peak_mb"][s]) / 2 for s in ra["stages_peak_mb"]
+                   if s in rb["stages_peak_mb"]}
     stage_peak = {s: ra["stages_peak_mb"][s] + (layers - 2) * slope for s, slope in stage_slope.items()}
     top = max(stage_peak, key=stage_peak.get)
     return {"per_layer_s": round(per_layer_s, 1), "per_layer_peak_mb": round(per_layer_mb, 1),
