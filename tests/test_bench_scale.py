@@ -29,7 +29,7 @@ def test_synthetic_checkpoint_matches_declared_shape(tmp_path, model_type):
 
 
 def test_tiny_run_records_every_stage(tmp_path):
-    out = tmp_path / "scale"
+    out = tmp_path / "scale_tiny"
     assert bench_scale.main(["--shapes", "tiny", "--out", str(out)]) == 0
     row = json.loads(out.with_suffix(".json").read_text())["rows"][0]
     assert row["exit_status"] == 0, row.get("error")
@@ -40,6 +40,7 @@ def test_tiny_run_records_every_stage(tmp_path):
     assert row["ort_failures"] == [] and row["wall_s"] > 0
     md = out.with_suffix(".md").read_text()
     assert "| tiny |" in md and "ORT check passed" in md
+    assert "](scale_tiny.png)" in md and (tmp_path / "scale_tiny.png").is_file()  # the plot written, not scale.png
 
 
 def test_extrapolation_only_between_rows_of_one_code_version():

@@ -239,7 +239,7 @@ def render(data: dict, out: Path) -> None:
         md[-1] += (f" Per stage, MB per added layer: {slopes}. Straight lines to {ext['layers']} layers, stage by "
                    f"stage (extrapolated, not measured): {ext['wall_s'] / 60:.0f} min, {ext['peak_mb'] / 1024:.1f} "
                    f"GB peak, in {ext['peak_stage']}.")
-    md += ["", "![time and peak memory against parameters](scale.png)"]
+    md += ["", f"![time and peak memory against parameters]({out.with_suffix('.png').name})"]
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
     plot(rows, out.with_suffix(".png"), data["rows"][0]["preset"] if rows else "")
 
