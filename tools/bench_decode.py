@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO))
 
 from sage_export.models import quantizable_linears  # noqa: E402
 from sage_export.models.architectures import LLAMA  # noqa: E402
-from sage_export.runtime.sage_linear import prepared_buffer, replace_linears  # noqa: E402
+from sage_export.runtime.sage_linear import pointer_or_null, prepared_buffer, replace_linears  # noqa: E402
 from sage_export.runtime.synthetic import random_packed_linear  # noqa: E402
 
 SHAPES = {  # LlamaConfig overrides of the benchmarked models
@@ -139,7 +139,7 @@ def sage_launch_args(layer: dict, x: torch.Tensor, y: torch.Tensor):
         group_scales=layer["group_scales"].data_ptr(), salient_rowptr=layer["salient_rowptr"].data_ptr(),
         salient_cols=layer["salient_cols"].data_ptr(), salient_q=layer["salient_q"].data_ptr(),
         salient_scale=layer["salient_scale"].data_ptr(),
-        row_scales=layer["row_scales"].data_ptr() if layer["row_scales"].numel() else 0, bias=0,
+        row_scales=pointer_or_null(layer["row_scales"]), bias=0,
         y=y.data_ptr(), m=x.shape[0], nnz=layer["salient_cols"].shape[0], k=layer["k"], n=layer["n"],
         n_groups=layer["groups"], salient_bits=4, x_dtype=kernels.DTYPE_FLOAT16, bias_dtype=kernels.DTYPE_FLOAT16,
         path=kernels.PATH_AUTO, reserved=0)

@@ -88,8 +88,8 @@ class SageLinear(nn.Module):
         x2 = x.detach().reshape(-1, self.in_features).to(compute_dtype).contiguous()
         y = torch.empty(x2.shape[0], self.out_features, dtype=compute_dtype)
         bias = None if self.bias is None else self.bias.detach().to(torch.float32).contiguous()
-        pointers = {name: _pointer(getattr(self, name)) for name in _INT_BUFFERS}
-        pointers.update({name.removesuffix("_bits"): _pointer(getattr(self, name)) for name in _SCALE_BUFFERS})
+        pointers = {name: pointer_or_null(getattr(self, name)) for name in _INT_BUFFERS}
+        pointers.update({name.removesuffix("_bits"): pointer_or_null(getattr(self, name)) for name in _SCALE_BUFFERS})
         args = ort_op.make_args(x2.data_ptr(), y.data_ptr(), x2.shape[0], str(compute_dtype).removeprefix("torch."),
                                 pointers, self.nnz, self._attrs(),
                                 0 if bias is None else bias.data_ptr())
@@ -185,8 +185,8 @@ class SageLinear(nn.Module):
             group_codes=self.group_codes.data_ptr(),
             group_scales=self.group_scales_bits.data_ptr(), salient_rowptr=self.salient_rowptr.data_ptr(),
             # The [nnz, 2] bytes are the kernels' uint16 columns; an empty row_scales goes as NULL (r_n = 1).
-            salient_cols=_pointer(self.salient_cols), salient_q=_pointer(self.salient_q),
-            salient_scale=self.salient_scale_bits.data_ptr(), row_scales=_pointer(self.row_scales_bits),
+            salient_cols=pointer_or_null(self.salient_cols), salient_q=pointer_or_null(self.salient_q),
+            salient_scale=self.salient_scale_bits.data_ptr(), row_scales=pointer_or_null(self.row_scales_bits),
             bias=0 if bias is None else bias.data_ptr(),
             y=0 if y is None else y.data_ptr(), prepared=0, prepared_bytes=0,
             m=0 if x2 is None else x2.shape[0], nnz=self.nnz, k=self.in_features,
@@ -207,7 +207,7 @@ def prepared_buffer(args: kernels.SageGemmArgs, device: torch.device) -> torch.T
     return buf
 
 
-def _pointer(t: torch.Tensor) -> int:
+def pointer_or_null(t: torch.Tensor) -> int:
     """The address of t's data, or 0 (NULL) when it is empty: the kernels read an empty row_scales as "every r_n is
     1" only when it is NULL, and torch does not promise 0 for an empty tensor's data_ptr."""
     return t.data_ptr() if t.numel() else 0
